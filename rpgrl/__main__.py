@@ -1,0 +1,3 @@
+from rpgrl.cli import main
+
+raise SystemExit(main())
