@@ -1,0 +1,78 @@
+"""KL anchors and the iterative reference (spec section 1.1).
+
+``rollout``: the anchor is pi_old of the current batch, so its log-probs are the stored
+rollout log-probs and no second model exists (the reference code's default).
+``periodic``/``adaptive``: a frozen snapshot refreshed every K optimizer steps, or when a
+moving average of the token KL to the anchor exceeds kappa. ``fixed``: the initial policy,
+never refreshed (GRPO's reference model). Refreshes happen at batch boundaries, before the
+batch's anchor log-probs are computed, so one batch always sees one anchor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rpgrl.models import frozen_copy
+
+
+@dataclass
+class Anchor:
+    mode: str
+    period: int = 20
+    kappa: float = 0.05
+    ema: float = 0.9
+    model: torch.nn.Module | None = None
+    steps_since_refresh: int = 0
+    kl_ema: float | None = None
+    refreshes: int = 0
+    _due: bool = field(default=False, repr=False)
+
+    @classmethod
+    def create(cls, mode: str, policy: torch.nn.Module, *, period: int = 20, kappa: float = 0.05,
+               ema: float = 0.9) -> "Anchor":
+        if mode not in ("rollout", "periodic", "adaptive", "fixed"):
+            raise ValueError(f"anchor mode {mode!r}: expected rollout, periodic, adaptive or fixed")
+        snapshot = None if mode == "rollout" else frozen_copy(policy)
+        return cls(mode=mode, period=period, kappa=kappa, ema=ema, model=snapshot)
+
+    @property
+    def uses_rollout(self) -> bool:
+        return self.model is None
+
+    def observe(self, kl_to_anchor: float) -> None:
+        """Record one optimizer step and the KL to the anchor measured during it."""
+        self.steps_since_refresh += 1
+        self.kl_ema = kl_to_anchor if self.kl_ema is None else (
+            self.ema * self.kl_ema + (1 - self.ema) * kl_to_anchor)
+        if self.mode == "periodic" and self.steps_since_refresh >= self.period:
+            self._due = True
+        if self.mode == "adaptive" and self.kl_ema > self.kappa:
+            self._due = True
+
+    def maybe_refresh(self, policy: torch.nn.Module) -> bool:
+        """At a batch boundary: copy the current policy into the snapshot if a refresh is due."""
+        if not self._due or self.model is None:
+            return False
+        self.model.load_state_dict(policy.state_dict())
+        self._due = False
+        self.steps_since_refresh = 0
+        self.kl_ema = None
+        self.refreshes += 1
+        return True
+
+    def state_dict(self) -> dict:
+        state = {"steps_since_refresh": self.steps_since_refresh, "refreshes": self.refreshes,
+                 "kl_ema": -1.0 if self.kl_ema is None else float(self.kl_ema), "due": self._due}
+        if self.model is not None:
+            state["weights"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_since_refresh = int(state["steps_since_refresh"])
+        self.refreshes = int(state["refreshes"])
+        self.kl_ema = None if state["kl_ema"] < 0 else float(state["kl_ema"])
+        self._due = bool(state["due"])
+        if self.model is not None:
+            self.model.load_state_dict(state["weights"])

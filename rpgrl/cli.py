@@ -1,0 +1,115 @@
+"""``rpgrl train | eval`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rpgrl.config import ConfigError, load_config
+
+    config_path, overrides = None, []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_path is None:
+            config_path = item
+        else:
+            print(f"rpgrl train: unexpected argument {item!r} (expected CONFIG.yaml then key=value "
+                  "overrides)", file=sys.stderr)
+            return 2
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from rpgrl.trainer import Trainer, TrainingError
+
+    try:
+        summary = Trainer(cfg, resume=args.resume).train()
+    except TrainingError as exc:
+        print(f"training stopped: {exc}", file=sys.stderr)
+        return 1
+    before, after = summary["eval_before"]["accuracy"], summary["eval_after"]["accuracy"]
+    print(f"held-out accuracy: before RL {before:.3f} -> after RL {after:.3f} "
+          f"({summary['steps']} steps, {summary['wall_seconds']:.0f} s, {summary['algorithm']})")
+    print(f"summary: {Path(cfg.output_dir) / 'summary.json'}; curves: {Path(cfg.output_dir) / 'curves.png'}; "
+          f"final model: {Path(cfg.output_dir) / 'final'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from rpgrl.data.verl import load_examples, tokenize_prompts
+    from rpgrl.eval_runner import evaluate_policy
+    from rpgrl.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
+    from rpgrl.rewards import load_scorer
+
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_policy(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
+                        trust_remote_code=args.trust_remote_code)
+    model.eval()
+    torch.manual_seed(args.seed)
+    scorer = load_scorer(args.reward_fn) if args.reward_fn else None
+    results = {}
+    for path in args.data:
+        examples, stats = load_examples([path], on_bad_row=args.on_bad_row)
+        ids, kept, tstats = tokenize_prompts(examples, tokenizer, args.max_prompt_length,
+                                             overlong="truncate_left")
+        res = evaluate_policy(
+            model, tokenizer, [examples[i] for i in kept], ids, k=args.k,
+            temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+            max_problems=args.max_problems, batch_size=args.batch_size, device=device, scorer=scorer,
+        )
+        results[str(path)] = res
+        print(f"{path}: mean@{args.k} = {res['accuracy']:.4f} "
+              + " ".join(f"{k}={v:.4f}" for k, v in res["overall"].items() if k.startswith("pass@")))
+    text = json.dumps(results, indent=2, default=str)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"results written to {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rpgrl", description="Regularized Policy Gradient for LLM reasoning")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="online RL training (no arguments: the CPU default)")
+    t.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                   help="an optional YAML config, then dotted overrides like algorithm.beta=1e-3")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.set_defaults(func=_train)
+    e = sub.add_parser("eval", help="mean@k / pass@k of a model on verl-format parquet/JSONL files")
+    e.add_argument("--model", required=True, help="save_pretrained directory or hub name")
+    e.add_argument("--data", nargs="+", required=True, help="parquet or JSONL files (verl format)")
+    e.add_argument("--k", type=int, default=1, help="samples per distinct problem")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--max-new-tokens", type=int, default=1024)
+    e.add_argument("--max-prompt-length", type=int, default=2048)
+    e.add_argument("--max-problems", type=int, default=0, help="0 = all")
+    e.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call")
+    e.add_argument("--reward-fn", default=None, help="module:function with verl's compute_score signature")
+    e.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--out", default=None, help="write the JSON results here")
+    e.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Evaluate a policy on held-out problems: k samples per distinct problem, scored, summarized.
+
+Mean@k files (spec section 9) repeat each problem k times; problems are de-duplicated by
+``Example.uid`` and sampled ``k`` times here, so ``--k 32`` on AIME gives Mean@32 over the
+30 distinct problems whether or not the file already repeats them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rpgrl.data.verl import Example
+from rpgrl.evaluate import summarize
+from rpgrl.rewards import score_batch
+from rpgrl.rollout import generate
+
+
+def distinct_problems(examples: list[Example], prompts: list[list[int]], max_problems: int = 0):
+    seen: dict[str, int] = {}
+    for i, ex in enumerate(examples):
+        seen.setdefault(ex.uid, i)
+    idx = list(seen.values())
+    if max_problems:
+        idx = idx[:max_problems]
+    return [examples[i] for i in idx], [prompts[i] for i in idx]
+
+
+@torch.no_grad()
+def evaluate_policy(
+    model, tokenizer, examples: list[Example], prompts: list[list[int]], *, k: int = 1,
+    temperature: float = 0.0, max_new_tokens: int, max_problems: int = 0, batch_size: int = 256,
+    device: torch.device | str = "cpu", scorer: Callable | None = None, timeout_s: float = 10.0,
+) -> dict:
+    """Returns {"accuracy": overall mean@k, "per_source": {...}, "samples": [...] (first few)}."""
+    if not examples:
+        return {"accuracy": float("nan"), "per_source": {}, "n_problems": 0}
+    examples, prompts = distinct_problems(examples, prompts, max_problems)
+    rollout = generate(model, tokenizer, prompts, n=k, max_new_tokens=max_new_tokens,
+                       temperature=temperature, batch_size=batch_size, device=device)
+    rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
+    scores, stats = score_batch(
+        rep([e.data_source for e in examples]), rollout.responses,
+        rep([e.ground_truth for e in examples]), rep([e.extra_info for e in examples]),
+        scorer=scorer, timeout_s=timeout_s,
+    )
+    records = [
+        {"data_source": ex.data_source, "uid": ex.uid, "score": s, "acc": s > 0.5}
+        for ex, s in zip(rep(examples), scores)
+    ]
+    summary = summarize(records, k=k)
+    overall = summary.get("overall", {})
+    return {
+        "accuracy": float(overall.get("mean@k", overall.get(f"mean@{k}", float("nan")))),
+        "per_source": {src: v for src, v in summary.items() if src != "overall"},
+        "overall": overall,
+        "scorer_stats": stats,
+        "samples": [
+            {"uid": r["uid"], "response": t, "score": r["score"]}
+            for r, t in list(zip(records, rollout.responses))[:8]
+        ],
+    }

@@ -1,0 +1,435 @@
+"""The online RL loop (spec sections 1 and 7), one pass down the data flow per step:
+
+    prompts -> generate G each -> score (+ dynamic sampling, overlong shaping)
+            -> advantages -> log-probs of pi_old (once, no grad) and of the anchor
+            -> epochs x mini-batches x micro-batches of policy_loss updates -> metrics/checkpoint
+
+The math lives in ``rpgrl.losses`` / ``rpgrl.advantages``; this module only orders the calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rpgrl.advantages import compute_advantages
+from rpgrl.anchor import Anchor
+from rpgrl.checkpoint import (capture_rng_state, find_latest_checkpoint, load_checkpoint,
+                              restore_rng_state, save_checkpoint)
+from rpgrl.config import Config, dump_yaml
+from rpgrl.kl import kl_penalty
+from rpgrl.logprobs import sequence_logprobs
+from rpgrl.losses import policy_loss
+from rpgrl.optim import build_optimizer, clip_and_check, set_eval_mode, set_train_mode
+from rpgrl.rewards import overlong_penalty, score_batch
+from rpgrl.rollout import RolloutBatch, generate
+from rpgrl.run_setup import RunData, setup_run
+from rpgrl.sampler import EpochSampler
+from rpgrl.tracking import Tracker
+from rpgrl.evaluate import BestLastTracker
+from rpgrl.eval_runner import evaluate_policy
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+@dataclass
+class Batch:
+    """One step's experience: a rollout plus everything computed from it (no grad)."""
+
+    rollout: RolloutBatch
+    rewards: torch.Tensor  # [N] shaped rewards
+    scores: torch.Tensor  # [N] raw scorer rewards
+    group_ids: torch.Tensor  # [N]
+    advantages: torch.Tensor | None = None  # [N, R]
+    old_logp: torch.Tensor | None = None  # [N, R]
+    anchor_logp: torch.Tensor | None = None  # [N, R]; None = rollout anchor
+    entropy: torch.Tensor | None = None  # [N, R]
+
+
+class StepTimer:
+    """Seconds per phase of a step (trainer.profile / the overhead bar of the benchmarks)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False, log=print) -> None:
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.data: RunData
+        self.data, self.model, self.tokenizer, self.device = setup_run(cfg, log=log)
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+            warmup_steps=cfg.optim.warmup_steps,
+        )
+        a = cfg.algorithm.anchor
+        self.anchor = Anchor.create(a.mode, self.model, period=a.period, kappa=a.kappa, ema=a.ema)
+        self.sampler = EpochSampler(len(self.data.train), cfg.seed)
+        self.step_count = 0
+        self.consecutive_skips = 0
+        self.skipped_total = 0
+        self.eval_before: dict | None = None
+        self.best_last = BestLastTracker()
+        if resume:
+            self._resume()
+        self.tracker = Tracker(
+            self.out, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
+            config=json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
+            resume_step=self.step_count if resume else None,
+        )
+        (self.out / "config.yaml").write_text(dump_yaml(cfg))
+
+    # ------------------------------------------------------------------ experience
+
+    def _generate(self, indices: list[int]) -> tuple[RolloutBatch, list[float], dict]:
+        cfg, ex = self.cfg, [self.data.train[i] for i in indices]
+        prompts = [self.data.train_prompts[i] for i in indices]
+        with self.timer.phase("generation"):
+            rollout = generate(
+                self.model, self.tokenizer, prompts, n=cfg.rollout.n,
+                max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p, batch_size=cfg.rollout.batch_size, device=self.device,
+            )
+        n = cfg.rollout.n
+        with self.timer.phase("scoring"):
+            scores, stats = score_batch(
+                [e.data_source for e in ex for _ in range(n)], rollout.responses,
+                [e.ground_truth for e in ex for _ in range(n)],
+                [e.extra_info for e in ex for _ in range(n)],
+                scorer=self.data.scorer, timeout_s=cfg.reward_timeout_s,
+            )
+        return rollout, scores, stats
+
+    def collect(self) -> tuple[Batch | None, dict]:
+        """Generate and score; with dynamic sampling keep only groups whose scores differ."""
+        cfg = self.cfg
+        n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
+        ds = cfg.algorithm.dynamic_sampling
+        kept: list[tuple[RolloutBatch, list[int], torch.Tensor]] = []
+        stats_total: dict[str, float] = {}
+        all_scores: list[float] = []
+        n_groups, gen_batches = 0, 0
+        while True:
+            gen_batches += 1
+            rollout, scores, stats = self._generate(self.sampler.take(want))
+            for k, v in stats.items():
+                if isinstance(v, (int, float)):
+                    stats_total[k] = stats_total.get(k, 0) + v
+            all_scores.extend(scores)
+            s = torch.tensor(scores, dtype=torch.float32).view(-1, n)
+            groups = list(range(s.shape[0]))
+            if ds.enabled:
+                groups = [g for g in groups if float(s[g].max() - s[g].min()) > 0]
+            kept.append((rollout, groups, s))
+            n_groups += len(groups)
+            if not ds.enabled or n_groups >= want or gen_batches >= ds.max_gen_batches:
+                break
+        metrics = {
+            "reward/score_mean": float(np.mean(all_scores)),
+            "batch/gen_batches": gen_batches,
+            "batch/kept_groups": min(n_groups, want),
+            **{f"reward/{k}": v for k, v in stats_total.items()},
+        }
+        if n_groups == 0:
+            return None, metrics
+        rows, group_ids, scores = [], [], []
+        g_next = 0
+        for b, (rollout, groups, s) in enumerate(kept):
+            for g in groups:
+                if g_next >= want:
+                    break
+                rows.append((b, [g * n + j for j in range(n)]))
+                group_ids += [g_next] * n
+                scores.append(s[g])
+                g_next += 1
+        rollout = RolloutBatch.concat([kept[b][0].select(idx) for b, idx in rows])
+        score_t = torch.cat(scores)
+        rewards = score_t.clone()
+        ov = cfg.algorithm.overlong
+        if ov.enabled:
+            rewards += overlong_penalty(rollout.response_lengths, cfg.rollout.max_new_tokens,
+                                        ov.buffer_len, ov.penalty_factor).to(rewards)
+        return Batch(rollout, rewards, score_t, torch.tensor(group_ids)), metrics
+
+    @torch.no_grad()
+    def _logprobs(self, model, rollout: RolloutBatch, with_entropy: bool = False):
+        parts_lp, parts_ent = [], []
+        bs = self.cfg.trainer.micro_batch_size
+        for s in range(0, rollout.input_ids.shape[0], bs):
+            lp, ent = sequence_logprobs(
+                model, rollout.input_ids[s:s + bs].to(self.device),
+                rollout.attention_mask[s:s + bs].to(self.device), rollout.prompt_len,
+                chunk_size=self.cfg.trainer.logprob_chunk_size, with_entropy=with_entropy,
+                temperature=self.cfg.rollout.temperature,
+            )
+            parts_lp.append(lp.float().cpu())
+            if ent is not None:
+                parts_ent.append(ent.float().cpu())
+        return torch.cat(parts_lp), (torch.cat(parts_ent) if parts_ent else None)
+
+    def prepare(self, batch: Batch) -> None:
+        """pi_old log-probs once per batch, anchor log-probs per anchor mode, advantages."""
+        a = self.cfg.algorithm
+        with self.timer.phase("logprobs"):
+            batch.old_logp, batch.entropy = self._logprobs(self.model, batch.rollout, with_entropy=True)
+            self.anchor.maybe_refresh(self.model)
+            if not self.anchor.uses_rollout:
+                batch.anchor_logp, _ = self._logprobs(self.anchor.model, batch.rollout)
+        mask = batch.rollout.response_mask
+        token_kl = None
+        if a.kl_in_reward > 0:
+            ref = batch.anchor_logp if batch.anchor_logp is not None else batch.old_logp
+            token_kl = kl_penalty(batch.old_logp, ref, kind="k1") * mask
+        batch.advantages = compute_advantages(
+            a.advantage, batch.rewards, batch.group_ids, mask, token_kl=token_kl, kl_coef=a.kl_in_reward
+        )
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        """epochs x mini-batches x micro-batches; the loss is normalised over each mini-batch."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        n_seq = batch.rollout.input_ids.shape[0]
+        n_mini = max(1, min(cfg.trainer.prompts_per_step // cfg.trainer.mini_batch_size,
+                            n_seq // cfg.rollout.n))
+        clip = (a.clip_low, a.clip_high)
+        sums: dict[str, float] = {}
+        counts = 0
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step_count)
+        for _ in range(cfg.trainer.epochs):
+            # shuffle whole groups' sequences; mini-batches then split the shuffled order
+            order = torch.randperm(n_seq, generator=gen)
+            for mb in torch.tensor_split(order, n_mini):
+                mask_mb = batch.rollout.response_mask[mb]
+                norm = float(mask_mb.sum()) if a.agg == "token-mean" else float(len(mb))
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in torch.split(mb, cfg.trainer.micro_batch_size):
+                    with self.timer.phase("forward_backward"):
+                        r = batch.rollout
+                        logp, _ = sequence_logprobs(
+                            self.model, r.input_ids[micro].to(self.device),
+                            r.attention_mask[micro].to(self.device), r.prompt_len,
+                            chunk_size=cfg.trainer.logprob_chunk_size,
+                            temperature=cfg.rollout.temperature,
+                        )
+                        dev = lambda t: None if t is None else t[micro].to(self.device)  # noqa: E731
+                        loss, m = policy_loss(
+                            a.loss, logp.float(), dev(batch.old_logp), dev(batch.advantages),
+                            dev(r.response_mask), anchor_logp=dev(batch.anchor_logp), beta=a.beta,
+                            clip=clip, dual_clip=a.clip_c, agg=a.agg,
+                            kl_in_advantage=a.kl_in_advantage, norm=max(norm, 1.0),
+                        )
+                        loss.backward()
+                    w = len(micro) / len(mb)
+                    sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss) / cfg.trainer.epochs / n_mini
+                    for k, v in m.items():
+                        sums[f"actor/{k}"] = sums.get(f"actor/{k}", 0.0) + float(v) * w / cfg.trainer.epochs / n_mini
+                with self.timer.phase("optimizer"):
+                    grad_norm, finite = clip_and_check(self.model.parameters(), cfg.optim.grad_clip)
+                    if finite:
+                        self.optimizer.step()
+                        if self.scheduler is not None:
+                            self.scheduler.step()
+                        self.consecutive_skips = 0
+                    else:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.consecutive_skips += 1
+                        self.skipped_total += 1
+                        self.log(f"step {self.step_count + 1}: non-finite gradient norm, "
+                                 f"optimizer step skipped ({self.consecutive_skips} in a row)")
+                        if self.consecutive_skips >= cfg.trainer.max_consecutive_skips:
+                            raise TrainingError(
+                                f"{self.consecutive_skips} consecutive optimizer steps had a non-finite "
+                                f"loss or gradient (trainer.max_consecutive_skips="
+                                f"{cfg.trainer.max_consecutive_skips}). Look at: the learning rate "
+                                "(optim.lr), the reward scale, rollout.temperature, and the dtype "
+                                "(model.dtype). The last good checkpoint is in "
+                                f"{self.out / 'checkpoints'}."
+                            )
+                    self.anchor.observe(float(m["kl_anchor_k3"]))
+                counts += 1
+                sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + (
+                    grad_norm if math.isfinite(grad_norm) else 0.0) / (n_mini * cfg.trainer.epochs)
+        sums["actor/skipped_steps_total"] = self.skipped_total
+        sums["actor/optimizer_steps"] = counts
+        return sums
+
+    # ------------------------------------------------------------------ step / loop
+
+    def step(self) -> dict[str, float]:
+        self.timer = StepTimer()
+        start = time.perf_counter()
+        with set_eval_mode_ctx(self.optimizer):
+            batch, metrics = self.collect()
+            if batch is not None:
+                self.prepare(batch)
+        if batch is not None:
+            metrics.update(self.update(batch))
+            mask = batch.rollout.response_mask
+            metrics.update({
+                "reward/mean": float(batch.rewards.mean()),
+                "reward/accuracy": float((batch.scores > 0.5).float().mean()),
+                "response_length/mean": float(batch.rollout.response_lengths.float().mean()),
+                "response_length/max": float(batch.rollout.response_lengths.max()),
+                "response_length/clip_ratio": float(batch.rollout.truncated.float().mean()),
+                "actor/entropy": float((batch.entropy * mask).sum() / mask.sum().clamp(min=1)),
+                "anchor/refreshes": self.anchor.refreshes,
+            })
+        self.step_count += 1
+        total = time.perf_counter() - start
+        timing = {f"timing/{k}": v for k, v in self.timer.seconds.items()}
+        timing["timing/step"] = total
+        timing["timing/other"] = total - sum(self.timer.seconds.values())
+        metrics.update(timing)
+        metrics["optim/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return metrics
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        with set_eval_mode_ctx(self.optimizer):
+            return evaluate_policy(
+                self.model, self.tokenizer, self.data.test, self.data.test_prompts,
+                k=cfg.eval.k, temperature=cfg.eval.temperature,
+                max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                max_problems=cfg.eval.max_problems, batch_size=cfg.rollout.batch_size,
+                device=self.device, scorer=self.data.scorer, timeout_s=cfg.reward_timeout_s,
+            )
+
+    def _log_eval(self, result: dict, step: int) -> None:
+        flat = {"eval/accuracy": result["accuracy"]}
+        for src, vals in result.get("per_source", {}).items():
+            for k, v in vals.items():
+                if isinstance(v, (int, float)):
+                    flat[f"eval/{src}/{k}"] = v
+        self.best_last.update(flat, step=step)
+        self.tracker.log(flat, step=step)
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step_count,
+            "sampler": self.sampler.state_dict(),
+            "rng": capture_rng_state(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "anchor": self.anchor.state_dict(),
+            "skipped_total": self.skipped_total,
+            "consecutive_skips": self.consecutive_skips,
+            "eval_before": json.dumps(self.eval_before),
+            "best_last": json.dumps(self.best_last.to_dict()),
+        }
+        return save_checkpoint(self.out, self.step_count, self.model, self.optimizer, state,
+                               keep_last=self.cfg.trainer.keep_last)
+
+    def _resume(self) -> None:
+        path = find_latest_checkpoint(self.out)
+        if path is None:
+            self.log(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
+            return
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step_count = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.scheduler is not None and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.anchor.load_state_dict(state["anchor"])
+        self.skipped_total = int(state["skipped_total"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+        self.eval_before = json.loads(state["eval_before"])
+        self.best_last = BestLastTracker.from_dict(json.loads(state["best_last"]))
+        restore_rng_state(state["rng"])
+        self.log(f"resumed from {path} at step {self.step_count}")
+
+    def train(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        if self.eval_before is None and cfg.eval.before_training:
+            self.eval_before = self.evaluate()
+            self.log(f"held-out accuracy before RL: {self.eval_before['accuracy']:.3f}")
+            self._log_eval(self.eval_before, step=0)
+        progress = _progress(cfg.trainer.total_steps, self.step_count, cfg.logging.progress)
+        try:
+            while self.step_count < cfg.trainer.total_steps:
+                metrics = self.step()
+                self.tracker.log(metrics, step=self.step_count)
+                progress.update(1)
+                progress.set_postfix({
+                    "reward": f"{metrics.get('reward/mean', float('nan')):.3f}",
+                    "acc": f"{metrics.get('reward/accuracy', float('nan')):.2f}",
+                    "kl": f"{metrics.get('actor/kl_anchor_k3', float('nan')):.1e}",
+                    "ent": f"{metrics.get('actor/entropy', float('nan')):.2f}",
+                    "len": f"{metrics.get('response_length/mean', float('nan')):.1f}",
+                })
+                if cfg.trainer.eval_every and self.step_count % cfg.trainer.eval_every == 0 \
+                        and self.step_count < cfg.trainer.total_steps:
+                    self._log_eval(self.evaluate(), step=self.step_count)
+                if self.step_count % cfg.trainer.save_every == 0 or self.step_count == cfg.trainer.total_steps:
+                    self.save()
+        finally:
+            progress.close()
+        eval_after = self.evaluate()
+        self._log_eval(eval_after, step=self.step_count)
+        self.tracker.close()
+        from rpgrl.models import save_final
+        from rpgrl.plots import plot_curves
+
+        with set_eval_mode_ctx(self.optimizer):
+            save_final(self.model, self.tokenizer, self.out / "final")
+        plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+        summary = {
+            "eval_before": {"accuracy": (self.eval_before or {}).get("accuracy", float("nan"))},
+            "eval_after": {"accuracy": eval_after["accuracy"]},
+            "wall_seconds": time.perf_counter() - t0,
+            "steps": self.step_count,
+            "algorithm": cfg.algorithm.name,
+            "eval_best_last": self.best_last.to_dict(),
+            "skipped_steps": self.skipped_total,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+@contextmanager
+def set_eval_mode_ctx(optimizer):
+    """Schedule-Free keeps two weight sequences: generate/evaluate with the averaged one."""
+    set_eval_mode(optimizer)
+    try:
+        yield
+    finally:
+        set_train_mode(optimizer)
+
+
+class _NoProgress:
+    def update(self, n): ...
+    def set_postfix(self, d): ...
+    def close(self): ...
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="rpgrl train", dynamic_ncols=True)
