@@ -317,20 +317,30 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; ``base: other.yaml`` (relative to the file) is merged underneath."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in _seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: 'base' must be a path to another YAML file")
+    return _merge(read_yaml(path.parent / base, (*_seen, path)), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """defaults -> preset named by ``algorithm.name`` -> YAML -> overrides, then validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        raw = loaded
+    raw = read_yaml(path) if path is not None else {}
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = Config()
     name = (raw.get("algorithm") or {}).get("name", cfg.algorithm.name)

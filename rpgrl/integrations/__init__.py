@@ -1,0 +1,1 @@
+"""Adapters that plug rpgrl's losses into other trainers (verl, TRL)."""

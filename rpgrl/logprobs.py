@@ -1,0 +1,265 @@
+"""Memory-bounded token log-probs (and entropy) for causal LMs.
+
+Every RPG loss (spec Sec. 1: ``lp_t``, ``lp_old_t``, ``lp_anc_t``) needs
+``log pi(y_t | h_t)`` only at the sampled token, yet the naive route materialises
+``[B, T, V]`` float32 logits — 2.1 GB for B=8, T=2048, V=32k, ~10 GB at V=150k — and
+autograd keeps that tensor (plus its softmax) alive for backward. Here the LM head is
+applied to chunks of flattened tokens: the forward keeps only a per-token logsumexp, the
+backward recomputes each chunk's logits. Peak extra memory is O(chunk_size * V)
+in both passes, independent of B * T.
+
+Temperature: a rollout sampled at temperature tau draws from ``softmax(logits / tau)``,
+so the behaviour policy ``pi_old`` of the importance weight ``w_t`` (spec Sec. 1) is the
+tempered one. The log-probs fed to the loss must use the same tau as generation,
+otherwise ``w_t != 1`` on-policy and the KL terms measure the wrong distribution. Pass
+the generation temperature here for ``lp``, ``lp_old`` and ``lp_anc`` alike (the paper
+uses tau = 1.0, spec Sec. 7).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["token_logprobs_from_hidden", "sequence_logprobs"]
+
+# Config attributes that transform logits after lm_head; the chunked path does not
+# replicate them, so refusing is safer than returning silently wrong log-probs.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float, soft_dtype: torch.dtype) -> Tensor:
+    """Logits of one chunk, ``(h @ W^T + b) / tau``, in ``soft_dtype`` (>= float32).
+
+    The matmul runs in the parameters' dtype (as HF's ``lm_head(h).float()`` does), so a
+    bf16 model never needs an fp32 copy of the [V, H] weight.
+    """
+    z = (h @ weight.T).to(soft_dtype)
+    if bias is not None:
+        z += bias.to(soft_dtype)
+    if temperature != 1.0:
+        z /= temperature
+    return z
+
+
+class _ChunkedTokenLogprob(torch.autograd.Function):
+    """log softmax((h W^T + b)/tau)[y] with O(chunk * V) memory in forward and backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature, with_entropy):  # type: ignore[override]
+        n = hidden.shape[0]
+        mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        soft_dtype = torch.promote_types(mm_dtype, torch.float32)
+        w = weight.to(mm_dtype)
+        logp = hidden.new_empty(n, dtype=soft_dtype)
+        lse = hidden.new_empty(n, dtype=soft_dtype)
+        entropy = hidden.new_empty(n if with_entropy else 0, dtype=soft_dtype)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = _chunk_logits(hidden[s:e].to(mm_dtype), w, bias, temperature, soft_dtype)
+            lse_c = torch.logsumexp(z, dim=-1)
+            lse[s:e] = lse_c
+            logp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse_c
+            if with_entropy:
+                z -= lse_c[:, None]  # z is now log p, in place: at most 2 chunk buffers live
+                p = z.exp()
+                p *= z
+                entropy[s:e] = -p.sum(-1)
+                del p
+            del z
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, _grad_entropy):  # type: ignore[override]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        chunk_size, temperature = ctx.chunk_size, ctx.temperature
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        soft_dtype = lse.dtype
+        w = weight.to(mm_dtype)
+        g_all = grad_logp.to(soft_dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # Accumulate weight/bias grads in >= fp32 across chunks; cast once at the end.
+        grad_w = torch.zeros(weight.shape, dtype=soft_dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=soft_dtype, device=bias.device) if need_b else None
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            h = hidden[s:e].to(mm_dtype)
+            g = g_all[s:e]
+            # d logp / d z = onehot(y) - softmax(z); built in place in the logits buffer.
+            gz = _chunk_logits(h, w, bias, temperature, soft_dtype)
+            gz -= lse[s:e, None]
+            gz.exp_()
+            gz *= -g[:, None]
+            gz.scatter_add_(1, targets[s:e, None], g[:, None])
+            if temperature != 1.0:
+                gz /= temperature  # chain rule through z = logits / tau
+            if need_h:
+                grad_h[s:e] = (gz.to(mm_dtype) @ w).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(gz.T, h.to(soft_dtype))
+            if need_b:
+                grad_b += gz.sum(0)
+            del gz
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def token_logprobs_from_hidden(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    targets: Tensor,
+    *,
+    lm_head_bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor | None]:
+    """``log softmax((hidden @ W^T + b) / temperature)[targets]`` without [B, T, V] logits.
+
+    Args:
+        hidden: [B, T, H] final hidden states (after the decoder's final norm).
+        lm_head_weight: [V, H] output-embedding weight (tied or not).
+        targets: [B, T] long token ids in [0, V) whose log-probs are wanted.
+        lm_head_bias: optional [V] bias (e.g. some GPT-style heads).
+        chunk_size: tokens per chunk; peak extra memory ~ 2-3 * chunk_size * V * 4 bytes.
+        with_entropy: also return the per-token entropy of the tempered policy (for the
+            "actor entropy" metric, spec Sec. 7); it is detached (logging only).
+        temperature: the sampling temperature of the rollout; must match generation so
+            that the loss sees the behaviour policy softmax(logits / tau) (module doc).
+
+    Returns:
+        (logp [B, T], entropy [B, T] or None), in float32 (float64 if the inputs are).
+        ``logp`` is differentiable w.r.t. ``hidden``, ``lm_head_weight`` and the bias;
+        backward recomputes logits chunk by chunk, so it is memory-bounded too.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
+    b, t, h = hidden.shape
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != h:
+        raise ValueError(f"lm_head_weight must be [V, {h}] to match hidden, got {tuple(lm_head_weight.shape)}")
+    v = lm_head_weight.shape[0]
+    if tuple(targets.shape) != (b, t):
+        raise ValueError(f"targets must be [B, T] = {(b, t)}, got {tuple(targets.shape)}")
+    if targets.dtype != torch.long:
+        raise TypeError(f"targets must be torch.long token ids, got {targets.dtype}")
+    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (v,):
+        raise ValueError(f"lm_head_bias must be [{v}], got {tuple(lm_head_bias.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (it divides the logits), got {temperature}")
+    flat_targets = targets.reshape(-1)
+    if flat_targets.numel() and (int(flat_targets.min()) < 0 or int(flat_targets.max()) >= v):
+        raise ValueError(
+            f"targets must be token ids in [0, {v}); got range "
+            f"[{int(flat_targets.min())}, {int(flat_targets.max())}] (mask padding instead of using -100)"
+        )
+    logp, entropy = _ChunkedTokenLogprob.apply(
+        hidden.reshape(b * t, h), lm_head_weight, lm_head_bias, flat_targets,
+        int(chunk_size), float(temperature), bool(with_entropy),
+    )
+    return logp.view(b, t), (entropy.view(b, t) if with_entropy else None)
+
+
+def _unwrap_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Return (decoder, lm_head) of a HF causal LM, PEFT-wrapped or not."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel -> the HF model with adapters injected
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    for attr in _UNSUPPORTED_LOGIT_TRANSFORMS:
+        val = getattr(config, attr, None)
+        if val is not None and val != 1.0:
+            raise NotImplementedError(
+                f"{type(model).__name__}: config.{attr}={val} transforms logits after lm_head; "
+                "sequence_logprobs does not replicate it"
+            )
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "base_model", None)
+    if decoder is None or decoder is model:
+        raise TypeError(f"{type(model).__name__}: cannot locate the base decoder (get_decoder()/base_model)")
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        raise TypeError(f"{type(model).__name__}.get_output_embeddings() has no weight tensor")
+    if hasattr(head, "base_layer"):  # a PEFT tuner wraps lm_head: its .weight misses the adapter
+        raise NotImplementedError(
+            f"{type(model).__name__}: lm_head is adapter-wrapped ({type(head).__name__}); "
+            "exclude lm_head from the LoRA target_modules or merge the adapter first"
+        )
+    return decoder, head
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_start: int | Tensor,
+    *,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor | None]:
+    """Response-token log-probs of a HF causal LM (``lp_t`` / ``lp_old_t``, spec Sec. 1).
+
+    Layout: ``input_ids`` is [B, L] = left-padded prompt of length P then right-padded
+    response of length R = L - P, ``response_start = P``. Returns ``logp[:, j] =
+    log pi(input_ids[:, P+j] | input_ids[:, :P+j])`` of shape [B, R], computed from the
+    decoder's final hidden states with :func:`token_logprobs_from_hidden` (the full
+    [B, L, V] logits are never formed). Positions are ``cumsum(mask) - 1`` clamped at 0,
+    as in ``generate``, so left padding does not shift RoPE/learned positions.
+    Positions where ``attention_mask[:, P+j] == 0`` (response padding) get logp = 0
+    and entropy = 0 (no gradient), so they are safe to sum; still mask them in losses.
+
+    ``response_start`` may be an int, a 0-d tensor, or a [B] tensor of per-row starts
+    (then R = L - min(start) and slots past a row's end are masked to 0).
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must both be [B, L]; got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    bsz, length = input_ids.shape
+    device = input_ids.device
+    start = torch.as_tensor(response_start, device=device, dtype=torch.long)
+    if start.dim() == 0:
+        start = start.expand(bsz)
+    if tuple(start.shape) != (bsz,):
+        raise ValueError(f"response_start must be an int or a [{bsz}] tensor, got shape {tuple(start.shape)}")
+    if bsz and (int(start.min()) < 1 or int(start.max()) > length):
+        raise ValueError(
+            f"response_start must lie in [1, L={length}] (a response token needs a prompt "
+            f"token before it); got range [{int(start.min())}, {int(start.max())}]"
+        )
+    resp_len = length - int(start.min()) if bsz else 0
+
+    decoder, head = _unwrap_causal_lm(model)
+    mask = attention_mask.to(torch.long)
+    position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    # Token at column c = start + j is predicted by the hidden state at column c - 1.
+    cols = start[:, None] + torch.arange(resp_len, device=device)[None, :]  # [B, R]
+    valid = cols < length
+    cols = cols.clamp(max=length - 1)
+    targets = input_ids.gather(1, cols)
+    valid &= attention_mask.gather(1, cols).bool()
+    if bool((start == start[0]).all()):
+        h_sel = hidden[:, int(start[0]) - 1 : int(start[0]) - 1 + resp_len]  # a view, no gather copy
+    else:
+        h_sel = hidden.gather(1, (cols - 1)[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    logp, entropy = token_logprobs_from_hidden(
+        h_sel, head.weight, targets, lm_head_bias=getattr(head, "bias", None),
+        chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature,
+    )
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    if entropy is not None:
+        entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logp, entropy

@@ -1,0 +1,317 @@
+"""Tests for rpgrl.logprobs: chunked log-probs/entropy vs the naive full-logits path."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from rpgrl.logprobs import sequence_logprobs, token_logprobs_from_hidden
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _naive(hidden, weight, targets, bias=None, temperature=1.0):
+    """Reference: full [B, T, V] logits through autograd."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    logsm = (z / temperature).log_softmax(-1)
+    logp = logsm.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logp, entropy
+
+
+# ---------------------------------------------------------------- token_logprobs_from_hidden
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 15, 1024])  # B*T = 15: divides, does not, > N
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_matches_naive_float64(chunk_size, temperature, use_bias):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 5, 6, 11
+    h = torch.randn(B, T, H, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, generator=g, requires_grad=True) if use_bias else None
+    y = torch.randint(0, V, (B, T), generator=g)
+    upstream = torch.randn(B, T, dtype=torch.float64, generator=g)
+
+    lp, ent = token_logprobs_from_hidden(
+        h, w, y, lm_head_bias=b, chunk_size=chunk_size, with_entropy=True, temperature=temperature
+    )
+    lp_ref, ent_ref = _naive(h, w, y, b, temperature)
+    torch.testing.assert_close(lp, lp_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ent, ent_ref.detach(), rtol=0, atol=1e-12)
+    assert not ent.requires_grad  # entropy is a logging metric
+
+    params = (h, w) + ((b,) if use_bias else ())
+    grads = torch.autograd.grad((lp * upstream).sum(), params)
+    grads_ref = torch.autograd.grad((lp_ref * upstream).sum(), params)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_gradcheck_with_temperature():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 7, (2, 3), generator=g)
+    fn = lambda h, w, b: token_logprobs_from_hidden(h, w, y, lm_head_bias=b, chunk_size=4, temperature=0.6)[0]
+    assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+@pytest.mark.parametrize("chunk_size", [64, 100])  # B*T = 256
+def test_matches_naive_float32(chunk_size):
+    g = torch.Generator().manual_seed(2)
+    B, T, H, V = 4, 64, 32, 1000
+    h64 = torch.randn(B, T, H, dtype=torch.float64, generator=g)
+    w64 = torch.randn(V, H, dtype=torch.float64, generator=g) * 0.3
+    y = torch.randint(0, V, (B, T), generator=g)
+    h = h64.float().requires_grad_()
+    w = w64.float().requires_grad_()
+    lp, ent = token_logprobs_from_hidden(h, w, y, chunk_size=chunk_size, with_entropy=True, temperature=1.3)
+    assert lp.dtype == torch.float32
+    h64.requires_grad_()
+    w64.requires_grad_()
+    lp_ref, ent_ref = _naive(h64, w64, y, temperature=1.3)
+    torch.testing.assert_close(lp, lp_ref.float(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent, ent_ref.detach().float(), rtol=0, atol=2e-5)
+    up = torch.randn(B, T, dtype=torch.float64, generator=g)
+    gh, gw = torch.autograd.grad((lp * up.float()).sum(), (h, w))
+    gh_ref, gw_ref = torch.autograd.grad((lp_ref * up).sum(), (h64, w64))
+    torch.testing.assert_close(gh, gh_ref.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, gw_ref.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_params_give_fp32_logprobs_and_bf16_grads():
+    # Matmul in bf16 (as HF's lm_head(h).float()), softmax in fp32: matches that recipe exactly.
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 8, 16, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(100, 16, generator=g) * 0.5).bfloat16().requires_grad_()
+    y = torch.randint(0, 100, (2, 8), generator=g)
+    lp, _ = token_logprobs_from_hidden(h, w, y, chunk_size=5)
+    assert lp.dtype == torch.float32
+    ref = (h @ w.T).float().log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)
+    gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+    gh_ref, gw_ref = torch.autograd.grad(ref.sum(), (h, w))
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    torch.testing.assert_close(gh, gh_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw, gw_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_hand_computed_uniform_logits():
+    # Zero weight => uniform policy: logp = -log V, entropy = log V, whatever the temperature.
+    h = torch.randn(2, 3, 4, dtype=torch.float64)
+    w = torch.zeros(5, 4, dtype=torch.float64)
+    y = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    lp, ent = token_logprobs_from_hidden(h, w, y, with_entropy=True, temperature=0.5)
+    log5 = torch.full((2, 3), 5.0, dtype=torch.float64).log()
+    torch.testing.assert_close(lp, -log5)
+    torch.testing.assert_close(ent, log5)
+    assert token_logprobs_from_hidden(h, w, y)[1] is None
+
+
+def test_input_errors_name_the_problem():
+    h, w = torch.randn(2, 3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        token_logprobs_from_hidden(h, w, torch.full((2, 3), -100))
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs_from_hidden(h, w, torch.zeros(2, 3, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError, match="lm_head_weight"):
+        token_logprobs_from_hidden(h, torch.randn(5, 3), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="long"):
+        token_logprobs_from_hidden(h, w, torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------- HF models
+
+P = 5  # prompt width (left padded)
+
+
+def _tiny(arch: str):
+    from transformers import (
+        GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    special = dict(vocab_size=50, pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.4)
+    if arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=64, tie_word_embeddings=True, **special)
+        model = Qwen2ForCausalLM(cfg)
+    elif arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=64, tie_word_embeddings=False, **special)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **special)
+        model = GPT2LMHeadModel(cfg)
+    return model.float().eval()
+
+
+def _batch():
+    """Row 0: prompt left-padded by 2, response right-padded by 2; row 1: full."""
+    ids = torch.tensor([[0, 0, 7, 8, 9, 10, 11, 12, 0, 0],
+                        [3, 4, 5, 6, 7, 20, 21, 22, 23, 24]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0],
+                         [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    return ids, mask
+
+
+def _reference_logp(model, ids, mask, start):
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    logsm = logits[:, start - 1 : -1].log_softmax(-1)
+    return logsm.gather(-1, ids[:, start:, None]).squeeze(-1) * mask[:, start:]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
+def test_sequence_logprobs_matches_full_forward(arch):
+    model = _tiny(arch)
+    ids, mask = _batch()
+    lp, ent = sequence_logprobs(model, ids, mask, P, chunk_size=3, with_entropy=True)
+    assert lp.shape == ent.shape == (2, ids.shape[1] - P)
+    ref = _reference_logp(model, ids, mask, P)
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)
+    assert (lp[0, 3:] == 0).all() and (ent[0, 3:] == 0).all()  # response padding
+    assert lp.std() > 0.3  # peaked init: a position/shift bug could not hide in a flat distribution
+
+    # Left/right padding must not change a row's log-probs: compare with the unpadded row alone.
+    lp_row0, _ = sequence_logprobs(model, ids[:1, 2:8], mask[:1, 2:8], P - 2)
+    torch.testing.assert_close(lp[:1, :3], lp_row0, rtol=0, atol=1e-5)
+
+    # Gradients w.r.t. every parameter equal those of the full-logits path (float64: exact).
+    model64 = copy.deepcopy(model).double()
+    params = list(model64.parameters())
+    up = torch.randn(lp.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lp64, _ = sequence_logprobs(model64, ids, mask, P, chunk_size=3)
+    grads = torch.autograd.grad((lp64 * up).sum(), params, allow_unused=True)
+    ref64 = _reference_logp(model64, ids, mask, P)
+    grads_ref = torch.autograd.grad((ref64 * up).sum(), params, allow_unused=True)
+    for got, want in zip(grads, grads_ref):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_per_row_response_start():
+    model = _tiny("qwen2")
+    ids, mask = _batch()
+    lp, _ = sequence_logprobs(model, ids, mask, P)
+    lp_rows, _ = sequence_logprobs(model, ids, mask, torch.tensor([P, P + 1]))
+    torch.testing.assert_close(lp_rows[0], lp[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(lp_rows[1, :-1], lp[1, 1:], rtol=0, atol=1e-6)
+    assert lp_rows[1, -1] == 0  # past the end of row 1
+    with pytest.raises(ValueError, match="response_start"):
+        sequence_logprobs(model, ids, mask, 0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])  # gpt2: absolute positions feel left padding
+def test_generate_logprobs_consistent_at_temperature(arch):
+    """The loss-side log-probs at tau equal the sampler's own log softmax(logits / tau)."""
+    model = _tiny(arch)
+    ids, mask = _batch()
+    prompt, prompt_mask = ids[:, :P], mask[:, :P]
+    tau = 0.7
+    torch.manual_seed(3)
+    out = model.generate(
+        input_ids=prompt, attention_mask=prompt_mask, do_sample=True, temperature=tau, top_k=0, top_p=1.0,
+        max_new_tokens=8, output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=1,
+    )
+    seq = out.sequences
+    resp = seq[:, P:]
+    # Response mask: tokens up to and including the first EOS.
+    is_eos = (resp == 1).long()
+    resp_mask = ((is_eos.cumsum(-1) - is_eos) == 0).long()
+    full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
+    sampler = torch.stack(out.scores, dim=1).log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1)
+    sampler = sampler * resp_mask
+    lp, _ = sequence_logprobs(model, seq, full_mask, P, temperature=tau)
+    torch.testing.assert_close(lp, sampler, rtol=0, atol=1e-5)
+    lp_t1, _ = sequence_logprobs(model, seq, full_mask, P, temperature=1.0)
+    assert (lp_t1 - sampler).abs().max() > 1e-2  # the wrong temperature is detectably wrong
+
+
+def test_peft_lora_matches_merged_model():
+    peft = pytest.importorskip("peft")
+    base = _tiny("qwen2")
+    ids, mask = _batch()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(copy.deepcopy(base), cfg)
+    lp_lora, _ = sequence_logprobs(lora, ids, mask, P)
+    merged = copy.deepcopy(lora).merge_and_unload()
+    lp_merged, _ = sequence_logprobs(merged, ids, mask, P)
+    torch.testing.assert_close(lp_lora, lp_merged, rtol=0, atol=1e-5)
+    lp_base, _ = sequence_logprobs(base, ids, mask, P)
+    assert (lp_lora - lp_base).abs().max() > 1e-3  # the adapter really changes the policy
+    lp_lora.sum().backward()
+    lora_grads = [p.grad for n, p in lora.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None for g in lora_grads) and any(g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_peft_lora_on_lm_head_is_refused():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_tiny("llama"), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    ids, mask = _batch()
+    with pytest.raises(NotImplementedError, match="lm_head"):
+        sequence_logprobs(model, ids, mask, P)
+
+
+# ---------------------------------------------------------------- memory bar
+
+_MEM_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from rpgrl.logprobs import token_logprobs_from_hidden
+    mode, chunk = sys.argv[1], int(sys.argv[2])
+    B, T, H, V = 8, 2048, 64, 32000
+    grad = mode == "fwdbwd"
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, H, generator=g).requires_grad_(grad)
+    w = (torch.randn(V, H, generator=g) * 0.1).requires_grad_(grad)
+    y = torch.randint(0, V, (B, T), generator=g)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if grad:
+        lp, _ = token_logprobs_from_hidden(h, w, y, chunk_size=chunk)
+        lp.sum().backward()
+        assert h.grad.shape == h.shape and w.grad.shape == w.shape
+    else:
+        with torch.no_grad():
+            lp, ent = token_logprobs_from_hidden(h, w, y, chunk_size=chunk, with_entropy=True)
+    assert torch.isfinite(lp).all()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+    """
+)
+
+_FULL_LOGITS_BYTES = 8 * 2048 * 32000 * 4  # 2.1 GB
+
+
+def _peak_increase(mode: str, chunk: int) -> int:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, mode, str(chunk)], capture_output=True, text=True,
+                         env=env, cwd=REPO_ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.medium
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units/semantics are Linux-specific")
+def test_memory_bar_b8_t2048_v32000():
+    bar = _FULL_LOGITS_BYTES // 4
+    fwd = _peak_increase("fwd", 1024)
+    fwdbwd = _peak_increase("fwdbwd", 1024)
+    assert fwd < bar, f"no_grad forward peak +{fwd / 1e6:.0f} MB >= {bar / 1e6:.0f} MB"
+    assert fwdbwd < bar, f"forward+backward peak +{fwdbwd / 1e6:.0f} MB >= {bar / 1e6:.0f} MB"
+    # Control: the same measurement does see a too-large chunk (4 x 1024 tokens of logits).
+    assert _peak_increase("fwd", 4096) > bar
