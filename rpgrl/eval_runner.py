@@ -33,9 +33,9 @@ def evaluate_policy(
     temperature: float = 0.0, max_new_tokens: int, max_problems: int = 0, batch_size: int = 256,
     device: torch.device | str = "cpu", scorer: Callable | None = None, timeout_s: float = 10.0,
 ) -> dict:
-    """Returns {"accuracy": overall mean@k, "per_source": {...}, "samples": [...] (first few)}."""
+    """Returns {"accuracy": overall mean@k, "by_source": {...}, "overall": {...}, "samples": [...] (first few)}."""
     if not examples:
-        return {"accuracy": float("nan"), "per_source": {}, "n_problems": 0}
+        return {"accuracy": float("nan"), "by_source": {}, "overall": {}}
     examples, prompts = distinct_problems(examples, prompts, max_problems)
     rollout = generate(model, tokenizer, prompts, n=k, max_new_tokens=max_new_tokens,
                        temperature=temperature, batch_size=batch_size, device=device)
@@ -50,11 +50,10 @@ def evaluate_policy(
         for ex, s in zip(rep(examples), scores)
     ]
     summary = summarize(records, k=k)
-    overall = summary.get("overall", {})
     return {
-        "accuracy": float(overall.get("mean@k", overall.get(f"mean@{k}", float("nan")))),
-        "per_source": {src: v for src, v in summary.items() if src != "overall"},
-        "overall": overall,
+        "accuracy": float(summary["overall"][f"mean@{k}"]),
+        "by_source": summary["by_source"],
+        "overall": summary["overall"],
         "scorer_stats": stats,
         "samples": [
             {"uid": r["uid"], "response": t, "score": r["score"]}

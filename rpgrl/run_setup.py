@@ -52,7 +52,7 @@ def _tokenize(examples: list[Example], tokenizer, cfg: Config, what: str, log):
     ids, kept, stats = tokenize_prompts(
         examples, tokenizer, cfg.data.max_prompt_length, overlong=cfg.data.prompt_overlong
     )
-    if len(kept) != len(examples) or any(v for k, v in stats.items() if k != "kept"):
+    if stats.get("truncated") or stats.get("dropped"):
         log(f"data: {what} prompts over data.max_prompt_length={cfg.data.max_prompt_length}: {stats}")
     if not kept:
         raise ValueError(f"data: every {what} prompt was dropped by data.max_prompt_length="

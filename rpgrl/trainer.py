@@ -28,13 +28,13 @@ from rpgrl.config import Config, dump_yaml
 from rpgrl.kl import kl_penalty
 from rpgrl.logprobs import sequence_logprobs
 from rpgrl.losses import policy_loss
-from rpgrl.optim import build_optimizer, clip_and_check, set_eval_mode, set_train_mode
+from rpgrl.optim import build_optimizer, clip_and_check, eval_mode
 from rpgrl.rewards import overlong_penalty, score_batch
 from rpgrl.rollout import RolloutBatch, generate
 from rpgrl.run_setup import RunData, setup_run
 from rpgrl.sampler import EpochSampler
 from rpgrl.tracking import Tracker
-from rpgrl.evaluate import BestLastTracker
+from rpgrl.evaluate import BestLastTracker, flatten
 from rpgrl.eval_runner import evaluate_policy
 
 
@@ -95,13 +95,12 @@ class Trainer:
         self.skipped_total = 0
         self.eval_before: dict | None = None
         self.best_last = BestLastTracker()
-        if resume:
-            self._resume()
+        resumed = self._resume() if resume else False
         self.tracker = Tracker(
             self.out, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
             config=json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
-            resume_step=self.step_count if resume else None,
+            resume_step=self.step_count if resumed else None,
         )
         (self.out / "config.yaml").write_text(dump_yaml(cfg))
 
@@ -247,7 +246,7 @@ class Trainer:
                         )
                         loss.backward()
                     w = len(micro) / len(mb)
-                    sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss) / cfg.trainer.epochs / n_mini
+                    sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss.detach()) / cfg.trainer.epochs / n_mini
                     for k, v in m.items():
                         sums[f"actor/{k}"] = sums.get(f"actor/{k}", 0.0) + float(v) * w / cfg.trainer.epochs / n_mini
                 with self.timer.phase("optimizer"):
@@ -285,7 +284,7 @@ class Trainer:
     def step(self) -> dict[str, float]:
         self.timer = StepTimer()
         start = time.perf_counter()
-        with set_eval_mode_ctx(self.optimizer):
+        with eval_mode(self.optimizer):
             batch, metrics = self.collect()
             if batch is not None:
                 self.prepare(batch)
@@ -312,7 +311,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         cfg = self.cfg
-        with set_eval_mode_ctx(self.optimizer):
+        with eval_mode(self.optimizer):
             return evaluate_policy(
                 self.model, self.tokenizer, self.data.test, self.data.test_prompts,
                 k=cfg.eval.k, temperature=cfg.eval.temperature,
@@ -323,11 +322,8 @@ class Trainer:
 
     def _log_eval(self, result: dict, step: int) -> None:
         flat = {"eval/accuracy": result["accuracy"]}
-        for src, vals in result.get("per_source", {}).items():
-            for k, v in vals.items():
-                if isinstance(v, (int, float)):
-                    flat[f"eval/{src}/{k}"] = v
-        self.best_last.update(flat, step=step)
+        flat.update({f"eval/{k}": v for k, v in flatten(result).items()})
+        self.best_last.update(step, flat)
         self.tracker.log(flat, step=step)
 
     def save(self) -> Path:
@@ -345,11 +341,11 @@ class Trainer:
         return save_checkpoint(self.out, self.step_count, self.model, self.optimizer, state,
                                keep_last=self.cfg.trainer.keep_last)
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
         path = find_latest_checkpoint(self.out)
         if path is None:
             self.log(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
-            return
+            return False
         state = load_checkpoint(path, self.model, self.optimizer)
         self.step_count = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
@@ -362,6 +358,7 @@ class Trainer:
         self.best_last = BestLastTracker.from_dict(json.loads(state["best_last"]))
         restore_rng_state(state["rng"])
         self.log(f"resumed from {path} at step {self.step_count}")
+        return True
 
     def train(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -395,7 +392,7 @@ class Trainer:
         from rpgrl.models import save_final
         from rpgrl.plots import plot_curves
 
-        with set_eval_mode_ctx(self.optimizer):
+        with eval_mode(self.optimizer):
             save_final(self.model, self.tokenizer, self.out / "final")
         plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         summary = {
@@ -409,16 +406,6 @@ class Trainer:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-
-@contextmanager
-def set_eval_mode_ctx(optimizer):
-    """Schedule-Free keeps two weight sequences: generate/evaluate with the averaged one."""
-    set_eval_mode(optimizer)
-    try:
-        yield
-    finally:
-        set_train_mode(optimizer)
 
 
 class _NoProgress:

@@ -1,0 +1,33 @@
+"""Shared fixtures: a very small version of the CPU default for fast end-to-end tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: The CPU default shrunk to seconds: 2-layer width-32 model, 4 prompts x 4 samples.
+TINY_OVERRIDES = [
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64", "warmstart.steps=30", "warmstart.batch_size=32",
+    "rollout.n=4", "rollout.max_new_tokens=6", "trainer.prompts_per_step=4",
+    "trainer.mini_batch_size=2", "trainer.micro_batch_size=4", "trainer.total_steps=2",
+    "trainer.eval_every=0", "trainer.save_every=1", "data.test_size=16", "eval.max_problems=8",
+    "logging.progress=false", "logging.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="session")
+def warmstart_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("warmstart-cache")
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path, warmstart_cache):
+    def make(*extra: str, out: Path | None = None) -> list[str]:
+        return [*TINY_OVERRIDES, f"warmstart.cache_dir={warmstart_cache}",
+                f"output_dir={out or tmp_path / 'run'}", *extra]
+
+    return make

@@ -1,0 +1,110 @@
+"""Figures: valid PNGs, missing metrics tolerated, series extraction by hand."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import rpgrl.plots as plots
+from rpgrl.plots import CLIPFRAC_KEYS, CURVE_PANELS, metric_series, plot_comparison, plot_curves
+from rpgrl.tracking import Tracker
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def synthetic_run(seed: int, steps: int = 40, offset: float = 0.0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    recs = []
+    for s in range(1, steps + 1):
+        rec = {
+            "step": s,
+            "reward/mean": offset + 0.5 * (1 - math.exp(-s / 10)) + 0.02 * rng.standard_normal(),
+            "actor/entropy": 1.5 * math.exp(-s / 30),
+            "response_length/mean": 200 + 3 * s,
+            "actor/kl_anchor_k3": 1e-3 * s,
+            "actor/clipfrac_upper": 0.02,
+            "actor/clipfrac_lower": 0.01,
+            "actor/clipfrac_dual": 0.001,
+        }
+        recs.append(rec)
+        if s % 10 == 0:
+            recs.append({"step": s, "eval/accuracy": offset + 0.02 * s})
+    return recs
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 500 and img.shape[1] > 1000
+
+
+def test_panels_cover_the_paper_metrics():
+    keys = [k for p in CURVE_PANELS for k in p.keys]
+    assert len(CURVE_PANELS) == 6
+    assert {"reward/mean", "eval/accuracy", "actor/entropy", "response_length/mean", "actor/kl_anchor_k3"} <= set(keys)
+    assert set(CLIPFRAC_KEYS) <= set(keys)
+
+
+def test_metric_series_by_hand():
+    recs = [
+        {"step": 2, "a": 1.0},
+        {"step": 1, "a": 5.0, "b": 1.0},
+        {"step": 2, "a": 3.0},  # last value for a step wins
+        {"step": 3, "a": float("nan"), "b": 2.0},  # nan skipped
+        {"step": 4, "c": 9.0},
+        {"a": 7.0},  # no step: ignored
+    ]
+    steps, vals = metric_series(recs, "a")
+    assert steps.tolist() == [1, 2] and vals.tolist() == [5.0, 3.0]
+    steps, vals = metric_series(recs, ("a", "b"))  # summed where present
+    assert steps.tolist() == [1, 2, 3] and vals.tolist() == [6.0, 3.0, 2.0]
+    steps, vals = metric_series(recs, "zzz")
+    assert len(steps) == 0 and len(vals) == 0
+
+
+def test_plot_curves_from_records_and_from_tracker_dir(tmp_path):
+    out = plot_curves(synthetic_run(0), tmp_path / "figs" / "curves.png", title="demo")
+    assert_png(out)
+    with Tracker(tmp_path / "run", tensorboard=False) as tr:
+        for rec in synthetic_run(1, steps=5):
+            tr.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+    assert_png(plot_curves(tmp_path / "run", tmp_path / "c2.png"))
+
+
+def test_missing_keys_give_no_data_panels(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(plots, "_no_data", lambda ax: calls.append(ax.get_title()))
+    out = plot_curves([{"step": s, "reward/mean": 0.1 * s} for s in range(5)], tmp_path / "c.png")
+    assert_png(out)
+    assert sorted(calls) == sorted(p.title for p in CURVE_PANELS[1:])
+    calls.clear()
+    assert_png(plot_curves([], tmp_path / "empty.png"))
+    assert len(calls) == 6
+
+
+def test_plot_comparison(tmp_path, monkeypatch):
+    runs = {
+        "grpo": [synthetic_run(0), synthetic_run(1)],
+        "rpg_ufkl": [synthetic_run(2, offset=0.1), synthetic_run(3, offset=0.1)],
+        "only_reward": [[{"step": 1, "reward/mean": 0.3}]],
+    }
+    assert_png(plot_comparison(runs, tmp_path / "comparison.png", title="cmp"))
+    assert_png(plot_comparison(runs, tmp_path / "comparison_std.png", band="std"))
+    with pytest.raises(ValueError, match="band"):
+        plot_comparison(runs, tmp_path / "x.png", band="iqr")
+    with pytest.raises(ValueError, match="empty"):
+        plot_comparison({}, tmp_path / "x.png")
+
+
+def test_aggregate_mean_and_bands():
+    a = (np.array([1, 2]), np.array([1.0, 3.0]))
+    b = (np.array([2, 3]), np.array([5.0, 7.0]))
+    steps, mean, lo, hi = plots._aggregate([a, b], "minmax")
+    assert steps.tolist() == [1, 2, 3]
+    assert mean.tolist() == [1.0, 4.0, 7.0] and lo.tolist() == [1.0, 3.0, 7.0] and hi.tolist() == [1.0, 5.0, 7.0]
+    _, mean, lo, hi = plots._aggregate([a, b], "std")
+    assert lo.tolist() == [1.0, 3.0, 7.0] and hi.tolist() == [1.0, 5.0, 7.0]  # std of {3,5} is 1

@@ -1,0 +1,132 @@
+"""The online loop end to end on the tiny model: presets, anchors, resume, outputs."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rpgrl.config import PRESETS, load_config
+from rpgrl.models import load_policy
+from rpgrl.tracking import read_metrics
+from rpgrl.trainer import Trainer
+
+pytestmark = pytest.mark.medium
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+def make_trainer(overrides, resume=False) -> Trainer:
+    return Trainer(load_config(overrides=overrides), resume=resume, log=_quiet)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_runs_two_steps(preset, tiny_overrides, tmp_path):
+    summary = make_trainer(tiny_overrides(f"algorithm.name={preset}", "eval.before_training=false")).train()
+    assert summary["steps"] == 2 and summary["algorithm"] == preset
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "actor/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(torch.isfinite(torch.tensor(float(v))) for v in r.values() if isinstance(v, (int, float)))
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_default_outputs(tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    summary = make_trainer(tiny_overrides("trainer.eval_every=1", "trainer.total_steps=3")).train()
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert set(on_disk) >= {"eval_before", "eval_after", "wall_seconds", "steps", "algorithm"}
+    assert on_disk["steps"] == 3 and on_disk["algorithm"] == "rpg_reinforce_ufkl"
+    assert 0.0 <= on_disk["eval_after"]["accuracy"] <= 1.0
+    assert summary["eval_before"]["accuracy"] == on_disk["eval_before"]["accuracy"]
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert (out / "config.yaml").is_file()
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in r]
+    assert steps == [0, 1, 2, 3]
+    # the final model reloads through the generic HF path
+    model = load_policy(out / "final", device=torch.device("cpu"), dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def _count_models(cls) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, cls))
+
+
+def test_rollout_anchor_keeps_one_model(tiny_overrides):
+    from transformers import Qwen2ForCausalLM
+
+    before = _count_models(Qwen2ForCausalLM)
+    t = make_trainer(tiny_overrides())
+    assert t.anchor.model is None
+    assert _count_models(Qwen2ForCausalLM) - before == 1
+    batch, _ = t.collect()
+    t.prepare(batch)
+    assert batch.anchor_logp is None  # the loss falls back to the stored rollout log-probs
+    t2 = make_trainer(tiny_overrides("algorithm.anchor.mode=fixed"))
+    assert t2.anchor.model is not None
+    assert _count_models(Qwen2ForCausalLM) - before == 3
+
+
+def _logp(model, batch, t):
+    return t._logprobs(model, batch.rollout)[0]
+
+
+def _run_steps(t: Trainer, n: int):
+    for _ in range(n):
+        t.step()
+
+
+@pytest.mark.parametrize("mode,extra,refreshes", [
+    ("fixed", [], False),
+    ("periodic", ["algorithm.anchor.period=1"], True),
+    ("periodic", ["algorithm.anchor.period=1000"], False),
+    ("adaptive", ["algorithm.anchor.kappa=1e-12"], True),
+    ("adaptive", ["algorithm.anchor.kappa=1e6"], False),
+])
+def test_anchor_logprobs_are_what_the_mode_claims(mode, extra, refreshes, tiny_overrides):
+    t = make_trainer(tiny_overrides(f"algorithm.anchor.mode={mode}", "algorithm.beta=0.1",
+                                    "optim.lr=1e-2", *extra))
+    initial = load_policy(t.data.model_path, device=torch.device("cpu"), dtype=torch.float32)
+    _run_steps(t, 2)  # 2 optimizer steps per batch -> the policy has moved
+    batch, _ = t.collect()
+    t.prepare(batch)
+    mask = batch.rollout.response_mask.bool()
+    current = batch.old_logp  # computed from the current policy at this batch boundary
+    from_initial = _logp(initial, batch, t)
+    assert not torch.allclose(current[mask], from_initial[mask], atol=1e-4)  # the policy did move
+    if refreshes:
+        assert t.anchor.refreshes >= 1
+        torch.testing.assert_close(batch.anchor_logp[mask], current[mask], atol=1e-6, rtol=0)
+    else:
+        assert t.anchor.refreshes == 0
+        torch.testing.assert_close(batch.anchor_logp[mask], from_initial[mask], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "schedulefree_adamw"])
+def test_resume_matches_uninterrupted(optim, tiny_overrides, tmp_path):
+    full = tiny_overrides(f"optim.name={optim}", "trainer.total_steps=4", "trainer.save_every=2",
+                          out=tmp_path / "full")
+    make_trainer(full).train()
+    part = tiny_overrides(f"optim.name={optim}", "trainer.total_steps=2", "trainer.save_every=2",
+                          out=tmp_path / "part")
+    make_trainer(part).train()
+    resumed = tiny_overrides(f"optim.name={optim}", "trainer.total_steps=4", "trainer.save_every=2",
+                             out=tmp_path / "part")
+    summary = make_trainer(resumed, resume=True).train()
+    assert summary["steps"] == 4
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    train_rows = lambda p: [r for r in read_metrics(p / "metrics.jsonl") if "actor/loss" in r]  # noqa: E731
+    ra, rb = train_rows(tmp_path / "full"), train_rows(tmp_path / "part")
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb):
+        assert x["reward/mean"] == y["reward/mean"] and x["actor/loss"] == y["actor/loss"]
