@@ -1,0 +1,149 @@
+"""Canonical string form of a final answer (spec section 9: "strip units/text/spaces,
+LaTeX fractions, etc.").
+
+Written after the Minerva / verl ``math_dapo`` normaliser, with two deliberate changes:
+units are only stripped at the *end* of an answer (so ``\\sqrt{km}`` is not mangled), and
+commas are only removed from real thousands groups (``1,000`` -> ``1000`` but the list
+``1,2`` stays a list). Both sides of a comparison go through the same function, so any
+residual quirk is symmetric.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+
+from rpgrl.rewards.extract import unwrap_command
+
+__all__ = ["normalize_answer", "as_rational"]
+
+_UNICODE = {
+    "\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ",
+    "\u03c0": "\\pi ", "\u221a": "\\sqrt", "\u221e": "\\infty ", "\u00b0": "", "\u00a0": " ",
+    "\u2009": " ", "\u202f": " ",
+}
+# Text-like wrappers become " X" so "5\text{m}" reads as "5 m" for the unit stripper.
+_TEXT_WRAPPERS = ("\\text", "\\textbf", "\\textit", "\\textrm", "\\mathrm", "\\mbox")
+_WRAPPERS = ("\\boxed", "\\fbox", "\\mathbf", "\\operatorname", "\\overline")
+_DROP_LITERAL = ("\\!", "\\,", "\\;", "\\:", "\\%", "%", "^{\\circ}", "^\\circ", "{,}", "\\$",
+                 "$", "**", "`", "\\(", "\\)", "\\[", "\\]")
+_DROP_COMMANDS = re.compile(
+    r"\\(?:left|right|displaystyle|quad|qquad|degree|circ|ldots|dots|cdots|bigl|bigr|Bigl|Bigr)"
+    r"(?![A-Za-z])"
+)
+_UNITS = (
+    "square", "sq", "cubic", "units?", "degrees?", "deg", "percent", "dollars?", "cents?",
+    "inch(?:es)?", "in", "feet", "foot", "ft", "yards?", "yd", "miles?", "mi", "mph",
+    "meters?", "metres?", "m", "cm", "mm", "km", "kg", "g", "gm", "grams?", "pounds?", "lbs?",
+    "ounces?", "oz", "hours?", "hrs?", "h", "minutes?", "mins?", "seconds?", "secs?", "s",
+    "days?", "weeks?", "months?", "years?", "ways", "points?", "students?", "people",
+    "integers?", "digits?", "edges?", "meals?", "multiples?", "times", "sides?", "cups?",
+    "liters?", "litres?", "ml", "L",
+)
+# A unit word (optionally squared/cubed) at the very end, after a number or a brace group
+# and at least one space: "12 cm^2", "\\frac{1}{2} hours". Never "2a+m".
+_UNIT_TAIL = re.compile(
+    r"(?<=[\d}])\s+(?:" + "|".join(_UNITS) + r")(?:\^\{?[23]\}?)?$"
+)
+# "85 apples": a plain number followed by plain words of >= 2 letters.
+_NUMBER_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*$")
+_CONNECTIVES = {"or", "and", "to", "plus", "minus", "times", "over", "by", "not", "nor", "but",
+                "if", "else", "otherwise", "except", "than", "of", "per", "divided"}
+_EQ_SPLIT = re.compile(r"(?<![<>!\\])=(?!=)")
+_CMD_SPACE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])")
+_FRAC_SHORT = re.compile(r"\\frac(?:(\d)(\d)|(\d)\{|\{([^{}]*)\}(\d))")
+_SQRT_SHORT = re.compile(r"\\sqrt ?(\d+|[A-Za-z](?![A-Za-z]))")
+_SIMPLE_FRAC = re.compile(r"([+-]?)\\frac\{([+-]?)(\d+)\}\{([+-]?)(\d+)\}")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+_RATIONAL = re.compile(r"([+-]?\d+)/(\d+)")
+_CHOICE = re.compile(r"\(([A-Ea-e])\)")
+
+
+def _fix_frac_shorthand(m: re.Match) -> str:
+    if m.group(1) is not None:  # \frac12
+        return f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
+    if m.group(3) is not None:  # \frac1{2}
+        return f"\\frac{{{m.group(3)}}}{{"
+    return f"\\frac{{{m.group(4)}}}{{{m.group(5)}}}"  # \frac{1}2
+
+
+def _remove_spaces(s: str) -> str:
+    """Drop all whitespace except one space between a command name and a letter."""
+    s = _CMD_SPACE.sub("\\1\x00", s)
+    return re.sub(r"\s+", "", s).replace("\x00", " ")
+
+
+def normalize_answer(answer: str) -> str:
+    """Canonical form of one extracted answer; equal strings mean equal answers.
+
+    Steps: unicode math -> LaTeX; unwrap \\text{}/\\boxed{}/\\mathrm{}; drop delimiters
+    ($, \\(, \\[), spacing commands, \\left/\\right, degree and percent signs; keep the
+    right-hand side of ``x = 3``; strip trailing units; \\dfrac/\\tfrac -> \\frac and
+    \\frac12 -> \\frac{1}{2}; remove spaces; drop trailing punctuation and thousands
+    separators; write integer fractions as ``a/b`` and decimals canonically (``3.0`` -> ``3``).
+    """
+    s = answer.strip()
+    for k, v in _UNICODE.items():
+        if k in s:
+            s = s.replace(k, v)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
+    for w in _WRAPPERS:
+        if w in s:
+            s = unwrap_command(s, w)
+    for w in _TEXT_WRAPPERS:
+        if w in s:
+            s = unwrap_command(s, w, prefix=" ")
+    for d in _DROP_LITERAL:
+        if d in s:
+            s = s.replace(d, "")
+    if "\\" in s:
+        s = _DROP_COMMANDS.sub(" ", s).replace("\\ ", " ")
+    s = s.strip().rstrip(".,;").strip()
+    if "=" in s:
+        s = _EQ_SPLIT.split(s)[-1].strip()
+    for _ in range(2):  # "5 square feet"
+        stripped = _UNIT_TAIL.sub("", s).strip()
+        if stripped == s:
+            break
+        s = stripped
+    m = _NUMBER_WORDS.match(s)
+    if m and not _CONNECTIVES.intersection(s[m.end(1):].lower().split()):
+        s = m.group(1)  # "85 apples" -> "85", but never "3 or 4" -> "3"
+    s = _remove_spaces(s).rstrip(".,;")
+    if "\\frac" in s:
+        s = _FRAC_SHORT.sub(_fix_frac_shorthand, s)
+    if "\\sqrt" in s:
+        s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    m = _SIMPLE_FRAC.fullmatch(s)
+    if m:
+        negative = (m.group(1) + m.group(2) + m.group(4)).count("-") % 2 == 1
+        s = f"{'-' if negative else ''}{m.group(3)}/{m.group(5)}"
+    if _DECIMAL.fullmatch(s):
+        try:
+            d = Decimal(s).normalize()
+            s = "0" if d == 0 else format(d, "f")
+        except InvalidOperation:
+            pass
+    m = _CHOICE.fullmatch(s)
+    if m:
+        s = m.group(1).upper()
+    return s
+
+
+def as_rational(s: str) -> Fraction | None:
+    """Exact value of a normalised plain number (``12``, ``-0.5``, ``3/4``), else ``None``."""
+    if len(s) > 200:
+        return None
+    try:
+        if _DECIMAL.fullmatch(s):
+            return Fraction(s)
+        m = _RATIONAL.fullmatch(s)
+        if m and int(m.group(2)) != 0:
+            return Fraction(int(m.group(1)), int(m.group(2)))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None

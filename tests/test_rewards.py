@@ -1,0 +1,277 @@
+"""Answer extraction, normalisation, equivalence, routing, safe batch scoring, shaping."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+from rpgrl.rewards import (
+    ScorerSpecError, answers_match, compute_score, extract_answer_line, last_boxed,
+    load_scorer, normalize_answer, overlong_penalty, route, score_batch,
+)
+
+# (prediction, ground truth, expected equivalence)
+EQUIVALENCE = [
+    # integers, signs, formatting
+    ("85", "85", True),
+    ("86", "85", False),
+    ("-1", "-1", True),
+    ("1", "-1", False),
+    ("\u22125", "-5", True),             # unicode minus
+    ("- 5", "-5", True),
+    ("+3", "3", True),
+    ("85.", "85", True),                 # trailing period
+    ("$85$", "85", True),
+    ("\\$85", "85", True),               # dollar sign as currency
+    ("**85**", "85", True),              # markdown bold
+    ("\\textbf{85}", "85", True),
+    ("\\boxed{85}", "85", True),
+    ("1,000", "1000", True),             # thousands separator
+    ("1{,}000", "1000", True),
+    ("1,000,000", "1000000", True),
+    ("1,2", "12", False),                # a list is not a thousands group
+    # decimals
+    ("3.0", "3", True),
+    ("0.50", "0.5", True),
+    (".5", "0.5", True),
+    ("0.333", "\\frac{1}{3}", False),
+    ("2.5", "2.05", False),
+    # fractions
+    ("\\frac{1}{2}", "0.5", True),
+    ("\\dfrac{3}{4}", "3/4", True),
+    ("\\tfrac34", "\\frac{3}{4}", True),
+    ("\\frac12", "1/2", True),
+    ("-\\frac{1}{2}", "-0.5", True),
+    ("\\frac{-1}{2}", "-1/2", True),
+    ("2/4", "1/2", True),                # equal rationals
+    ("\\frac{1}{2}", "\\frac{1}{3}", False),
+    ("\\frac{3}{\\sqrt{2}}", "\\frac{3\\sqrt{2}}{2}", True),
+    # units, degrees, percent
+    ("336^\\circ", "336", True),
+    ("336^{\\circ}", "336^\\circ", True),
+    ("336\u00b0", "336", True),
+    ("336 degrees", "336", True),
+    ("50\\%", "50", True),
+    ("50%", "50", True),
+    ("12 \\text{ cm}^2", "12", True),
+    ("5\\text{ meters}", "5", True),
+    ("7 square feet", "7", True),
+    ("15 students", "15", True),
+    ("85 apples", "85", True),
+    ("3 or 4", "3", False),              # hedging is not an answer
+    ("3 and 4", "3", False),
+    ("\\text{(B)}", "B", True),
+    # "x = 3" forms
+    ("x = 3", "3", True),
+    ("x=-2", "-2", True),
+    ("n = 4", "5", False),
+    ("x = \\frac{1}{2}", "\\frac12", True),
+    # sqrt, pi, expressions (math-verify fallback)
+    ("2\\sqrt3", "2\\sqrt{3}", True),
+    ("\\sqrt{12}", "2\\sqrt{3}", True),
+    ("\\sqrt{2}", "\\sqrt{3}", False),
+    ("3\\sqrt{2}/2", "\\frac{3\\sqrt{2}}{2}", True),
+    ("2\\pi", "2 \\pi", True),
+    ("\\pi", "3.14159", False),
+    ("(x+1)^2", "x^2+2x+1", True),
+    ("x^2-1", "x^2+1", False),
+    # intervals, sets, tuples
+    ("(1, 2]", "(1,2]", True),
+    ("[1,2)", "(1,2)", False),
+    ("\\left( -\\infty, 3 \\right)", "(-\\infty,3)", True),
+    ("\\{1,2\\}", "\\{2,1\\}", True),
+    ("(1,2)", "(2,1)", False),
+    # numeric truth needs a number, not an expression (no reward hacking on arithmetic)
+    ("37+48", "85", False),
+    ("\\frac{170}{2}", "85", True),      # an integer fraction is a plain number
+    ("85abc", "85", False),
+    ("", "85", False),
+]
+
+
+@pytest.mark.parametrize("pred,gt,expected", EQUIVALENCE)
+def test_equivalence_table(pred: str, gt: str, expected: bool) -> None:
+    ok, _ = answers_match(pred, gt)
+    assert ok is expected, (pred, gt, normalize_answer(pred), normalize_answer(gt))
+
+
+@pytest.mark.parametrize("pred,gt,expected", EQUIVALENCE)
+def test_equivalence_through_compute_score(pred: str, gt: str, expected: bool) -> None:
+    out = compute_score("math_dapo", f"Some reasoning.\nAnswer: {pred}", gt)
+    assert set(out) == {"score", "acc", "pred"}
+    assert out["score"] == (1.0 if expected else 0.0) and out["acc"] is expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Answer: 5", "5"),
+    ("Answer:85", "85"),
+    ("answer : 7\nmore text", "7"),
+    ("Answer: 3\n... wait, redo.\nAnswer: 4", "4"),             # the LAST Answer: wins
+    ("**Answer:** 12", "** 12"),
+    ("Answer:\n\n42\n", "42"),
+    ("Final Answer: The final answer is $\\boxed{9}$.", "9"),
+    ("no marker here", None),
+    ("Answer:   \n", None),
+])
+def test_extract_answer_line(text: str, expected: str | None) -> None:
+    assert extract_answer_line(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so \\boxed{5}", "5"),
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),     # last, nested braces
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed 7 done", "7"),
+    ("\\fbox{3}", "3"),
+    ("\\boxed{\\frac{1}{2}", None),                                 # unbalanced: truncated
+    ("nothing", None),
+])
+def test_last_boxed(text: str, expected: str | None) -> None:
+    assert last_boxed(text) == expected
+
+
+def test_default_scorer_uses_boxed_without_answer_line_and_answer_line_first() -> None:
+    assert compute_score("lighteval/MATH", "thus \\boxed{\\dfrac{1}{2}}", "\\frac12")["score"] == 1.0
+    # Answer: takes precedence over an earlier box
+    assert compute_score("aime2024", "\\boxed{3}\nAnswer: 4", "4")["score"] == 1.0
+    assert compute_score("aime2024", "\\boxed{4}\nAnswer: 3", "4")["score"] == 0.0
+    # the later marker wins
+    assert compute_score("math_dapo", "The answer: hmm, compute.\nSo \\boxed{4}", "4")["score"] == 1.0
+    assert compute_score("math_dapo", "Answer: 4\n\\boxed{", "4")["score"] == 1.0  # broken box
+    assert compute_score("amc_23", "", "4") == {"score": 0.0, "acc": False, "pred": None}
+    assert compute_score("amc_23", "I give up", "4")["pred"] is None
+
+
+def test_routing_table() -> None:
+    for ds in ("math_dapo", "aime2025", "aime-2024", "amc_23", "rpgrl/arith", "never-seen"):
+        assert route(ds) == "default"
+
+
+def test_arith_task_responses() -> None:
+    rs = ["Answer:85", "Answer: 85", "Answer:58", "Answer:8", "Answer:", "A:85", "Answer:37+48"]
+    rewards, stats = score_batch(["rpgrl/arith"] * len(rs), rs, ["85"] * len(rs))
+    assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert stats["scorer_errors"] == stats["scorer_timeouts"] == stats["scorer_bad_return"] == 0
+
+
+def test_fast_path_speed_256_short_responses() -> None:
+    rs = [f"Answer:{i % 199}" if i % 2 else f"Answer: {i % 199}" for i in range(256)]
+    gts = [str((i * 7) % 199) for i in range(256)]
+    score_batch(["rpgrl/arith"] * 256, rs, gts)  # warm caches of the regex engine
+    t0 = time.perf_counter()
+    rewards, _ = score_batch(["rpgrl/arith"] * 256, rs, gts)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.05, f"256 short responses took {elapsed * 1e3:.1f} ms"
+    assert rewards == [float(r == f"Answer:{g}" or r == f"Answer: {g}") for r, g in zip(rs, gts, strict=True)]
+
+
+# ---- user scorers and safe batch scoring -------------------------------------------
+
+def sleeps_forever(data_source, solution_str, ground_truth, extra_info=None):
+    if solution_str == "sleep":
+        while True:
+            time.sleep(0.05)
+    return 1.0
+
+
+def raises(data_source, solution_str, ground_truth, extra_info=None):
+    if solution_str == "boom":
+        raise RuntimeError("scorer exploded")
+    return {"score": 0.5, "acc": False}
+
+
+def returns_junk(data_source, solution_str, ground_truth, extra_info=None):
+    return {"abc": "abc", "nan": float("nan"), "dict": {"score": "x"}, "ok": True,
+            "int": 2}[solution_str]
+
+
+def test_sleeping_scorer_is_cut_at_timeout(caplog) -> None:
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="rpgrl.rewards.safe"):
+        rewards, stats = score_batch(["src_a", "src_b", "src_c"], ["fine", "sleep", "fine"],
+                                     ["1"] * 3, scorer=sleeps_forever, timeout_s=1.0)
+    elapsed = time.perf_counter() - t0
+    assert rewards == [1.0, 0.0, 1.0]  # the worker restarts after the kill
+    assert stats["scorer_timeouts"] == 1 and stats["scorer_errors"] == 0
+    assert elapsed < 5.0
+    assert "timeout" in caplog.text and "src_b" in caplog.text
+
+
+def test_raising_scorer_gives_zero_and_a_count(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="rpgrl.rewards.safe"):
+        rewards, stats = score_batch(["s1", "s2"], ["boom", "ok"], ["1", "1"], scorer=raises, timeout_s=5.0)
+    assert rewards == [0.0, 0.5]
+    assert stats["scorer_errors"] == 1 and stats["scorer_timeouts"] == 0
+    assert "scorer exploded" in caplog.text and "'s1'" in caplog.text
+
+
+def test_bad_return_values_give_zero_and_a_count() -> None:
+    rs = ["abc", "nan", "dict", "ok", "int"]
+    rewards, stats = score_batch(["s"] * 5, rs, ["1"] * 5, scorer=returns_junk, timeout_s=5.0)
+    assert rewards == [0.0, 0.0, 0.0, 1.0, 2.0]
+    assert stats["scorer_bad_return"] == 3
+
+
+def test_empty_responses_score_zero_without_calling() -> None:
+    rewards, stats = score_batch(["s", "s"], ["", "boom"], ["1", "1"], scorer=raises, timeout_s=5.0)
+    assert rewards == [0.0, 0.0]
+    assert stats["empty_responses"] == 1 and stats["scorer_errors"] == 1
+
+
+def test_mismatched_lengths_are_rejected() -> None:
+    with pytest.raises(ValueError, match="responses=2"):
+        score_batch(["s"], ["a", "b"], ["1"])
+
+
+def test_builtin_off_main_thread_runs_in_worker() -> None:
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.update(out=score_batch(
+        ["aime2024", "amc_23"], ["Answer: $\\sqrt{12}$", "Answer: 3"], ["2\\sqrt{3}", "4"])))
+    t.start()
+    t.join(30)
+    rewards, stats = box["out"]
+    assert rewards == [1.0, 0.0] and stats["scorer_errors"] == 0
+
+
+def test_load_scorer_specs(tmp_path) -> None:
+    f = tmp_path / "my_scorer.py"
+    f.write_text("import time\nX = 3\n"
+                 "def score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                 "    if solution_str == 'hang':\n        time.sleep(1000)\n"
+                 "    return float(solution_str == ground_truth)\n")
+    fn = load_scorer(f"{f}:score")
+    assert fn("d", "7", "7") == 1.0 and fn("d", "7", "8") == 0.0
+    rewards, stats = score_batch(["d"] * 3, ["7", "hang", "8"], ["7", "7", "8"], scorer=fn, timeout_s=1.0)
+    assert rewards == [1.0, 0.0, 1.0] and stats["scorer_timeouts"] == 1
+    assert load_scorer("rpgrl.rewards:compute_score")("aime2025", "Answer: 4", "4")["score"] == 1.0
+    assert load_scorer("boxed")("x", "\\boxed{2}", "2")["score"] == 1.0
+    cases = [
+        (f"{f}:nope", "has no attribute 'nope'"),
+        (f"{f}:X", "not callable"),
+        (f"{tmp_path}/missing.py:score", "does not exist"),
+        ("no_such_module_xyz:score", "cannot import module 'no_such_module_xyz'"),
+        ("just_a_name", "expected 'module:function'"),
+    ]
+    for spec, text in cases:
+        with pytest.raises(ScorerSpecError, match=text) as ei:
+            load_scorer(spec)
+        assert spec in str(ei.value)
+
+
+# ---- overlong shaping (spec section 7) ----------------------------------------------
+
+def test_overlong_penalty_hand_computed() -> None:
+    # Lmax = 20, Lb = 4: free up to 16, linear to -factor at 20.
+    pen = overlong_penalty([0, 16, 17, 18, 20, 22], max_len=20, buffer_len=4, penalty_factor=1.0)
+    assert torch.equal(pen, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.5]))
+    pen2 = overlong_penalty(torch.tensor([18]), max_len=20, buffer_len=4, penalty_factor=0.5,
+                            dtype=torch.float64)
+    assert pen2.dtype == torch.float64 and pen2.item() == -0.25
+    assert torch.equal(overlong_penalty([25], 20, 0), torch.zeros(1))  # buffer 0: off
+    with pytest.raises(ValueError, match="buffer_len"):
+        overlong_penalty([1], 20, 30)
