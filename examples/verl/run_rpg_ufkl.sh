@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# RPG-UFKL (differentiable surrogate, Table 1/4; Algorithm 1 dual clip) on Qwen3-4B, DAPO-Math-17k, 8K responses:
+# the paper's run (spec sections 7-8) on verl 0.9 with rpgrl's loss. Needs 8 GPUs.
+# Usage: bash examples/verl/run_rpg_ufkl.sh [extra hydra overrides]
+set -euo pipefail
+LOSS=rpg_ufkl
+EXP_NAME=${EXP_NAME:-qwen3-4b-8k-rpg-ufkl}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+run_verl "$@"

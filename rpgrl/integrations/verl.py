@@ -1,0 +1,278 @@
+"""Every rpgrl policy loss and the ``rpg`` advantage estimator inside verl 0.9 (issue 6).
+
+``pip install "rpgrl[verl]"`` installs an entry point in verl's ``verl.plugins`` group;
+verl 0.9's ``verl/__init__.py`` loads every such entry point on ``import verl`` (in the
+driver and in every Ray worker; ``VERL_USE_EXTERNAL_PLUGINS=none`` turns this off). Loading
+it imports this module, which registers:
+
+* every loss of ``rpgrl.losses.LOSSES`` with ``core_algos.register_policy_loss``, under its
+  own name for the RPG losses (``rpg_ufkl``, ``rpg_reinforce_ufkl``, ...) and with an
+  ``rpgrl_`` prefix for the baselines (``rpgrl_ppo``, ``rpgrl_grpo``,
+  ``rpgrl_grpo_corrected``) so that they cannot be mistaken for verl's own GRPO setup;
+  select one with ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``;
+* ``rpg`` (A = R - mean of the group, spec section 5) with ``register_adv_est``; select it
+  with ``algorithm.adv_estimator=rpg``.
+
+``RPGPolicyLossConfig`` (``actor_rollout_ref.actor.policy_loss._target_``) carries beta,
+the anchor and Algorithm 1's KL-in-advantage switch; the trust region comes from verl's own
+actor keys: clip = (``clip_ratio_low``, ``clip_ratio_high``), dual clip c = ``clip_ratio_c``.
+
+Normalization is verl's: ``ppo_loss`` stores the mini-batch's global token / sequence counts
+and the data-parallel size in ``config.global_batch_info`` (what verl's ``agg_loss`` reads),
+and ``verl_normalization`` turns them into rpgrl's ``(agg, norm)`` so that the value is
+exactly ``agg_loss(token_loss, mask, mode, **global_batch_info)`` for all five verl modes
+(spec section 6: whole mini-batch denominators, times dp_size because FSDP averages
+gradients over ranks).
+
+The anchor: verl 0.9.1's ``ppo_loss`` (verl/workers/utils/losses.py) passes a policy loss
+only (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+rollout_is_weights); ``ref_log_prob`` reaches only verl's own ``use_kl_loss`` term. So the
+anchor is the rollout policy (old_log_prob), the paper's default (spec 1.1, mode 1: rho = w,
+v = 1); ``anchor`` accepts only ``"rollout"``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:
+    from verl.trainer.ppo import core_algos
+    from verl.utils import as_torch_index
+    from verl.workers.config import PolicyLossConfig
+except ImportError as exc:  # pragma: no cover - exercised only without verl
+    raise ImportError(
+        "rpgrl.integrations.verl needs verl 0.9 (pip install 'rpgrl[verl]'); "
+        f"importing verl failed: {exc}"
+    ) from exc
+
+from rpgrl.advantages import compute_advantages
+from rpgrl.losses import LOSSES, aggregation_count, policy_loss
+
+__all__ = [
+    "ANCHORS",
+    "DEFAULT_BETA",
+    "VERL_AGG_MODES",
+    "VERL_LOSS_NAMES",
+    "RPGPolicyLossConfig",
+    "make_policy_loss_fn",
+    "register",
+    "rpg_outcome_advantage",
+    "verl_normalization",
+]
+
+#: Paper default KL coefficient (spec section 7).
+DEFAULT_BETA = 1e-4
+#: Anchors a verl 0.9 policy loss can see (module docstring: ref_log_prob is not passed).
+ANCHORS = ("rollout",)
+#: verl 0.9.1's ``loss_agg_mode`` values (verl ActorConfig.__post_init__).
+VERL_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+
+def _verl_name(name: str) -> str:
+    return name if name.startswith("rpg_") else f"rpgrl_{name}"
+
+
+#: verl ``loss_mode`` -> rpgrl loss name, for every loss in ``rpgrl.losses.LOSSES``.
+VERL_LOSS_NAMES: dict[str, str] = {_verl_name(n): n for n in LOSSES}
+
+
+def _check_rpg_options(beta: Any, anchor: Any, where: str) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not float(beta) >= 0:
+        raise ValueError(f"{where}.beta must be a number >= 0 (paper: 1e-4), got {beta!r}")
+    if anchor not in ANCHORS:
+        raise ValueError(
+            f"{where}.anchor={anchor!r} is not available in verl 0.9: its policy-loss functions "
+            f"never receive ref_log_prob, so the KL anchor is the rollout policy "
+            f"(old_log_prob, the paper's default). Expected one of {ANCHORS}; use rpgrl's own "
+            f"trainer for periodic / adaptive / fixed anchors."
+        )
+
+
+@dataclass
+class RPGPolicyLossConfig(PolicyLossConfig):
+    """verl ``policy_loss`` config with RPG's options (select it via ``_target_``).
+
+    beta: KL coefficient of spec 2-4 (paper 1e-4); anchor: only "rollout" (module
+    docstring); kl_in_advantage: fold the KL weight into the clipped advantage
+    (Algorithm 1, differentiable ``rpg_*`` losses only).
+    """
+
+    loss_mode: str = "rpg_reinforce_ufkl"
+    beta: float = DEFAULT_BETA
+    anchor: str = "rollout"
+    kl_in_advantage: bool = False
+
+    def __post_init__(self) -> None:
+        where = "actor_rollout_ref.actor.policy_loss"
+        _check_rpg_options(self.beta, self.anchor, where)
+        if self.loss_mode not in VERL_LOSS_NAMES:
+            # verl's yaml sets loss_mode: vanilla, so _target_ alone does not select RPG
+            warnings.warn(
+                f"{where}: RPGPolicyLossConfig with loss_mode={self.loss_mode!r}, which is not an "
+                f"rpgrl loss, so beta/anchor are ignored; set {where}.loss_mode to one of "
+                f"{list(VERL_LOSS_NAMES)}",
+                stacklevel=2,
+            )
+        if self.kl_in_advantage:
+            spec = LOSSES.get(VERL_LOSS_NAMES.get(self.loss_mode, ""))
+            if spec is None or not spec.supports_kl_in_advantage:
+                ok = [v for v, n in VERL_LOSS_NAMES.items() if LOSSES[n].supports_kl_in_advantage]
+                raise ValueError(
+                    f"{where}.kl_in_advantage=True needs loss_mode in {ok}, got {self.loss_mode!r}"
+                )
+
+
+def verl_normalization(
+    response_mask: Tensor, loss_agg_mode: str, global_batch_info: Mapping[str, Any]
+) -> tuple[str, Optional[float]]:
+    """rpgrl ``(agg, norm)`` whose ``aggregate`` equals verl's ``agg_loss(..., **global_batch_info)``.
+
+    verl divides the local sum by the global count and multiplies by dp_size (FSDP averages
+    gradients over ranks), so norm = global count / dp_size: token-mean -> batch_num_tokens,
+    seq-mean-* -> global_batch_size, token-sum -> 1, seq-mean-token-sum-norm additionally
+    times loss_scale_factor (default: the padded response length), as in verl 0.9.1.
+    A missing global count means "this batch's own count" (verl's dp_size == 1 fallback).
+    """
+    if loss_agg_mode not in VERL_AGG_MODES:
+        raise ValueError(f"loss_agg_mode={loss_agg_mode!r}; verl 0.9 knows {VERL_AGG_MODES}")
+    dp_size = int(global_batch_info.get("dp_size") or 1)
+    if loss_agg_mode == "token-sum":
+        return "token-mean", 1.0 / dp_size
+    token_level = loss_agg_mode == "token-mean"
+    key = "batch_num_tokens" if token_level else "global_batch_size"
+    count = global_batch_info.get(key)
+    if count is None and dp_size > 1:
+        raise ValueError(
+            f"loss_agg_mode={loss_agg_mode!r} with dp_size={dp_size} needs global_batch_info[{key!r}] "
+            f"(verl's ppo_loss sets it from the batch)"
+        )
+    agg = "token-mean" if token_level else loss_agg_mode.removesuffix("-norm")
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        if count is None:
+            count = float(aggregation_count(response_mask, agg))
+        scale = global_batch_info.get("loss_scale_factor") or response_mask.shape[-1]
+        return agg, float(count) * float(scale) / dp_size
+    if count is None or float(count) <= 0:
+        return agg, None  # own count (an empty global batch has zero loss, not nan)
+    return agg, float(count) / dp_size
+
+
+def _verl_metrics(m: Mapping[str, Tensor]) -> dict[str, float]:
+    """rpgrl metrics under actor/rpg/*, plus verl's three standard PPO keys for dashboards:
+    pg_clipfrac = upper + lower clip, pg_clipfrac_lower = dual clip, ppo_kl = mean(old - new)."""
+    values = torch.stack([v.detach().double() for v in m.values()]).tolist()  # one device sync
+    out = {f"actor/rpg/{k}": v for k, v in zip(m, values)}
+    out["actor/pg_clipfrac"] = out["actor/rpg/clipfrac_upper"] + out["actor/rpg/clipfrac_lower"]
+    out["actor/pg_clipfrac_lower"] = out["actor/rpg/clipfrac_dual"]
+    out["actor/ppo_kl"] = -out["actor/rpg/kl_rollout_k1"]
+    return out
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return default if value is None else value
+
+
+def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
+    """verl ``PolicyLossFn`` for rpgrl loss ``name`` (calls ``rpgrl.losses.policy_loss``)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown rpgrl loss {name!r}; known losses: {', '.join(LOSSES)}")
+
+    def rpg_policy_loss(
+        old_log_prob: Tensor,
+        log_prob: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: Optional[Tensor] = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        if config is None:
+            raise ValueError(f"verl policy loss {name!r} needs the actor config (got config=None)")
+        if rollout_is_weights is not None:
+            raise ValueError(
+                f"verl policy loss {name!r}: rollout-correction weights (algorithm.rollout_correction."
+                f"rollout_is) are not supported by rpgrl losses, whose importance weight w already "
+                f"corrects pi_old -> pi_theta; set algorithm.rollout_correction.rollout_is=null"
+            )
+        if _get(config, "use_kl_loss", False) and LOSSES[name].divergence is not None:
+            warnings.warn(
+                f"actor.use_kl_loss=True adds verl's own KL term on top of {name!r}'s KL "
+                f"regularizer; set actor_rollout_ref.actor.use_kl_loss=False for RPG runs",
+                stacklevel=2,
+            )
+        pl = _get(config, "policy_loss", {})
+        beta, anchor = _get(pl, "beta", DEFAULT_BETA), _get(pl, "anchor", "rollout")
+        _check_rpg_options(beta, anchor, "actor_rollout_ref.actor.policy_loss")
+        clip_ratio = _get(config, "clip_ratio", 0.2)
+        clip = (_get(config, "clip_ratio_low", clip_ratio), _get(config, "clip_ratio_high", clip_ratio))
+        agg, norm = verl_normalization(
+            response_mask, loss_agg_mode, _get(config, "global_batch_info", {})
+        )
+        loss, metrics = policy_loss(
+            name, log_prob, old_log_prob, advantages, response_mask,
+            anchor_logp=None,  # = old_log_prob: spec 1.1 mode 1 (see module docstring)
+            beta=float(beta), clip=clip, dual_clip=float(_get(config, "clip_ratio_c", 3.0)),
+            agg=agg, kl_in_advantage=bool(_get(pl, "kl_in_advantage", False)), norm=norm,
+        )
+        return loss, _verl_metrics(metrics)
+
+    rpg_policy_loss.__name__ = rpg_policy_loss.__qualname__ = f"rpgrl_{name}"
+    rpg_policy_loss.__doc__ = f"rpgrl loss {name!r} as a verl PolicyLossFn: {LOSSES[name].description}"
+    return rpg_policy_loss
+
+
+def rpg_outcome_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray,
+    config: Any = None,
+    **_: Any,
+) -> tuple[Tensor, Tensor]:
+    """verl advantage estimator ``rpg``: A = R - mean of the prompt's group (spec 5), via
+    ``rpgrl.advantages.compute_advantages``; R = sum of the token-level rewards, groups = uid.
+    Returns (advantages, returns), both [B, T] and zero on padding, like verl's GRPO."""
+    rewards = token_level_rewards.sum(dim=-1)
+    group_ids = as_torch_index(index, device=rewards.device)
+    adv = compute_advantages("rpg", rewards, group_ids, response_mask)
+    return adv, adv
+
+
+def register() -> list[str]:
+    """Register every rpgrl loss and the ``rpg`` estimator in verl's registries (idempotent).
+
+    Returns the registered verl ``loss_mode`` names. Refuses to replace a policy loss or an
+    ``rpg`` estimator that another package registered under the same name.
+    """
+    for verl_name, name in VERL_LOSS_NAMES.items():
+        existing = core_algos.POLICY_LOSS_REGISTRY.get(verl_name)
+        if existing is not None and existing.__module__ != __name__:
+            raise ValueError(
+                f"verl already has a policy loss named {verl_name!r} from {existing.__module__}; "
+                f"rpgrl will not replace it"
+            )
+        core_algos.register_policy_loss(verl_name)(make_policy_loss_fn(name))
+    existing = core_algos.ADV_ESTIMATOR_REGISTRY.get("rpg")
+    if existing is not None and existing.__module__ != __name__:
+        raise ValueError(f"verl already has an advantage estimator 'rpg' from {existing.__module__}")
+    # Written directly: verl's register_adv_est decorator rejects re-registering a new
+    # function object, which would make a module reload fail.
+    core_algos.ADV_ESTIMATOR_REGISTRY["rpg"] = rpg_outcome_advantage
+    return list(VERL_LOSS_NAMES)
+
+
+# Importing this module is the plugin: the ``verl.plugins`` entry point and a
+# ``policy_loss._target_`` pointing here both register the losses.
+register()
