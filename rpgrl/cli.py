@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--out", default=None, help="write the JSON results here")
     e.set_defaults(func=_eval)
+    from rpgrl.compare import add_subcommands
+
+    add_subcommands(sub)
     return p
 
 

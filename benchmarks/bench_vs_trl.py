@@ -1,0 +1,331 @@
+"""rpgrl's trainer vs TRL's GRPOTrainer on the same model, task and batch: speed, memory, accuracy.
+
+    python benchmarks/bench_vs_trl.py --json bench_vs_trl.json                 # 30 steps, beta 0 and 0.04
+    python benchmarks/bench_vs_trl.py --json smoke.json --steps 5 --repeats 1 --profile
+
+Both sides run in their own subprocess (so each has its own peak RSS, read with ``os.wait4``)
+and in the order A B A B ... per setting, so slow drift of a shared machine hits both alike.
+What is equal on both sides:
+
+* the model: the CPU default's warm-started tiny Qwen2 (``rpgrl.run_setup.setup_run``),
+  loaded from the same ``save_pretrained`` directory, float32, gradient checkpointing off;
+* the task: procedural 2-digit addition (``rpgrl.data.procedural.addition_splits``), the
+  same chat template (the tokenizer's) and the same scorer (``rpgrl.rewards.compute_score``);
+* one optimizer step = prompts x n sequences, generated once and used once (rpgrl: one
+  mini-batch, one micro-batch, one epoch; TRL: per_device_train_batch_size = prompts x n,
+  num_generations = n, gradient_accumulation_steps = 1, num_iterations = 1);
+* max new tokens, temperature 1, top-p 1, AdamW at a constant LR, grad clip 1, no warm-up.
+
+Each side runs its own algorithm: rpgrl the paper's default (``rpg_reinforce_ufkl``; the KL
+anchor is the rollout policy, so no reference model is held even with beta > 0), TRL its
+GRPO (``loss_type="dapo"``; with beta > 0 TRL loads and runs a reference model).
+
+Reported per beta: median seconds per optimizer step excluding each run's first step
+(rpgrl: ``timing/step`` of metrics.jsonl, generation through optimizer step; TRL: a
+TrainerCallback's on_step_begin -> on_step_end, the same span), the peak RSS of each
+subprocess, and held-out greedy accuracy after the same number of steps (TRL's final
+model is scored by rpgrl's ``evaluate_policy``, exactly like rpgrl's ``eval/accuracy``).
+``--profile`` adds rpgrl's step-time breakdown and the overhead share
+1 - (generation + forward_backward + optimizer) / step (the bar: <= 20%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CORE_PHASES = ("generation", "forward_backward", "optimizer")
+
+
+# --------------------------------------------------------------------------- subprocess runs
+
+
+def run_child(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[int, float, float]:
+    """Run ``cmd``; return (exit code, wall seconds, peak RSS in MiB of that process)."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    rss_kb = usage.ru_maxrss if sys.platform != "darwin" else usage.ru_maxrss / 1024  # bytes on macOS
+    return proc.returncode, time.perf_counter() - t0, rss_kb / 1024
+
+
+def _check(rc: int, what: str, log_path: Path) -> None:
+    if rc != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"{what} failed with exit code {rc}; log {log_path}:\n{tail}")
+
+
+def rpgrl_command(a: argparse.Namespace, model_path: str, beta: float, out: Path) -> list[str]:
+    p, n = a.prompts, a.n
+    return [
+        sys.executable, "-m", "rpgrl", "train", f"model.path={model_path}", f"seed={a.seed}",
+        f"output_dir={out}", f"algorithm.name={a.rpgrl_algorithm}", f"algorithm.beta={beta}",
+        f"rollout.n={n}", f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.temperature=1.0",
+        "rollout.top_p=1.0", f"trainer.prompts_per_step={p}", f"trainer.mini_batch_size={p}",
+        f"trainer.micro_batch_size={p * n}", "trainer.epochs=1", f"trainer.total_steps={a.steps}",
+        "trainer.eval_every=0", f"trainer.save_every={a.steps}", "trainer.keep_last=1",
+        f"trainer.device={a.device}", f"trainer.num_threads={a.threads}", f"optim.lr={a.lr}",
+        "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", "model.dtype=float32",
+        "model.gradient_checkpointing=false", "eval.before_training=false", "eval.temperature=0.0",
+        f"data.test_size={a.test_size}", "logging.progress=false", "logging.tensorboard=false",
+    ]
+
+
+def rpgrl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, tag: str) -> dict:
+    out = work / f"rpgrl-{tag}"
+    log = work / f"rpgrl-{tag}.log"
+    rc, wall, rss = run_child(rpgrl_command(a, model_path, beta, out), log)
+    _check(rc, "rpgrl train", log)
+    from rpgrl.tracking import read_metrics
+
+    steps = sorted((r for r in read_metrics(out) if "timing/step" in r), key=lambda r: r["step"])
+    timing = [{k[len("timing/"):]: v for k, v in r.items() if k.startswith("timing/")} for r in steps]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"step_seconds": [t["step"] for t in timing], "timing": timing, "peak_rss_mb": rss,
+            "accuracy": summary["eval_after"]["accuracy"], "wall_s": wall}
+
+
+def trl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, tag: str) -> dict:
+    spec = {"model_path": model_path, "beta": beta, "out": str(work / f"trl-{tag}"),
+            "result": str(work / f"trl-{tag}.json"), **{k: getattr(a, k) for k in (
+                "seed", "prompts", "n", "max_new_tokens", "steps", "lr", "device", "threads", "test_size")}}
+    spec_path = work / f"trl-{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    log = work / f"trl-{tag}.log"
+    rc, wall, rss = run_child([sys.executable, __file__, "--trl-worker", str(spec_path)], log)
+    _check(rc, "TRL GRPOTrainer", log)
+    res = json.loads(Path(spec["result"]).read_text())
+    return {**res, "peak_rss_mb": rss, "wall_s": wall}
+
+
+# --------------------------------------------------------------------------- the TRL worker
+
+
+def trl_worker(spec_path: str) -> None:
+    """Runs inside the TRL subprocess: train with GRPOTrainer, then rpgrl's held-out evaluation."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpgrl.data.procedural import addition_splits
+    from rpgrl.data.verl import tokenize_prompts
+    from rpgrl.eval_runner import evaluate_policy
+    from rpgrl.models import load_tokenizer
+    from rpgrl.rewards import compute_score
+
+    s = json.loads(Path(spec_path).read_text())
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    train, test = addition_splits(test_size=s["test_size"])
+    ds = Dataset.from_list([{"prompt": ex.messages, "answer": ex.ground_truth, "data_source": ex.data_source}
+                            for ex in train])
+
+    def correct(completions, answer, data_source, **_):
+        text = lambda c: c[0]["content"] if isinstance(c, list) else c  # noqa: E731
+        return [float(compute_score(src, text(c), ans)["score"])
+                for c, ans, src in zip(completions, answer, data_source)]
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.begin, self.end = [], []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end.append(time.perf_counter())
+
+    times = StepTimes()
+    # GRPOConfig turns checkpointing on by default; transformers 5 renamed the field.
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in GRPOConfig.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    cfg = GRPOConfig(
+        output_dir=s["out"], report_to="none", use_cpu=s["device"] == "cpu", seed=s["seed"],
+        max_steps=s["steps"], per_device_train_batch_size=s["prompts"] * s["n"], num_generations=s["n"],
+        gradient_accumulation_steps=1, num_iterations=1, steps_per_generation=1,
+        max_completion_length=s["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, beta=s["beta"], bf16=False, **{ckpt: False},
+        model_init_kwargs={"dtype": "float32"}, save_strategy="no", logging_steps=s["steps"],
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    tokenizer = load_tokenizer(s["model_path"])
+    trainer = GRPOTrainer(model=s["model_path"], reward_funcs=correct, args=cfg, train_dataset=ds,
+                          processing_class=tokenizer, callbacks=[times])
+    m = trainer.model
+    flag = "is_activation_checkpointing" if hasattr(type(m), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    on = getattr(m, flag, False)
+    if on:
+        raise SystemExit("TRL's model has activation checkpointing on; the comparison needs it off on both sides")
+    trainer.train()
+    model = trainer.model.eval()
+    ids, kept, _ = tokenize_prompts(test, tokenizer, 1024, overlong="truncate_left")
+    res = evaluate_policy(model, tokenizer, [test[i] for i in kept], ids, k=1, temperature=0.0,
+                          max_new_tokens=s["max_new_tokens"], batch_size=256, device=model.device)
+    Path(s["result"]).write_text(json.dumps({
+        "step_seconds": [e - b for b, e in zip(times.begin, times.end)],
+        "loop_seconds": [e1 - e0 for e0, e1 in zip(times.end, times.end[1:])],
+        "accuracy": res["accuracy"], "ref_model": trainer.ref_model is not None,
+    }))
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _median_after_first(runs: list[dict]) -> float:
+    pooled = [t for r in runs for t in r["step_seconds"][1:]]
+    return statistics.median(pooled) if pooled else float("nan")
+
+
+def rpgrl_profile(runs: list[dict]) -> dict[str, float]:
+    """Mean seconds per phase (first step of each run excluded) and the overhead share."""
+    rows = [t for r in runs for t in r["timing"][1:]] or [t for r in runs for t in r["timing"]]
+    keys = sorted({k for t in rows for k in t})
+    prof = {k: statistics.fmean(t.get(k, 0.0) for t in rows) for k in keys}
+    core = sum(prof.get(k, 0.0) for k in CORE_PHASES)
+    prof["overhead_share"] = 1.0 - core / prof["step"] if prof.get("step") else float("nan")
+    return prof
+
+
+def summarize(beta: float, rp: list[dict], tr: list[dict]) -> dict:
+    r_s, t_s = _median_after_first(rp), _median_after_first(tr)
+    return {
+        "beta": beta,
+        "rpgrl_s_per_step": r_s,
+        "trl_s_per_step": t_s,
+        "speedup": t_s / r_s if r_s > 0 else float("nan"),
+        "rpgrl_peak_rss_mb": max(r["peak_rss_mb"] for r in rp),
+        "trl_peak_rss_mb": max(r["peak_rss_mb"] for r in tr),
+        "rpgrl_accuracy": statistics.fmean(r["accuracy"] for r in rp),
+        "trl_accuracy": statistics.fmean(r["accuracy"] for r in tr),
+        "trl_loop_s_per_step": statistics.median([t for r in tr for t in r["loop_seconds"]] or [float("nan")]),
+        "trl_ref_model": any(r["ref_model"] for r in tr),
+        "repeats": len(rp),
+        "rpgrl_profile": rpgrl_profile(rp),
+    }
+
+
+def markdown(settings: list[dict]) -> str:
+    lines = ["| beta | rpgrl s/step | TRL s/step | speedup (TRL/rpgrl) | rpgrl peak RSS (MiB) | "
+             "TRL peak RSS (MiB) | rpgrl accuracy | TRL accuracy |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in settings:
+        lines.append(f"| {s['beta']:g} | {s['rpgrl_s_per_step']:.3f} | {s['trl_s_per_step']:.3f} | "
+                     f"{s['speedup']:.2f}x | {s['rpgrl_peak_rss_mb']:.0f} | {s['trl_peak_rss_mb']:.0f} | "
+                     f"{s['rpgrl_accuracy']:.3f} | {s['trl_accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def profile_markdown(settings: list[dict]) -> str:
+    lines = []
+    for s in settings:
+        prof = s["rpgrl_profile"]
+        step = prof.get("step") or float("nan")
+        lines += [f"rpgrl step-time breakdown, beta={s['beta']:g} (mean over steps 2..N):", "",
+                  "| phase | seconds | share |", "|---|---:|---:|"]
+        for k, v in prof.items():
+            if k not in ("step", "overhead_share"):
+                lines.append(f"| {k} | {v:.4f} | {v / step:.1%} |")
+        lines += [f"| step | {step:.4f} | 100% |", "",
+                  f"overhead = 1 - (generation + forward_backward + optimizer) / step = "
+                  f"{prof['overhead_share']:.1%} (bar: <= 20%)", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def prepare_model(a: argparse.Namespace) -> str:
+    """The warm-started tiny model's save_pretrained dir (cached; built once if missing)."""
+    if a.model_path:
+        return a.model_path
+    from rpgrl.config import load_config
+    from rpgrl.run_setup import setup_run
+
+    cfg = load_config(None, [f"seed={a.seed}", "trainer.device=cpu", f"data.test_size={a.test_size}",
+                             *a.model_overrides])
+    data, *_ = setup_run(cfg, log=lambda *x: print(*x, file=sys.stderr))
+    return data.model_path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (first one excluded)")
+    p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.04])
+    p.add_argument("--repeats", type=int, default=2, help="runs per side per beta, interleaved A B A B")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per optimizer step")
+    p.add_argument("--n", type=int, default=8, help="responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in both children; 0 = default")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--test-size", type=int, default=256, help="held-out problems")
+    p.add_argument("--rpgrl-algorithm", default="rpg_reinforce_ufkl")
+    p.add_argument("--model-path", default=None, help="use this save_pretrained dir instead of the tiny model")
+    p.add_argument("--model-overrides", nargs="*", default=[],
+                   help="rpgrl overrides for building the tiny model, e.g. warmstart.steps=50")
+    p.add_argument("--workdir", default=None, help="keep the runs and logs here (default: a temp dir)")
+    p.add_argument("--profile", action="store_true", help="print rpgrl's step-time breakdown")
+    p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.trl_worker:
+        trl_worker(a.trl_worker)
+        return 0
+    if a.steps < 2:
+        raise SystemExit("--steps must be >= 2 (the first step of each run is excluded)")
+    model_path = prepare_model(a)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_vs_trl-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"model: {model_path}; runs and logs: {work}", file=sys.stderr)
+    settings = []
+    for beta in a.betas:
+        rp, tr = [], []
+        for r in range(a.repeats):  # A B A B: machine drift hits both sides alike
+            tag = f"beta{beta:g}-r{r}"
+            rp.append(rpgrl_run(a, model_path, beta, work, tag))
+            print(f"beta={beta:g} repeat {r}: rpgrl {statistics.median(rp[-1]['step_seconds'][1:]):.3f} s/step, "
+                  f"{rp[-1]['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+            tr.append(trl_run(a, model_path, beta, work, tag))
+            print(f"beta={beta:g} repeat {r}: TRL   {statistics.median(tr[-1]['step_seconds'][1:]):.3f} s/step, "
+                  f"{tr[-1]['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+        settings.append(summarize(beta, rp, tr))
+    print(markdown(settings))
+    if a.profile:
+        print()
+        print(profile_markdown(settings))
+    if a.json:
+        config = {k: v for k, v in vars(a).items() if k not in ("json", "trl_worker")}
+        import torch
+        import transformers
+        import trl
+
+        machine = {"platform": platform.platform(), "python": platform.python_version(),
+                   "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                   "transformers": transformers.__version__, "trl": trl.__version__,
+                   "torch_threads": a.threads or torch.get_num_threads()}
+        Path(a.json).write_text(json.dumps({"config": {**config, "model_path": model_path},
+                                            "machine": machine, "settings": settings}, indent=2))
+        print(f"results written to {a.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
