@@ -71,7 +71,7 @@ def setup_run(cfg: Config, log=print) -> tuple[RunData, torch.nn.Module, object,
         tiny = TinyModelConfig(t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size)
         path = str(warm_start_tiny(
             train, tiny=tiny, steps=ws.steps if ws.enabled else 0, batch_size=ws.batch_size,
-            lr=ws.lr, seed=cfg.seed, cache_dir=ws.cache_dir, log=log,
+            lr=ws.lr, seed=cfg.seed, teacher_accuracy=ws.teacher_accuracy, cache_dir=ws.cache_dir, log=log,
         ))
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
     train, train_prompts = _tokenize(train, tokenizer, cfg, "train", log)

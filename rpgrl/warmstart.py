@@ -30,13 +30,14 @@ def cache_root(cache_dir: str | None) -> Path:
     return Path(os.environ.get("RPGRL_CACHE", Path.home() / ".cache" / "rpgrl"))
 
 
-def _sft_batch(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sft_batch(tokenizer, examples: list[Example], teacher_accuracy: float = 1.0,
+               rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded prompt+answer ids with labels only on the answer (and its EOS)."""
     rows, labels = [], []
     for ex in examples:
         prompt = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(sft_text(ex), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        a_ids = tokenizer(sft_text(ex, teacher_accuracy, rng), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(p_ids + a_ids)
         labels.append([-100] * len(p_ids) + a_ids)
     width = max(len(r) for r in rows)
@@ -52,12 +53,12 @@ def _sft_batch(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.
 
 def warm_start_tiny(
     train: list[Example], *, tiny: TinyModelConfig, steps: int, batch_size: int, lr: float,
-    seed: int, cache_dir: str | None = None, log=print,
+    seed: int, teacher_accuracy: float = 1.0, cache_dir: str | None = None, log=print,
 ) -> Path:
     """Return a ``save_pretrained`` directory holding the warm-started tiny model."""
     key = json.dumps(
         {"v": _VERSION, "tiny": tiny.__dict__, "steps": steps, "bs": batch_size, "lr": lr,
-         "seed": seed, "n_train": len(train), "first": train[0].uid if train else None},
+         "seed": seed, "teacher": teacher_accuracy, "n_train": len(train), "first": train[0].uid if train else None},
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -75,7 +76,8 @@ def warm_start_tiny(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             for _ in range(steps):
-                ids, mask, lab = _sft_batch(tokenizer, rng.sample(train, min(batch_size, len(train))))
+                batch = rng.sample(train, min(batch_size, len(train)))
+                ids, mask, lab = _sft_batch(tokenizer, batch, teacher_accuracy, rng)
                 loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -64,7 +64,7 @@ BAD = [
      "trainer.mini_batch_size: 4 must divide trainer.prompts_per_step (10)"),
     (["trainer.micro_batch_size=48"],
      "trainer.micro_batch_size: 48 must divide the sequences per mini-batch, "
-     "trainer.mini_batch_size * rollout.n = 128"),
+     "trainer.mini_batch_size * rollout.n = 64"),
     (["algorithm.betta=1"], "unknown config key 'algorithm.betta'. Did you mean algorithm.beta?"),
     (["trainer.total_steps=abc"], "trainer.total_steps: expected an integer, got 'abc'"),
     (["algorithm.name=ppo2"], "algorithm.name: unknown preset 'ppo2'; allowed:"),
@@ -99,3 +99,8 @@ def test_missing_and_invalid_yaml(tmp_path):
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1,2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+def test_demo_yaml_is_the_default():
+    """configs/demo.yaml documents the CPU default; it must not drift from the code."""
+    assert load_config(REPO / "configs" / "demo.yaml") == load_config(overrides=["output_dir=runs/demo"])

@@ -51,6 +51,15 @@ def addition_splits(
     return train_ex, test_ex
 
 
-def sft_text(example: Example) -> str:
-    """The supervised target used by the warm start: exactly what the scorer accepts."""
-    return f"Answer:{example.ground_truth}"
+def sft_text(example: Example, teacher_accuracy: float = 1.0, rng: random.Random | None = None) -> str:
+    """A warm-start target in the exact form the scorer accepts ("Answer:N").
+
+    With ``teacher_accuracy < 1`` the teacher is right only that often and otherwise off
+    by one (``a+b+1``): a model that imitates it knows the arithmetic but prefers a wrong
+    answer, the situation RL with a verifiable reward is meant to fix (the correct answer
+    is sampled often enough to be rewarded, but is not yet the policy's mode).
+    """
+    answer = int(example.ground_truth)
+    if teacher_accuracy < 1.0 and (rng or random).random() >= teacher_accuracy:
+        answer += 1
+    return f"Answer:{answer}"
