@@ -48,8 +48,9 @@ def load_policy(path: str | Path, *, device: torch.device, dtype: torch.dtype,
             f"model.path={path!s}: could not load a causal LM from it ({exc}). Give a local "
             "directory written by save_pretrained, or a hub name reachable from this machine."
         ) from exc
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if gradient_checkpointing:  # renamed to activation checkpointing in transformers 5
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     if lora is not None and lora.enabled:
         try:

@@ -105,3 +105,17 @@ def test_consecutive_nans_stop_the_run_with_a_message(tiny_overrides, tmp_path):
     assert newest is not None and newest.name == "step_000003"
     weights = load_file(newest / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    Trainer(load_config(overrides=tiny_overrides("trainer.total_steps=3")), log=lambda *a: None).train()
+    newest = find_latest_checkpoint(run)
+    assert newest.name == "step_000003"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
+    with pytest.warns(RuntimeWarning, match="step_000003"):
+        t = Trainer(load_config(overrides=tiny_overrides("trainer.total_steps=4")), resume=True,
+                    log=lambda *a: None)
+    assert t.step_count == 2  # fell back to the previous complete checkpoint
+    assert t.train()["steps"] == 4

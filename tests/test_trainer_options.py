@@ -1,0 +1,98 @@
+"""Trainer options beyond the default: verl parquet data, LoRA, gradient checkpointing, eval CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rpgrl.cli import main
+from rpgrl.config import load_config
+from rpgrl.data.procedural import addition_splits
+from rpgrl.models import load_policy
+from rpgrl.tracking import read_metrics
+from rpgrl.trainer import Trainer
+
+pytestmark = pytest.mark.medium
+
+
+def write_verl_parquet(path: Path, problems, repeat: int = 1, source: str = "math_dapo") -> Path:
+    """Rows in the verl layout of spec section 9 (the layout of ../shared/data)."""
+    rows = []
+    for i, ex in enumerate(problems):
+        for _ in range(repeat):
+            rows.append({
+                "data_source": source,
+                "prompt": ex.messages,
+                "ability": "MATH",
+                "reward_model": {"ground_truth": ex.ground_truth, "style": "rule"},
+                "extra_info": {"index": i, "raw_problem": ex.messages[0]["content"], "split": "test"},
+            })
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_overrides) -> Path:
+    """The warm-started tiny model as a plain save_pretrained directory."""
+    t = Trainer(load_config(overrides=tiny_overrides()), log=lambda *a: None)
+    return Path(t.data.model_path)
+
+
+def test_train_on_verl_parquet_with_a_model_path(tiny_model_dir, tiny_overrides, tmp_path):
+    train, test = addition_splits(test_size=16)
+    train_file = write_verl_parquet(tmp_path / "train.parquet", train[:64])
+    val_file = write_verl_parquet(tmp_path / "val.parquet", test[:6], repeat=4, source="aime2025")
+    cfg = load_config(overrides=tiny_overrides(
+        f"model.path={tiny_model_dir}", f"data.train_files=[{train_file}]", f"data.val_files=[{val_file}]",
+        "eval.k=2", "eval.temperature=1.0",
+    ))
+    summary = Trainer(cfg, log=lambda *a: None).train()
+    assert summary["steps"] == 2
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/accuracy" in r]
+    assert rows[-1]["eval/aime2025/n_problems"] == 6  # 4 repeats of each problem de-duplicated
+    assert rows[-1]["eval/aime2025/n_samples"] == 12  # k = 2 samples each
+    assert "eval/aime2025/pass@2" in rows[-1]
+
+
+def test_lora_and_gradient_checkpointing(tiny_overrides, tmp_path):
+    cfg = load_config(overrides=tiny_overrides(
+        "model.lora.enabled=true", "model.lora.r=4", "model.lora.target_modules=q_proj,v_proj",
+        "model.gradient_checkpointing=true", "optim.lr=1e-2",
+        f"reward_fn={Path(__file__).parent / 'scorers.py'}:parity",
+    ))
+    t = Trainer(cfg, log=lambda *a: None)
+    trainable = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in t.model.named_parameters() if not p.requires_grad}
+    t.train()
+    for n, p in t.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen base weight {n} changed"
+    merged = load_policy(tmp_path / "run" / "final", device=torch.device("cpu"), dtype=torch.float32)
+    assert not any("lora" in n for n, _ in merged.named_parameters())  # adapters merged on save
+
+
+def test_eval_cli_writes_mean_and_pass_at_k(tiny_model_dir, tmp_path, capsys):
+    _, test = addition_splits(test_size=16)
+    data = write_verl_parquet(tmp_path / "amc.parquet", test[:5], source="amc_23")
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--k", "4",
+               "--max-new-tokens", "6", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())[str(data)]
+    assert res["overall"]["n_problems"] == 5 and res["overall"]["n_samples"] == 20
+    assert set(res["overall"]) >= {"mean@4", "pass@1", "pass@2", "pass@4"}
+    assert res["overall"]["pass@1"] == pytest.approx(res["overall"]["mean@4"])
+    assert res["overall"]["pass@1"] <= res["overall"]["pass@2"] <= res["overall"]["pass@4"]
+    assert "mean@4" in capsys.readouterr().out
+
+
+def test_train_cli_rejects_bad_config_before_loading(capsys):
+    rc = main(["train", "algorithm.clip_c=0.5"])
+    assert rc == 2
+    assert "algorithm.clip_c: 0.5 must be > 1 (dual clip) or null" in capsys.readouterr().err
