@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rpgrl.advantages import compute_advantages
 from rpgrl.anchor import Anchor
 from rpgrl.checkpoint import (capture_rng_state, find_latest_checkpoint, load_checkpoint,
                               restore_rng_state, save_checkpoint)
 from rpgrl.config import Config, dump_yaml
+from rpgrl.distributed import (check_world_size, global_advantages, init_distributed,
+                               rank_seed)
 from rpgrl.kl import kl_penalty
 from rpgrl.logprobs import sequence_logprobs
 from rpgrl.losses import policy_loss
@@ -36,6 +37,12 @@ from rpgrl.sampler import EpochSampler
 from rpgrl.tracking import Tracker
 from rpgrl.evaluate import BestLastTracker, flatten
 from rpgrl.eval_runner import evaluate_policy
+
+
+#: Metrics summed over ranks (counts, and the loss: each rank's part shares the global
+#: denominator); every other metric is averaged, except these maxima.
+_SUM_METRICS = ("actor/loss", "batch/kept_groups", "reward/n", "reward/scorer_", "reward/empty_")
+_MAX_METRICS = ("response_length/max",)
 
 
 class TrainingError(RuntimeError):
@@ -73,7 +80,10 @@ class StepTimer:
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, log=print) -> None:
-        self.cfg, self.log = cfg, log
+        # under torchrun: one data-parallel replica per process (rpgrl.distributed)
+        self.dist = init_distributed(cfg.trainer.device)
+        check_world_size(cfg, self.dist.world_size)
+        self.cfg, self.log = cfg, (log if self.dist.is_main else _quiet)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.trainer.num_threads:
@@ -82,7 +92,16 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.data: RunData
-        self.data, self.model, self.tokenizer, self.device = setup_run(cfg, log=log)
+        with self.dist.main_first():  # rank 0 fills the warm-start cache, the others reuse it
+            self.data, self.model, self.tokenizer, self.device = setup_run(cfg, log=self.log)
+        if self.dist.enabled:
+            if self.device.type == "cuda":
+                self.device = self.dist.device
+            self.dist.broadcast_module(self.model)
+            s = rank_seed(cfg.seed, self.dist.rank)  # each rank samples its own responses
+            random.seed(s)
+            np.random.seed(s)
+            torch.manual_seed(s)
         self.optimizer, self.scheduler = build_optimizer(
             self.model, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
             warmup_steps=cfg.optim.warmup_steps,
@@ -90,19 +109,22 @@ class Trainer:
         a = cfg.algorithm.anchor
         self.anchor = Anchor.create(a.mode, self.model, period=a.period, kappa=a.kappa, ema=a.ema)
         self.sampler = EpochSampler(len(self.data.train), cfg.seed)
+        self.timer = StepTimer()
         self.step_count = 0
         self.consecutive_skips = 0
         self.skipped_total = 0
         self.eval_before: dict | None = None
         self.best_last = BestLastTracker()
         resumed = self._resume() if resume else False
-        self.tracker = Tracker(
-            self.out, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-            wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
-            config=json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
-            resume_step=self.step_count if resumed else None,
-        )
-        (self.out / "config.yaml").write_text(dump_yaml(cfg))
+        self.tracker = _NoTracker()
+        if self.dist.is_main:
+            self.tracker = Tracker(
+                self.out, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
+                config=json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
+                resume_step=self.step_count if resumed else None,
+            )
+            (self.out / "config.yaml").write_text(dump_yaml(cfg))
 
     # ------------------------------------------------------------------ experience
 
@@ -136,7 +158,8 @@ class Trainer:
         n_groups, gen_batches = 0, 0
         while True:
             gen_batches += 1
-            rollout, scores, stats = self._generate(self.sampler.take(want))
+            # every rank draws the same prompts and generates for its own block of them
+            rollout, scores, stats = self._generate(self.dist.shard(self.sampler.take(want)))
             for k, v in stats.items():
                 if isinstance(v, (int, float)):
                     stats_total[k] = stats_total.get(k, 0) + v
@@ -205,8 +228,9 @@ class Trainer:
         if a.kl_in_reward > 0:
             ref = batch.anchor_logp if batch.anchor_logp is not None else batch.old_logp
             token_kl = kl_penalty(batch.old_logp, ref, kind="k1") * mask
-        batch.advantages = compute_advantages(
-            a.advantage, batch.rewards, batch.group_ids, mask, token_kl=token_kl, kl_coef=a.kl_in_reward
+        batch.advantages = global_advantages(
+            self.dist, a.advantage, batch.rewards, batch.group_ids, mask, token_kl=token_kl,
+            kl_coef=a.kl_in_reward,
         )
 
     # ------------------------------------------------------------------ update
@@ -227,6 +251,7 @@ class Trainer:
             for mb in torch.tensor_split(order, n_mini):
                 mask_mb = batch.rollout.response_mask[mb]
                 norm = float(mask_mb.sum()) if a.agg == "token-mean" else float(len(mb))
+                norm = self.dist.all_reduce_sum(norm)  # spec Sec. 6: the global mini-batch count
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in torch.split(mb, cfg.trainer.micro_batch_size):
                     with self.timer.phase("forward_backward"):
@@ -250,6 +275,7 @@ class Trainer:
                     for k, v in m.items():
                         sums[f"actor/{k}"] = sums.get(f"actor/{k}", 0.0) + float(v) * w / cfg.trainer.epochs / n_mini
                 with self.timer.phase("optimizer"):
+                    self.dist.all_reduce_grads(self.model.parameters())  # clip sees the global grad
                     grad_norm, finite = clip_and_check(self.model.parameters(), cfg.optim.grad_clip)
                     if finite:
                         self.optimizer.step()
@@ -271,7 +297,7 @@ class Trainer:
                                 "(model.dtype). The last good checkpoint is in "
                                 f"{self.out / 'checkpoints'}."
                             )
-                    self.anchor.observe(float(m["kl_anchor_k3"]))
+                    self.anchor.observe(self.dist.mean(float(m["kl_anchor_k3"])))
                 counts += 1
                 sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + (
                     grad_norm if math.isfinite(grad_norm) else 0.0) / (n_mini * cfg.trainer.epochs)
@@ -307,7 +333,7 @@ class Trainer:
         timing["timing/other"] = total - sum(self.timer.seconds.values())
         metrics.update(timing)
         metrics["optim/lr"] = float(self.optimizer.param_groups[0]["lr"])
-        return metrics
+        return self.dist.reduce_metrics(metrics, sum_prefixes=_SUM_METRICS, max_keys=_MAX_METRICS)
 
     def evaluate(self) -> dict:
         cfg = self.cfg
@@ -326,7 +352,10 @@ class Trainer:
         self.best_last.update(step, flat)
         self.tracker.log(flat, step=step)
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Rank 0 writes the (replicated) model once, with every rank's RNG state; returns
+        the checkpoint directory there and None on the other ranks."""
+        rng_per_rank = self.dist.all_gather_object(capture_rng_state()) if self.dist.enabled else None
         state = {
             "step": self.step_count,
             "sampler": self.sampler.state_dict(),
@@ -338,11 +367,17 @@ class Trainer:
             "eval_before": json.dumps(self.eval_before),
             "best_last": json.dumps(self.best_last.to_dict()),
         }
-        return save_checkpoint(self.out, self.step_count, self.model, self.optimizer, state,
-                               keep_last=self.cfg.trainer.keep_last)
+        if rng_per_rank is not None:
+            state["rng_per_rank"] = rng_per_rank
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.out, self.step_count, self.model, self.optimizer, state,
+                                   keep_last=self.cfg.trainer.keep_last)
+        self.dist.barrier()  # no rank runs ahead of (or exits before) a finished checkpoint
+        return path
 
     def _resume(self) -> bool:
-        path = find_latest_checkpoint(self.out)
+        path = self.dist.broadcast_object(find_latest_checkpoint(self.out) if self.dist.is_main else None)
         if path is None:
             self.log(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
             return False
@@ -356,17 +391,29 @@ class Trainer:
         self.consecutive_skips = int(state["consecutive_skips"])
         self.eval_before = json.loads(state["eval_before"])
         self.best_last = BestLastTracker.from_dict(json.loads(state["best_last"]))
-        restore_rng_state(state["rng"])
+        restore_rng_state(self._rank_rng(state))
         self.log(f"resumed from {path} at step {self.step_count}")
         return True
 
+    def _rank_rng(self, state: dict) -> dict:
+        if not self.dist.enabled:
+            return state["rng"]
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            return per_rank[self.dist.rank]
+        self.log(f"--resume: the checkpoint holds RNG states for {len(per_rank or [1])} process(es), "
+                 f"this run has {self.dist.world_size}; sampling continues from fresh per-rank seeds")
+        s = rank_seed(self.cfg.seed + self.step_count, self.dist.rank)
+        return {**state["rng"], "torch": torch.Generator().manual_seed(s).get_state()}
+
     def train(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
-        if self.eval_before is None and cfg.eval.before_training:
+        main = self.dist.is_main  # rank 0 evaluates, logs and writes; the others wait
+        if main and self.eval_before is None and cfg.eval.before_training:
             self.eval_before = self.evaluate()
             self.log(f"held-out accuracy before RL: {self.eval_before['accuracy']:.3f}")
             self._log_eval(self.eval_before, step=0)
-        progress = _progress(cfg.trainer.total_steps, self.step_count, cfg.logging.progress)
+        progress = _progress(cfg.trainer.total_steps, self.step_count, cfg.logging.progress and main)
         try:
             while self.step_count < cfg.trainer.total_steps:
                 metrics = self.step()
@@ -379,13 +426,19 @@ class Trainer:
                     "ent": f"{metrics.get('actor/entropy', float('nan')):.2f}",
                     "len": f"{metrics.get('response_length/mean', float('nan')):.1f}",
                 })
-                if cfg.trainer.eval_every and self.step_count % cfg.trainer.eval_every == 0 \
+                if main and cfg.trainer.eval_every and self.step_count % cfg.trainer.eval_every == 0 \
                         and self.step_count < cfg.trainer.total_steps:
                     self._log_eval(self.evaluate(), step=self.step_count)
                 if self.step_count % cfg.trainer.save_every == 0 or self.step_count == cfg.trainer.total_steps:
                     self.save()
         finally:
             progress.close()
+        summary = self._finish(t0) if main else None
+        return self.dist.broadcast_object(summary)  # also keeps the others until rank 0 is done
+
+    def _finish(self, t0: float) -> dict:
+        """Final evaluation, final/ model, curves.png and summary.json (rank 0 only)."""
+        cfg = self.cfg
         eval_after = self.evaluate()
         self._log_eval(eval_after, step=self.step_count)
         self.tracker.close()
@@ -406,6 +459,17 @@ class Trainer:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _quiet(*_a, **_k) -> None:
+    pass
+
+
+class _NoTracker:
+    """Ranks other than 0 log nothing (metrics are reduced to rank 0 first)."""
+
+    def log(self, metrics, step): ...
+    def close(self): ...
 
 
 class _NoProgress:

@@ -1,0 +1,207 @@
+"""Data parallelism under real ``torchrun`` (gloo, 2 CPU processes): a full run writes its
+outputs once, resumes, and one distributed update equals the 1-process update on the same
+global batch.
+
+Run as a script (``torchrun ... tests/test_distributed.py BATCH OUT overrides...``) this file
+is the parity worker: each rank takes its block of a batch collected by a 1-process
+Trainer, recomputes the (globally whitened) advantages, applies one update and rank 0
+writes the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+PARITY = f"reward_fn={Path(__file__).resolve().parent / 'scorers.py'}:parity"
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+def _torchrun(*args: str, timeout: float = 120) -> str:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{out[-6000:]}"
+    return out
+
+
+# ----------------------------------------------------------------------------- units (no processes)
+
+def test_reduce_metrics_sums_counts_means_the_rest():
+    from rpgrl.distributed import reduce_metrics
+
+    per_rank = [{"actor/loss": 0.25, "batch/kept_groups": 2, "reward/mean": 0.5, "len/max": 3,
+                 "optim/lr": 1e-3, "actor/optimizer_steps": 2, "algo": "x"},
+                {"actor/loss": -0.75, "batch/kept_groups": 2, "reward/mean": 0.0, "len/max": 7,
+                 "optim/lr": 1e-3, "actor/optimizer_steps": 2, "algo": "x"}]
+    out = reduce_metrics(per_rank, sum_prefixes=("actor/loss", "batch/"), max_keys=("len/max",))
+    assert out == {"actor/loss": -0.5, "batch/kept_groups": 4, "reward/mean": 0.25, "len/max": 7,
+                   "optim/lr": 1e-3, "actor/optimizer_steps": 2, "algo": "x"}
+    assert isinstance(out["actor/optimizer_steps"], int)
+
+
+def test_world_size_checks_name_the_key():
+    from rpgrl.config import ConfigError, load_config
+    from rpgrl.distributed import DistContext, check_world_size
+
+    cfg = load_config(overrides=["trainer.prompts_per_step=6", "trainer.mini_batch_size=3",
+                                 "algorithm.dynamic_sampling.enabled=false", "trainer.micro_batch_size=8"])
+    check_world_size(cfg, 1)
+    check_world_size(cfg, 3)
+    with pytest.raises(ConfigError, match=r"trainer.prompts_per_step: 6 is not divisible by the world size 4"):
+        check_world_size(cfg, 4)
+    with pytest.raises(ConfigError, match=r"trainer.mini_batch_size: 3 is not divisible by the world size 2"):
+        check_world_size(cfg, 2)
+    dapo = load_config(overrides=["algorithm.name=dapo", "trainer.prompts_per_step=4", "trainer.mini_batch_size=2",
+                                  "trainer.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match="algorithm.dynamic_sampling.enabled: .*2 processes"):
+        check_world_size(dapo, 2)
+    assert DistContext(rank=1, world_size=2).shard([10, 11, 12, 13]) == [12, 13]
+
+
+@pytest.mark.parametrize("name", ["batch_mean", "reinforce_pp", "reinforce_pp_baseline", "grpo"])
+def test_global_advantages_equal_the_full_batch(name):
+    """Two shards of different response widths and overlapping local group ids, gathered,
+    give the rows of the full-batch estimator (float64, exact up to rounding)."""
+    from dataclasses import dataclass
+
+    from rpgrl.advantages import compute_advantages
+    from rpgrl.distributed import DistContext, global_advantages
+
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.rand(12, generator=gen, dtype=torch.float64)
+    group_ids = torch.arange(12) // 4  # 3 groups of 4: rank 0 holds groups 0-1, rank 1 group 2
+    lengths = torch.tensor([5, 3, 1, 4, 2, 5, 5, 1, 3, 2, 2, 1])  # rank 1's rows are <= 3 wide
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).double()
+    token_kl = torch.rand(12, 5, generator=gen, dtype=torch.float64) * mask
+    full = compute_advantages(name, rewards, group_ids, mask, token_kl=token_kl, kl_coef=0.1)
+    shards = [(slice(0, 8), 5), (slice(8, 12), 3)]  # rank 1: 1 group, width 3
+    parts = [(rewards[s], group_ids[s] - group_ids[s].min(), mask[s, :w], token_kl[s, :w]) for s, w in shards]
+
+    @dataclass(frozen=True)
+    class TwoRanks(DistContext):
+        def all_gather_object(self, obj):
+            return parts
+
+    for rank, (rows, w) in enumerate(shards):
+        got = global_advantages(TwoRanks(rank=rank, world_size=2), name, *parts[rank][:3],
+                                token_kl=parts[rank][3], kl_coef=0.1)
+        torch.testing.assert_close(got, full[rows, :w], atol=1e-12, rtol=0)
+        assert full[rows, w:].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def _train_rows(out: Path) -> list[dict]:
+    from rpgrl.tracking import read_metrics
+
+    return [r for r in read_metrics(out / "metrics.jsonl") if "actor/loss" in r]
+
+
+@pytest.mark.medium
+def test_two_processes_train_write_once_and_resume(tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    log = _torchrun("-m", "rpgrl", "train", *tiny_overrides(PARITY, "trainer.save_every=1", out=out))
+    assert log.count("held-out accuracy before RL") == 1  # only rank 0 logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert (out / "final" / "model.safetensors").is_file() and (out / "curves.png").is_file()
+    rows = _train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]  # one line per step: rank 1 writes nothing
+    for r in rows:  # counts are summed over the 2 ranks: 4 prompts x 4 samples in all
+        assert r["batch/kept_groups"] == 4 and r["reward/n"] == 16
+        assert r["actor/optimizer_steps"] == 2 and r["actor/grad_norm"] > 0
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_000001", "step_000002"]
+    state = torch.load(out / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=True)
+    assert len(state["rng_per_rank"]) == 2  # each rank's sampler state, not only rank 0's
+    assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
+
+    log = _torchrun("-m", "rpgrl", "train", *tiny_overrides(PARITY, "trainer.save_every=1",
+                                                            "trainer.total_steps=3", out=out), "--resume")
+    assert "at step 2" in log and log.count("resumed from") == 1
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    resumed = _train_rows(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert resumed[:2] == rows  # steps 1-2 kept as written, step 3 appended
+    assert (out / "checkpoints" / "step_000003" / "manifest.json").is_file()
+
+    # exact: every rank restored its own RNG, so the resumed run is the uninterrupted one
+    full = tmp_path / "full"
+    _torchrun("-m", "rpgrl", "train", *tiny_overrides(PARITY, "trainer.total_steps=3",
+                                                      "eval.before_training=false", out=full))
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["actor/loss"] for r in _train_rows(full)] == [r["actor/loss"] for r in resumed]
+
+
+@pytest.mark.medium
+def test_distributed_update_equals_one_process_update(tiny_overrides, tmp_path):
+    from rpgrl.config import load_config
+    from rpgrl.trainer import Trainer
+
+    # one mini-batch (prompts_per_step == mini_batch_size): both runs step on the same sequences;
+    # reinforce_pp_baseline whitens over the whole batch, so the 2-process path must gather
+    extra = (PARITY, "trainer.prompts_per_step=4", "trainer.mini_batch_size=4", "trainer.micro_batch_size=4",
+             "algorithm.advantage=reinforce_pp_baseline", "algorithm.anchor.mode=fixed",
+             "algorithm.beta=0.05", "optim.lr=1e-3")
+    t = Trainer(load_config(overrides=tiny_overrides(*extra, out=tmp_path / "one")), log=_quiet)
+    batch, _ = t.collect()
+    t.prepare(batch)
+    assert batch.advantages.abs().sum() > 0 and batch.anchor_logp is not None
+    torch.save(batch, tmp_path / "batch.pt")
+    start = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+    one = t.update(batch)
+    p1 = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+
+    _torchrun(__file__, str(tmp_path / "batch.pt"), str(tmp_path / "two.pt"),
+              *tiny_overrides(*extra, out=tmp_path / "two"))
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    # the gathered whitening equals the 1-process whitening, row for row
+    torch.testing.assert_close(two["advantages"], batch.advantages, atol=1e-6, rtol=0)
+    moved = 0.0
+    for k, v in p1.items():
+        torch.testing.assert_close(two["params"][k], v, atol=1e-6, rtol=0, msg=k)
+        moved = max(moved, float((v - start[k]).abs().max()))
+    assert moved > 1e-4  # the step did move the parameters
+    assert two["metrics"]["actor/loss"] == pytest.approx(one["actor/loss"], abs=1e-6)
+    assert two["metrics"]["actor/grad_norm"] == pytest.approx(one["actor/grad_norm"], rel=1e-5)
+
+
+def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
+    from rpgrl.config import load_config
+    from rpgrl.trainer import _MAX_METRICS, _SUM_METRICS, Batch, Trainer
+
+    t = Trainer(load_config(overrides=list(overrides)), log=_quiet)
+    assert t.dist.world_size == 2
+    full = torch.load(batch_path, weights_only=False)
+    rows = t.dist.shard(list(range(full.rewards.shape[0])))
+    local = Batch(full.rollout.select(rows), full.rewards[rows], full.scores[rows], full.group_ids[rows])
+    t.prepare(local)  # advantages through the distributed (gathered) path
+    advantages = t.dist.all_gather_object(local.advantages)
+    local.old_logp, local.advantages = full.old_logp[rows], full.advantages[rows]
+    local.anchor_logp = full.anchor_logp[rows]
+    metrics = t.dist.reduce_metrics(t.update(local), sum_prefixes=_SUM_METRICS, max_keys=_MAX_METRICS)
+    if t.dist.is_main:
+        torch.save({"params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
+                    "advantages": torch.cat(advantages), "metrics": metrics}, out_path)
+    t.dist.barrier()
+
+
+if __name__ == "__main__":
+    _parity_worker(*sys.argv[1:])
