@@ -26,16 +26,23 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    import os
+
     from rpgrl.trainer import Trainer, TrainingError
 
     try:
         summary = Trainer(cfg, resume=args.resume).train()
+    except ConfigError as exc:  # e.g. batch sizes that the torchrun world size does not divide
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except TrainingError as exc:
         print(f"training stopped: {exc}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     before, after = summary["eval_before"]["accuracy"], summary["eval_after"]["accuracy"]
     print(f"held-out accuracy: before RL {before:.3f} -> after RL {after:.3f} "
-          f"({summary['steps']} steps, {summary['wall_seconds']:.0f} s, {summary['algorithm']})")
+          f"({summary['steps']} RL steps, {summary['wall_seconds']:.0f} s in all, {summary['algorithm']})")
     print(f"summary: {Path(cfg.output_dir) / 'summary.json'}; curves: {Path(cfg.output_dir) / 'curves.png'}; "
           f"final model: {Path(cfg.output_dir) / 'final'}")
     return 0

@@ -80,6 +80,7 @@ class StepTimer:
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, log=print) -> None:
+        self._t_start = time.perf_counter()  # wall time includes the warm start and model load
         # under torchrun: one data-parallel replica per process (rpgrl.distributed)
         self.dist = init_distributed(cfg.trainer.device)
         check_world_size(cfg, self.dist.world_size)
@@ -451,7 +452,8 @@ class Trainer:
         summary = {
             "eval_before": {"accuracy": (self.eval_before or {}).get("accuracy", float("nan"))},
             "eval_after": {"accuracy": eval_after["accuracy"]},
-            "wall_seconds": time.perf_counter() - t0,
+            "wall_seconds": time.perf_counter() - self._t_start,
+            "train_seconds": time.perf_counter() - t0,
             "steps": self.step_count,
             "algorithm": cfg.algorithm.name,
             "eval_best_last": self.best_last.to_dict(),
