@@ -220,7 +220,8 @@ class Trainer:
         """pi_old log-probs once per batch, anchor log-probs per anchor mode, advantages."""
         a = self.cfg.algorithm
         with self.timer.phase("logprobs"):
-            batch.old_logp, batch.entropy = self._logprobs(self.model, batch.rollout, with_entropy=True)
+            if not self._old_logp_from_update(batch):
+                batch.old_logp, batch.entropy = self._logprobs(self.model, batch.rollout, with_entropy=True)
             self.anchor.maybe_refresh(self.model)
             if not self.anchor.uses_rollout:
                 batch.anchor_logp, _ = self._logprobs(self.anchor.model, batch.rollout)
@@ -234,14 +235,33 @@ class Trainer:
             kl_coef=a.kl_in_reward,
         )
 
+    def _num_mini_batches(self, n_seq: int) -> int:
+        cfg = self.cfg
+        return max(1, min(cfg.trainer.prompts_per_step // cfg.trainer.mini_batch_size, n_seq // cfg.rollout.n))
+
+    def _old_logp_from_update(self, batch: Batch) -> bool:
+        """Whether pi_old's log-probs are exactly the update's own first forward (no extra pass).
+
+        True when the batch gets a single optimizer step (one epoch, one mini-batch: every
+        micro-batch sees the rollout weights), generation used the training weights (not
+        Schedule-Free, whose sampler is its averaged iterate) and no KL is folded into the
+        reward (that needs them before the advantages). Then w = 1 exactly, as on-policy.
+        """
+        cfg = self.cfg
+        return (cfg.trainer.epochs == 1 and self._num_mini_batches(batch.rollout.input_ids.shape[0]) == 1
+                and cfg.optim.name != "schedulefree_adamw" and cfg.algorithm.kl_in_reward == 0)
+
     # ------------------------------------------------------------------ update
 
     def update(self, batch: Batch) -> dict[str, float]:
         """epochs x mini-batches x micro-batches; the loss is normalised over each mini-batch."""
         cfg, a = self.cfg, self.cfg.algorithm
         n_seq = batch.rollout.input_ids.shape[0]
-        n_mini = max(1, min(cfg.trainer.prompts_per_step // cfg.trainer.mini_batch_size,
-                            n_seq // cfg.rollout.n))
+        n_mini = self._num_mini_batches(n_seq)
+        fill_old = batch.old_logp is None  # see _old_logp_from_update
+        if fill_old:
+            batch.old_logp = torch.zeros_like(batch.rollout.response_mask)
+            batch.entropy = torch.zeros_like(batch.rollout.response_mask)
         clip = (a.clip_low, a.clip_high)
         sums: dict[str, float] = {}
         counts = 0
@@ -257,12 +277,15 @@ class Trainer:
                 for micro in torch.split(mb, cfg.trainer.micro_batch_size):
                     with self.timer.phase("forward_backward"):
                         r = batch.rollout
-                        logp, _ = sequence_logprobs(
+                        logp, entropy = sequence_logprobs(
                             self.model, r.input_ids[micro].to(self.device),
                             r.attention_mask[micro].to(self.device), r.prompt_len,
-                            chunk_size=cfg.trainer.logprob_chunk_size,
+                            chunk_size=cfg.trainer.logprob_chunk_size, with_entropy=fill_old,
                             temperature=cfg.rollout.temperature,
                         )
+                        if fill_old:
+                            batch.old_logp[micro] = logp.detach().float().cpu()
+                            batch.entropy[micro] = entropy.float().cpu()
                         dev = lambda t: None if t is None else t[micro].to(self.device)  # noqa: E731
                         loss, m = policy_loss(
                             a.loss, logp.float(), dev(batch.old_logp), dev(batch.advantages),

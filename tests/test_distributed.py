@@ -164,6 +164,7 @@ def test_distributed_update_equals_one_process_update(tiny_overrides, tmp_path):
     batch, _ = t.collect()
     t.prepare(batch)
     assert batch.advantages.abs().sum() > 0 and batch.anchor_logp is not None
+    assert batch.old_logp is None  # one optimizer step per batch: update's first forward gives them
     torch.save(batch, tmp_path / "batch.pt")
     start = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
     one = t.update(batch)
@@ -194,7 +195,7 @@ def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
     local = Batch(full.rollout.select(rows), full.rewards[rows], full.scores[rows], full.group_ids[rows])
     t.prepare(local)  # advantages through the distributed (gathered) path
     advantages = t.dist.all_gather_object(local.advantages)
-    local.old_logp, local.advantages = full.old_logp[rows], full.advantages[rows]
+    local.advantages = full.advantages[rows]
     local.anchor_logp = full.anchor_logp[rows]
     metrics = t.dist.reduce_metrics(t.update(local), sum_prefixes=_SUM_METRICS, max_keys=_MAX_METRICS)
     if t.dist.is_main:

@@ -137,3 +137,34 @@ def test_resume_matches_uninterrupted(optim, tiny_overrides, tmp_path):
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
         assert x["reward/mean"] == y["reward/mean"] and x["actor/loss"] == y["actor/loss"]
+
+
+def test_old_logp_from_the_update_equals_a_separate_pass(tiny_overrides):
+    """One optimizer step per batch: pi_old's log-probs come from the update's own forward."""
+    import copy
+
+    t = make_trainer(tiny_overrides("trainer.mini_batch_size=4", PARITY, "optim.lr=1e-2"))
+    batch, _ = t.collect()
+    t.prepare(batch)
+    assert batch.old_logp is None and t._old_logp_from_update(batch)
+    separate = copy.deepcopy(batch)
+    separate.old_logp, separate.entropy = t._logprobs(t.model, separate.rollout, with_entropy=True)
+    model0, opt0 = copy.deepcopy(t.model.state_dict()), copy.deepcopy(t.optimizer.state_dict())
+    m_fill = t.update(batch)
+    after_fill = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.model.load_state_dict(model0)
+    t.optimizer.load_state_dict(opt0)
+    m_sep = t.update(separate)
+    mask = batch.rollout.response_mask.bool()
+    torch.testing.assert_close(batch.old_logp[mask], separate.old_logp[mask], atol=1e-6, rtol=0)
+    torch.testing.assert_close(batch.entropy[mask], separate.entropy[mask], atol=1e-6, rtol=0)
+    assert m_fill["actor/importance_weight_mean"] == 1.0
+    assert m_fill["actor/loss"] == pytest.approx(m_sep["actor/loss"], abs=1e-6)
+    for k, v in t.model.state_dict().items():
+        torch.testing.assert_close(v, after_fill[k], atol=1e-6, rtol=0, msg=k)
+    assert any(not torch.equal(after_fill[k], model0[k]) for k in model0)
+    # more than one mini-batch: the separate pass is required (later steps are off-policy)
+    t2 = make_trainer(tiny_overrides(PARITY))
+    b2, _ = t2.collect()
+    t2.prepare(b2)
+    assert b2.old_logp is not None
