@@ -57,7 +57,8 @@ def run_result(run_dir: str | Path) -> dict[str, Any]:
         "before": float(summary.get("eval_before", {}).get("accuracy", math.nan)),
         "last": last,
         "best": max(after) if after else last,
-        "wall_seconds": float(summary.get("wall_seconds", math.nan)),
+        # RL training + evaluation only: the warm start is shared by every algorithm of a seed
+        "wall_seconds": float(summary.get("train_seconds", summary.get("wall_seconds", math.nan))),
         "steps": int(summary.get("steps", 0)),
     }
 
