@@ -142,6 +142,9 @@ class TrainerConfig:
     num_threads: int = 0  # CPU threads; 0 = torch's default
     logprob_chunk_size: int = 1024
     profile: bool = False
+    # under torchrun: shard the policy with FSDP2 (fully_shard per decoder layer + root)
+    # instead of replicating it with a manual gradient all-reduce (docs/scaling.md)
+    fsdp: bool = False
 
 
 @dataclass

@@ -24,10 +24,10 @@ from rpgrl.anchor import Anchor
 from rpgrl.checkpoint import (capture_rng_state, find_latest_checkpoint, load_checkpoint,
                               restore_rng_state, save_checkpoint)
 from rpgrl.config import Config, dump_yaml
-from rpgrl.distributed import (check_world_size, global_advantages, init_distributed,
-                               rank_seed)
+from rpgrl.distributed import check_world_size, global_advantages, init_distributed, rank_seed
+from rpgrl.fsdp import (FsdpCheckpointView, fsdp_full_state, fsdp_load_full_state, fsdp_unsharded,
+                        logprobs_fn, shard_policy)
 from rpgrl.kl import kl_penalty
-from rpgrl.logprobs import sequence_logprobs
 from rpgrl.losses import policy_loss
 from rpgrl.optim import build_optimizer, clip_and_check, eval_mode
 from rpgrl.rewards import overlong_penalty, score_batch
@@ -103,12 +103,15 @@ class Trainer:
             random.seed(s)
             np.random.seed(s)
             torch.manual_seed(s)
+        a = cfg.algorithm.anchor  # the anchor snapshot is a plain replica, taken before sharding
+        self.anchor = Anchor.create(a.mode, self.model, period=a.period, kappa=a.kappa, ema=a.ema)
+        self.fsdp = cfg.trainer.fsdp and self.dist.enabled
+        if self.fsdp:  # FSDP2 replaces the manual all-reduce; the optimizer sees the shards
+            shard_policy(self.model)
         self.optimizer, self.scheduler = build_optimizer(
             self.model, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
             warmup_steps=cfg.optim.warmup_steps,
         )
-        a = cfg.algorithm.anchor
-        self.anchor = Anchor.create(a.mode, self.model, period=a.period, kappa=a.kappa, ema=a.ema)
         self.sampler = EpochSampler(len(self.data.train), cfg.seed)
         self.timer = StepTimer()
         self.step_count = 0
@@ -132,7 +135,7 @@ class Trainer:
     def _generate(self, indices: list[int]) -> tuple[RolloutBatch, list[float], dict]:
         cfg, ex = self.cfg, [self.data.train[i] for i in indices]
         prompts = [self.data.train_prompts[i] for i in indices]
-        with self.timer.phase("generation"):
+        with self.timer.phase("generation"), fsdp_unsharded(self.model):
             rollout = generate(
                 self.model, self.tokenizer, prompts, n=cfg.rollout.n,
                 max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -205,8 +208,8 @@ class Trainer:
         parts_lp, parts_ent = [], []
         bs = self.cfg.trainer.micro_batch_size
         for s in range(0, rollout.input_ids.shape[0], bs):
-            lp, ent = sequence_logprobs(
-                model, rollout.input_ids[s:s + bs].to(self.device),
+            lp, ent = logprobs_fn(model)(
+                rollout.input_ids[s:s + bs].to(self.device),
                 rollout.attention_mask[s:s + bs].to(self.device), rollout.prompt_len,
                 chunk_size=self.cfg.trainer.logprob_chunk_size, with_entropy=with_entropy,
                 temperature=self.cfg.rollout.temperature,
@@ -222,7 +225,7 @@ class Trainer:
         with self.timer.phase("logprobs"):
             if not self._old_logp_from_update(batch):
                 batch.old_logp, batch.entropy = self._logprobs(self.model, batch.rollout, with_entropy=True)
-            self.anchor.maybe_refresh(self.model)
+            self.anchor.maybe_refresh(_FullWeights(self.model) if self.fsdp else self.model)
             if not self.anchor.uses_rollout:
                 batch.anchor_logp, _ = self._logprobs(self.anchor.model, batch.rollout)
         mask = batch.rollout.response_mask
@@ -277,8 +280,8 @@ class Trainer:
                 for micro in torch.split(mb, cfg.trainer.micro_batch_size):
                     with self.timer.phase("forward_backward"):
                         r = batch.rollout
-                        logp, entropy = sequence_logprobs(
-                            self.model, r.input_ids[micro].to(self.device),
+                        logp, entropy = logprobs_fn(self.model)(
+                            r.input_ids[micro].to(self.device),
                             r.attention_mask[micro].to(self.device), r.prompt_len,
                             chunk_size=cfg.trainer.logprob_chunk_size, with_entropy=fill_old,
                             temperature=cfg.rollout.temperature,
@@ -299,7 +302,8 @@ class Trainer:
                     for k, v in m.items():
                         sums[f"actor/{k}"] = sums.get(f"actor/{k}", 0.0) + float(v) * w / cfg.trainer.epochs / n_mini
                 with self.timer.phase("optimizer"):
-                    self.dist.all_reduce_grads(self.model.parameters())  # clip sees the global grad
+                    if not self.fsdp:  # FSDP2 has reduce-scattered (summed) them in backward
+                        self.dist.all_reduce_grads(self.model.parameters())  # clip sees the global grad
                     grad_norm, finite = clip_and_check(self.model.parameters(), cfg.optim.grad_clip)
                     if finite:
                         self.optimizer.step()
@@ -393,9 +397,13 @@ class Trainer:
         }
         if rng_per_rank is not None:
             state["rng_per_rank"] = rng_per_rank
+        model, optimizer = self.model, self.optimizer
+        if self.fsdp:  # gathered on rank 0 and written in the unsharded format
+            sd, osd = fsdp_full_state(self.model, self.optimizer)
+            model, optimizer = FsdpCheckpointView(sd), FsdpCheckpointView(osd)
         path = None
         if self.dist.is_main:
-            path = save_checkpoint(self.out, self.step_count, self.model, self.optimizer, state,
+            path = save_checkpoint(self.out, self.step_count, model, optimizer, state,
                                    keep_last=self.cfg.trainer.keep_last)
         self.dist.barrier()  # no rank runs ahead of (or exits before) a finished checkpoint
         return path
@@ -405,7 +413,13 @@ class Trainer:
         if path is None:
             self.log(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
             return False
-        state = load_checkpoint(path, self.model, self.optimizer)
+        if self.fsdp:  # every rank reads the full file and keeps its shards
+            model = FsdpCheckpointView(expected=_shape_free_keys(self.model))
+            optimizer = FsdpCheckpointView()
+            state = load_checkpoint(path, model, optimizer)
+            fsdp_load_full_state(self.model, self.optimizer, model.loaded, optimizer.loaded)
+        else:
+            state = load_checkpoint(path, self.model, self.optimizer)
         self.step_count = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         if self.scheduler is not None and state["scheduler"]:
@@ -433,10 +447,12 @@ class Trainer:
     def train(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
         main = self.dist.is_main  # rank 0 evaluates, logs and writes; the others wait
-        if main and self.eval_before is None and cfg.eval.before_training:
-            self.eval_before = self.evaluate()
-            self.log(f"held-out accuracy before RL: {self.eval_before['accuracy']:.3f}")
-            self._log_eval(self.eval_before, step=0)
+        if self.eval_before is None and cfg.eval.before_training:
+            with fsdp_unsharded(self.model):  # all ranks gather (no-op unsharded); rank 0 evaluates
+                if main:
+                    self.eval_before = self.evaluate()
+                    self.log(f"held-out accuracy before RL: {self.eval_before['accuracy']:.3f}")
+                    self._log_eval(self.eval_before, step=0)
         progress = _progress(cfg.trainer.total_steps, self.step_count, cfg.logging.progress and main)
         try:
             while self.step_count < cfg.trainer.total_steps:
@@ -450,18 +466,26 @@ class Trainer:
                     "ent": f"{metrics.get('actor/entropy', float('nan')):.2f}",
                     "len": f"{metrics.get('response_length/mean', float('nan')):.1f}",
                 })
-                if main and cfg.trainer.eval_every and self.step_count % cfg.trainer.eval_every == 0 \
+                if cfg.trainer.eval_every and self.step_count % cfg.trainer.eval_every == 0 \
                         and self.step_count < cfg.trainer.total_steps:
-                    self._log_eval(self.evaluate(), step=self.step_count)
+                    with fsdp_unsharded(self.model):
+                        if main:
+                            self._log_eval(self.evaluate(), step=self.step_count)
                 if self.step_count % cfg.trainer.save_every == 0 or self.step_count == cfg.trainer.total_steps:
                     self.save()
         finally:
             progress.close()
-        summary = self._finish(t0) if main else None
+        final_sd = None
+        if self.fsdp:
+            with eval_mode(self.optimizer):  # the weights one evaluates with, as save_final
+                final_sd = fsdp_full_state(self.model)[0]
+        with fsdp_unsharded(self.model):
+            summary = self._finish(t0, final_sd) if main else None
         return self.dist.broadcast_object(summary)  # also keeps the others until rank 0 is done
 
-    def _finish(self, t0: float) -> dict:
-        """Final evaluation, final/ model, curves.png and summary.json (rank 0 only)."""
+    def _finish(self, t0: float, final_sd: dict | None = None) -> dict:
+        """Final evaluation, final/ model, curves.png and summary.json (rank 0 only);
+        ``final_sd``: the gathered full weights of an FSDP-sharded policy."""
         cfg = self.cfg
         eval_after = self.evaluate()
         self._log_eval(eval_after, step=self.step_count)
@@ -469,8 +493,12 @@ class Trainer:
         from rpgrl.models import save_final
         from rpgrl.plots import plot_curves
 
-        with eval_mode(self.optimizer):
-            save_final(self.model, self.tokenizer, self.out / "final")
+        if final_sd is not None:  # FSDP: the module holds shards, write the gathered weights
+            self.model.save_pretrained(str(self.out / "final"), state_dict=final_sd, safe_serialization=True)
+            self.tokenizer.save_pretrained(str(self.out / "final"))
+        else:
+            with eval_mode(self.optimizer):
+                save_final(self.model, self.tokenizer, self.out / "final")
         plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         summary = {
             "eval_before": {"accuracy": (self.eval_before or {}).get("accuracy", float("nan"))},
@@ -488,6 +516,29 @@ class Trainer:
 
 def _quiet(*_a, **_k) -> None:
     pass
+
+
+class _FullWeights:
+    """An FSDP policy seen as full weights by ``Anchor.maybe_refresh`` (gathers on every
+    rank when called; all ranks refresh together since the anchor KL is averaged)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+
+
+def _shape_free_keys(model: torch.nn.Module) -> dict:
+    """The model's state-dict names, tied names sharing one placeholder tensor: what
+    safetensors' ``load_model`` needs to match a file's keys (shapes are checked later)."""
+    ids: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        out[name] = ids.setdefault(id(t), torch.zeros(1))
+    return out
 
 
 class _NoTracker:
