@@ -185,3 +185,26 @@ class FsdpCheckpointView:
         missing = [k for k in self.expected if k not in state]
         unexpected = [k for k in state if k not in self.expected]
         return missing, unexpected
+
+
+class FullWeights:
+    """An FSDP policy seen as full weights by ``Anchor.maybe_refresh`` (gathers on every
+    rank when called; all ranks refresh together since the anchor KL is averaged)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+
+
+def shape_free_keys(model: torch.nn.Module) -> dict:
+    """The model's state-dict names, tied names sharing one placeholder tensor: what
+    safetensors' ``load_model`` needs to match a file's keys (shapes are checked later)."""
+    ids: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        out[name] = ids.setdefault(id(t), torch.zeros(1))
+    return out

@@ -25,8 +25,8 @@ from rpgrl.checkpoint import (capture_rng_state, find_latest_checkpoint, load_ch
                               restore_rng_state, save_checkpoint)
 from rpgrl.config import Config, dump_yaml
 from rpgrl.distributed import check_world_size, global_advantages, init_distributed, rank_seed
-from rpgrl.fsdp import (FsdpCheckpointView, fsdp_full_state, fsdp_load_full_state, fsdp_unsharded,
-                        logprobs_fn, shard_policy)
+from rpgrl.fsdp import (FsdpCheckpointView, FullWeights, fsdp_full_state, fsdp_load_full_state,
+                        fsdp_unsharded, logprobs_fn, shape_free_keys, shard_policy)
 from rpgrl.kl import kl_penalty
 from rpgrl.losses import policy_loss
 from rpgrl.optim import build_optimizer, clip_and_check, eval_mode
@@ -225,7 +225,7 @@ class Trainer:
         with self.timer.phase("logprobs"):
             if not self._old_logp_from_update(batch):
                 batch.old_logp, batch.entropy = self._logprobs(self.model, batch.rollout, with_entropy=True)
-            self.anchor.maybe_refresh(_FullWeights(self.model) if self.fsdp else self.model)
+            self.anchor.maybe_refresh(FullWeights(self.model) if self.fsdp else self.model)
             if not self.anchor.uses_rollout:
                 batch.anchor_logp, _ = self._logprobs(self.anchor.model, batch.rollout)
         mask = batch.rollout.response_mask
@@ -302,29 +302,7 @@ class Trainer:
                     for k, v in m.items():
                         sums[f"actor/{k}"] = sums.get(f"actor/{k}", 0.0) + float(v) * w / cfg.trainer.epochs / n_mini
                 with self.timer.phase("optimizer"):
-                    if not self.fsdp:  # FSDP2 has reduce-scattered (summed) them in backward
-                        self.dist.all_reduce_grads(self.model.parameters())  # clip sees the global grad
-                    grad_norm, finite = clip_and_check(self.model.parameters(), cfg.optim.grad_clip)
-                    if finite:
-                        self.optimizer.step()
-                        if self.scheduler is not None:
-                            self.scheduler.step()
-                        self.consecutive_skips = 0
-                    else:
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.consecutive_skips += 1
-                        self.skipped_total += 1
-                        self.log(f"step {self.step_count + 1}: non-finite gradient norm, "
-                                 f"optimizer step skipped ({self.consecutive_skips} in a row)")
-                        if self.consecutive_skips >= cfg.trainer.max_consecutive_skips:
-                            raise TrainingError(
-                                f"{self.consecutive_skips} consecutive optimizer steps had a non-finite "
-                                f"loss or gradient (trainer.max_consecutive_skips="
-                                f"{cfg.trainer.max_consecutive_skips}). Look at: the learning rate "
-                                "(optim.lr), the reward scale, rollout.temperature, and the dtype "
-                                "(model.dtype). The last good checkpoint is in "
-                                f"{self.out / 'checkpoints'}."
-                            )
+                    grad_norm = self._apply_gradients()
                     self.anchor.observe(self.dist.mean(float(m["kl_anchor_k3"])))
                 counts += 1
                 sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + (
@@ -332,6 +310,34 @@ class Trainer:
         sums["actor/skipped_steps_total"] = self.skipped_total
         sums["actor/optimizer_steps"] = counts
         return sums
+
+    def _apply_gradients(self) -> float:
+        """Global grad -> clip -> optimizer step, or skip a non-finite step (spec Sec. 7)."""
+        cfg = self.cfg
+        if not self.fsdp:  # FSDP2 has reduce-scattered (summed) them in backward
+            self.dist.all_reduce_grads(self.model.parameters())  # clip sees the global grad
+        grad_norm, finite = clip_and_check(self.model.parameters(), cfg.optim.grad_clip)
+        if finite:
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.consecutive_skips = 0
+            return grad_norm
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_skips += 1
+        self.skipped_total += 1
+        self.log(f"step {self.step_count + 1}: non-finite gradient norm, "
+                 f"optimizer step skipped ({self.consecutive_skips} in a row)")
+        if self.consecutive_skips >= cfg.trainer.max_consecutive_skips:
+            raise TrainingError(
+                f"{self.consecutive_skips} consecutive optimizer steps had a non-finite "
+                f"loss or gradient (trainer.max_consecutive_skips="
+                f"{cfg.trainer.max_consecutive_skips}). Look at: the learning rate "
+                "(optim.lr), the reward scale, rollout.temperature, and the dtype "
+                "(model.dtype). The last good checkpoint is in "
+                f"{self.out / 'checkpoints'}."
+            )
+        return grad_norm
 
     # ------------------------------------------------------------------ step / loop
 
@@ -414,7 +420,7 @@ class Trainer:
             self.log(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
             return False
         if self.fsdp:  # every rank reads the full file and keeps its shards
-            model = FsdpCheckpointView(expected=_shape_free_keys(self.model))
+            model = FsdpCheckpointView(expected=shape_free_keys(self.model))
             optimizer = FsdpCheckpointView()
             state = load_checkpoint(path, model, optimizer)
             fsdp_load_full_state(self.model, self.optimizer, model.loaded, optimizer.loaded)
@@ -516,29 +522,6 @@ class Trainer:
 
 def _quiet(*_a, **_k) -> None:
     pass
-
-
-class _FullWeights:
-    """An FSDP policy seen as full weights by ``Anchor.maybe_refresh`` (gathers on every
-    rank when called; all ranks refresh together since the anchor KL is averaged)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-
-
-def _shape_free_keys(model: torch.nn.Module) -> dict:
-    """The model's state-dict names, tied names sharing one placeholder tensor: what
-    safetensors' ``load_model`` needs to match a file's keys (shapes are checked later)."""
-    ids: dict[int, torch.Tensor] = {}
-    out = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        out[name] = ids.setdefault(id(t), torch.zeros(1))
-    return out
 
 
 class _NoTracker:
