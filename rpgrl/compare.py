@@ -110,7 +110,9 @@ def format_table(results: dict[str, list[dict]]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for algo, runs in results.items():
-        col = lambda k: [r[k] for r in runs]  # noqa: E731
+        def col(k, runs=runs):
+            return [r[k] for r in runs]
+
         steps = sorted({r["steps"] for r in runs})
         lines.append(
             f"| {algo} | {len(runs)} | {'/'.join(map(str, steps))} | {_pm(col('before'))} | "

@@ -15,7 +15,6 @@ from typing import Iterator
 import torch
 
 from rpgrl.config import ConfigError
-from rpgrl.distributed import DistContext
 from rpgrl.logprobs import sequence_logprobs
 
 _LOGPROBS_METHOD = "rpgrl_sequence_logprobs"
@@ -30,7 +29,7 @@ def is_fsdp(model: torch.nn.Module) -> bool:
 def shard_policy(model: torch.nn.Module) -> None:
     """``fully_shard`` each decoder layer, then the root (embeddings, final norm and the
     tied lm_head stay in the root group). Gradients are *summed* over ranks, as in
-    :meth:`DistContext.all_reduce_grads` (the loss already has the global denominator of
+    :meth:`rpgrl.distributed.DistContext.all_reduce_grads` (the loss already has the global denominator of
     spec Sec. 6); ``force_sum`` keeps the reduce-scatter a plain SUM, which gloo supports.
 
     ``sequence_logprobs`` calls the decoder and the LM-head weight directly, never the

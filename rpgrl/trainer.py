@@ -186,7 +186,7 @@ class Trainer:
             return None, metrics
         rows, group_ids, scores = [], [], []
         g_next = 0
-        for b, (rollout, groups, s) in enumerate(kept):
+        for b, (_, groups, s) in enumerate(kept):
             for g in groups:
                 if g_next >= want:
                     break
@@ -289,7 +289,9 @@ class Trainer:
                         if fill_old:
                             batch.old_logp[micro] = logp.detach().float().cpu()
                             batch.entropy[micro] = entropy.float().cpu()
-                        dev = lambda t: None if t is None else t[micro].to(self.device)  # noqa: E731
+                        def dev(t, rows=micro):
+                            return None if t is None else t[rows].to(self.device)
+
                         loss, m = policy_loss(
                             a.loss, logp.float(), dev(batch.old_logp), dev(batch.advantages),
                             dev(r.response_mask), anchor_logp=dev(batch.anchor_logp), beta=a.beta,
@@ -298,9 +300,10 @@ class Trainer:
                         )
                         loss.backward()
                     w = len(micro) / len(mb)
-                    sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss.detach()) / cfg.trainer.epochs / n_mini
+                    share = 1.0 / (cfg.trainer.epochs * n_mini)  # metrics: mean over optimizer steps
+                    sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss.detach()) * share
                     for k, v in m.items():
-                        sums[f"actor/{k}"] = sums.get(f"actor/{k}", 0.0) + float(v) * w / cfg.trainer.epochs / n_mini
+                        sums[f"actor/{k}"] = sums.get(f"actor/{k}", 0.0) + float(v) * w * share
                 with self.timer.phase("optimizer"):
                     grad_norm = self._apply_gradients()
                     self.anchor.observe(self.dist.mean(float(m["kl_anchor_k3"])))

@@ -37,16 +37,17 @@ def _sft_batch(tokenizer, examples: list[Example], teacher_accuracy: float = 1.0
     for ex in examples:
         prompt = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(sft_text(ex, teacher_accuracy, rng), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = sft_text(ex, teacher_accuracy, rng)
+        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(p_ids + a_ids)
         labels.append([-100] * len(p_ids) + a_ids)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
+    for i, (r, lab_row) in enumerate(zip(rows, labels)):
         ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(lab_row)] = torch.tensor(lab_row)
         mask[i, : len(r)] = 1
     return ids, mask, lab
 
