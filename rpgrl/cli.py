@@ -9,20 +9,10 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rpgrl.config import ConfigError, load_config
+    from rpgrl.config import ConfigError, load_config, split_config_args
 
-    config_path, overrides = None, []
-    for item in args.items:
-        if "=" in item:
-            overrides.append(item)
-        elif config_path is None:
-            config_path = item
-        else:
-            print(f"rpgrl train: unexpected argument {item!r} (expected CONFIG.yaml then key=value "
-                  "overrides)", file=sys.stderr)
-            return 2
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(*split_config_args(args.items))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -72,6 +62,7 @@ def _eval(args: argparse.Namespace) -> int:
             model, tokenizer, [examples[i] for i in kept], ids, k=args.k,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             max_problems=args.max_problems, batch_size=args.batch_size, device=device, scorer=scorer,
+            timeout_s=args.reward_timeout,
         )
         results[str(path)] = res
         print(f"{path}: mean@{args.k} = {res['accuracy']:.4f} "
@@ -104,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call")
     e.add_argument("--reward-fn", default=None, help="module:function with verl's compute_score signature")
     e.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto")
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    e.add_argument("--reward-timeout", type=float, default=10.0, help="seconds per scored response")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--out", default=None, help="write the JSON results here")

@@ -141,7 +141,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # CPU threads; 0 = torch's default
     logprob_chunk_size: int = 1024
-    profile: bool = False
+    profile: bool = False  # print the step-time breakdown (timing/* means) at the end
     # under torchrun: shard the policy with FSDP2 (fully_shard per decoder layer + root)
     # instead of replicating it with a manual gradient all-reduce (docs/scaling.md)
     fsdp: bool = False
@@ -314,6 +314,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """Command-line items -> (optional CONFIG.yaml, dotted overrides)."""
+    config_path, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_path is None:
+            config_path = item
+        else:
+            raise ConfigError(f"unexpected argument {item!r} (expected CONFIG.yaml then key=value overrides)")
+    return config_path, overrides
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
@@ -426,6 +439,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"trainer.micro_batch_size: {t.micro_batch_size} must divide the sequences per "
             f"mini-batch, trainer.mini_batch_size * rollout.n = {seqs}"
+        )
+    if a.kl_in_reward > 0 and a.anchor.mode == "rollout":
+        raise ConfigError(
+            "algorithm.kl_in_reward: a KL folded into the reward needs a reference; with "
+            "algorithm.anchor.mode=rollout it is identically 0. Use anchor.mode=fixed|periodic|adaptive"
         )
     if cfg.eval.k > 1 and cfg.eval.temperature == 0:
         raise ConfigError("eval.k: k > 1 samples per problem needs eval.temperature > 0")

@@ -63,9 +63,22 @@ def load_policy(path: str | Path, *, device: torch.device, dtype: torch.dtype,
             target_modules=target if target == "all-linear" else [t.strip() for t in target.split(",")],
             task_type="CAUSAL_LM",
         ))
+    disable_dropout(model)
     model.to(device)
     model.train()
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """RL needs pi_old, pi_theta and the anchor to be one deterministic function of the weights
+    (w = 1 on-policy); dropout would make every log-prob pass a different policy. verl and TRL
+    turn it off too. Covers nn.Dropout (incl. LoRA's) and HF attention-dropout attributes."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
 
 
 def frozen_copy(model):

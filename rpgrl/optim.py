@@ -103,12 +103,16 @@ def set_eval_mode(optimizer: Optimizer) -> None:
 
 @contextmanager
 def eval_mode(optimizer: Optimizer) -> Iterator[Optimizer]:
-    """Eval mode inside the block (generation, evaluation, checkpointing), train mode after."""
+    """Eval mode inside the block (generation, evaluation, checkpointing); afterwards the mode
+    it had before, so blocks nest (an evaluation inside a gathered-weights block stays in eval)."""
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    was_eval = groups[0].get("train_mode") is False  # Schedule-Free records its mode here
     set_eval_mode(optimizer)
     try:
         yield optimizer
     finally:
-        set_train_mode(optimizer)
+        if not was_eval:
+            set_train_mode(optimizer)
 
 
 def clip_and_check(model_params: Iterable[torch.Tensor], max_norm: float) -> tuple[float, bool]:

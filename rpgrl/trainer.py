@@ -184,24 +184,22 @@ class Trainer:
         }
         if n_groups == 0:
             return None, metrics
-        rows, group_ids, scores = [], [], []
-        g_next = 0
-        for b, (_, groups, s) in enumerate(kept):
-            for g in groups:
-                if g_next >= want:
-                    break
-                rows.append((b, [g * n + j for j in range(n)]))
-                group_ids += [g_next] * n
-                scores.append(s[g])
-                g_next += 1
-        rollout = RolloutBatch.concat([kept[b][0].select(idx) for b, idx in rows])
-        score_t = torch.cat(scores)
+        parts, scores = [], []
+        for rollout, groups, s in kept:  # whole groups, at most `want` of them
+            groups = groups[: want - sum(len(sc) for sc in scores)]
+            if groups:
+                all_kept = len(groups) == s.shape[0]
+                parts.append(rollout if all_kept else rollout.select([g * n + j for g in groups for j in range(n)]))
+                scores.append(s[groups])
+        rollout = RolloutBatch.concat(parts)
+        score_t = torch.cat(scores).view(-1)
+        group_ids = torch.arange(score_t.numel()) // n
         rewards = score_t.clone()
         ov = cfg.algorithm.overlong
         if ov.enabled:
             rewards += overlong_penalty(rollout.response_lengths, cfg.rollout.max_new_tokens,
                                         ov.buffer_len, ov.penalty_factor).to(rewards)
-        return Batch(rollout, rewards, score_t, torch.tensor(group_ids)), metrics
+        return Batch(rollout, rewards, score_t, group_ids), metrics
 
     @torch.no_grad()
     def _logprobs(self, model, rollout: RolloutBatch, with_entropy: bool = False):
@@ -270,13 +268,14 @@ class Trainer:
         counts = 0
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step_count)
         for _ in range(cfg.trainer.epochs):
-            # shuffle whole groups' sequences; mini-batches then split the shuffled order
+            # shuffle the sequences; mini-batches then split the shuffled order
             order = torch.randperm(n_seq, generator=gen)
             for mb in torch.tensor_split(order, n_mini):
                 mask_mb = batch.rollout.response_mask[mb]
                 norm = float(mask_mb.sum()) if a.agg == "token-mean" else float(len(mb))
                 norm = self.dist.all_reduce_sum(norm)  # spec Sec. 6: the global mini-batch count
                 self.optimizer.zero_grad(set_to_none=True)
+                kl_mb = 0.0
                 for micro in torch.split(mb, cfg.trainer.micro_batch_size):
                     with self.timer.phase("forward_backward"):
                         r = batch.rollout
@@ -299,14 +298,20 @@ class Trainer:
                             kl_in_advantage=a.kl_in_advantage, norm=max(norm, 1.0),
                         )
                         loss.backward()
-                    w = len(micro) / len(mb)
+                    # loss metrics are token-means of each micro-batch: weight them by its tokens
+                    w = float(r.response_mask[micro].sum()) / max(float(mask_mb.sum()), 1.0)
                     share = 1.0 / (cfg.trainer.epochs * n_mini)  # metrics: mean over optimizer steps
                     sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss.detach()) * share
                     for k, v in m.items():
-                        sums[f"actor/{k}"] = sums.get(f"actor/{k}", 0.0) + float(v) * w * share
+                        key = f"actor/{k}"
+                        if k.endswith("_max"):
+                            sums[key] = max(sums.get(key, float("-inf")), float(v))
+                        else:
+                            sums[key] = sums.get(key, 0.0) + float(v) * w * share
+                    kl_mb += float(m["kl_anchor_k3"]) * w
                 with self.timer.phase("optimizer"):
                     grad_norm = self._apply_gradients()
-                    self.anchor.observe(self.dist.mean(float(m["kl_anchor_k3"])))
+                    self.anchor.observe(self.dist.mean(kl_mb))  # this mini-batch's KL to the anchor
                 counts += 1
                 sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + (
                     grad_norm if math.isfinite(grad_norm) else 0.0) / (n_mini * cfg.trainer.epochs)
@@ -438,11 +443,13 @@ class Trainer:
         self.consecutive_skips = int(state["consecutive_skips"])
         self.eval_before = json.loads(state["eval_before"])
         self.best_last = BestLastTracker.from_dict(json.loads(state["best_last"]))
-        restore_rng_state(self._rank_rng(state))
+        rng = self._rank_rng(state)
+        if rng is not None:
+            restore_rng_state(rng)
         self.log(f"resumed from {path} at step {self.step_count}")
         return True
 
-    def _rank_rng(self, state: dict) -> dict:
+    def _rank_rng(self, state: dict) -> dict | None:
         if not self.dist.enabled:
             return state["rng"]
         per_rank = state.get("rng_per_rank")
@@ -451,13 +458,17 @@ class Trainer:
         self.log(f"--resume: the checkpoint holds RNG states for {len(per_rank or [1])} process(es), "
                  f"this run has {self.dist.world_size}; sampling continues from fresh per-rank seeds")
         s = rank_seed(self.cfg.seed + self.step_count, self.dist.rank)
-        return {**state["rng"], "torch": torch.Generator().manual_seed(s).get_state()}
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)  # also seeds every CUDA device
+        return None  # nothing to restore: every stream was just seeded for this rank
 
     def train(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
         main = self.dist.is_main  # rank 0 evaluates, logs and writes; the others wait
         if self.eval_before is None and cfg.eval.before_training:
-            with fsdp_unsharded(self.model):  # all ranks gather (no-op unsharded); rank 0 evaluates
+            # all ranks switch and gather (no-ops without Schedule-Free / FSDP); rank 0 evaluates
+            with eval_mode(self.optimizer), fsdp_unsharded(self.model):
                 if main:
                     self.eval_before = self.evaluate()
                     self.log(f"held-out accuracy before RL: {self.eval_before['accuracy']:.3f}")
@@ -477,7 +488,7 @@ class Trainer:
                 })
                 if cfg.trainer.eval_every and self.step_count % cfg.trainer.eval_every == 0 \
                         and self.step_count < cfg.trainer.total_steps:
-                    with fsdp_unsharded(self.model):
+                    with eval_mode(self.optimizer), fsdp_unsharded(self.model):
                         if main:
                             self._log_eval(self.evaluate(), step=self.step_count)
                 if self.step_count % cfg.trainer.save_every == 0 or self.step_count == cfg.trainer.total_steps:
@@ -488,7 +499,7 @@ class Trainer:
         if self.fsdp:
             with eval_mode(self.optimizer):  # the weights one evaluates with, as save_final
                 final_sd = fsdp_full_state(self.model)[0]
-        with fsdp_unsharded(self.model):
+        with eval_mode(self.optimizer), fsdp_unsharded(self.model):
             summary = self._finish(t0, final_sd) if main else None
         return self.dist.broadcast_object(summary)  # also keeps the others until rank 0 is done
 
@@ -509,6 +520,8 @@ class Trainer:
             with eval_mode(self.optimizer):
                 save_final(self.model, self.tokenizer, self.out / "final")
         plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+        if cfg.trainer.profile:
+            self.log(_profile_table(self.out / "metrics.jsonl"))
         summary = {
             "eval_before": {"accuracy": (self.eval_before or {}).get("accuracy", float("nan"))},
             "eval_after": {"accuracy": eval_after["accuracy"]},
@@ -521,6 +534,22 @@ class Trainer:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _profile_table(metrics_path: Path) -> str:
+    """trainer.profile: mean seconds per phase over steps 2..N (step 1 carries warm-up costs)."""
+    from rpgrl.tracking import read_metrics
+
+    rows = [r for r in read_metrics(metrics_path) if "timing/step" in r and r["step"] > 1]
+    if not rows:
+        return "profile: fewer than 2 steps, nothing to report"
+    keys = sorted({k for r in rows for k in r if k.startswith("timing/")})
+    means = {k: float(np.mean([r.get(k, 0.0) for r in rows])) for k in keys}
+    step = means.pop("timing/step")
+    lines = [f"step-time breakdown (mean over steps 2..{rows[-1]['step']}):"]
+    lines += [f"  {k[7:]:<18}{v:8.4f} s {100 * v / step:5.1f} %" for k, v in sorted(means.items(), key=lambda kv: -kv[1])]
+    lines.append(f"  {'step':<18}{step:8.4f} s")
+    return "\n".join(lines)
 
 
 def _quiet(*_a, **_k) -> None:

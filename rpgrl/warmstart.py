@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rpgrl.data.procedural import sft_text
-from rpgrl.data.verl import Example
+from rpgrl.data.verl import Example, tokenize_prompts
 from rpgrl.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer
 
 _VERSION = 1
@@ -30,13 +30,11 @@ def cache_root(cache_dir: str | None) -> Path:
     return Path(os.environ.get("RPGRL_CACHE", Path.home() / ".cache" / "rpgrl"))
 
 
-def _sft_batch(tokenizer, examples: list[Example], teacher_accuracy: float = 1.0,
+def _sft_batch(tokenizer, prompt_ids: list[list[int]], examples: list[Example], teacher_accuracy: float = 1.0,
                rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded prompt+answer ids with labels only on the answer (and its EOS)."""
     rows, labels = [], []
-    for ex in examples:
-        prompt = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for p_ids, ex in zip(prompt_ids, examples):
         answer = sft_text(ex, teacher_accuracy, rng)
         a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(p_ids + a_ids)
@@ -72,13 +70,15 @@ def warm_start_tiny(
     if steps:
         log(f"warm start: {steps} supervised steps on the procedural task (cached afterwards)")
         rng = random.Random(seed)
+        prompts, _, _ = tokenize_prompts(train, tokenizer, max_prompt_length=1 << 30, overlong="error")
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         model.train()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             for _ in range(steps):
-                batch = rng.sample(train, min(batch_size, len(train)))
-                ids, mask, lab = _sft_batch(tokenizer, batch, teacher_accuracy, rng)
+                picked = rng.sample(range(len(train)), min(batch_size, len(train)))
+                ids, mask, lab = _sft_batch(tokenizer, [prompts[i] for i in picked],
+                                            [train[i] for i in picked], teacher_accuracy, rng)
                 loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -82,6 +82,8 @@ BAD = [
     (["trainer=3"], "trainer: expected a mapping of sub-keys, got 3"),
     (["model.lora.enabled=maybe"], "model.lora.enabled: expected true or false, got 'maybe'"),
     (["data.train_files=[x.parquet]"], "model.path: the built-in tiny model only knows the procedural task"),
+    (["algorithm.kl_in_reward=0.01"],
+     "algorithm.kl_in_reward: a KL folded into the reward needs a reference; with algorithm.anchor.mode=rollout"),
 ]
 
 

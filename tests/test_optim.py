@@ -124,3 +124,22 @@ def test_clip_edge_cases():
     assert clip_and_check([p], 1.0) == (0.0, True)  # no grads yet
     with pytest.raises(ValueError, match="max_norm"):
         clip_and_check([p], 0.0)
+
+
+def test_eval_mode_blocks_nest_for_schedule_free():
+    """An evaluation inside a gathered-weights block must still see the averaged weights."""
+    from rpgrl.optim import eval_mode
+
+    model = torch.nn.Linear(3, 2)
+    opt, _ = build_optimizer(model, "schedulefree_adamw", lr=0.1)
+    for _ in range(3):  # after a few steps the averaged x and the train iterate y differ
+        opt.zero_grad()
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        opt.step()
+    y = model.weight.detach().clone()
+    with eval_mode(opt):
+        x = model.weight.detach().clone()
+        with eval_mode(opt):
+            assert torch.equal(model.weight, x)
+        assert torch.equal(model.weight, x)  # the inner block did not switch back to train
+    assert torch.equal(model.weight, y) and not torch.equal(x, y)

@@ -158,7 +158,8 @@ def test_old_logp_from_the_update_equals_a_separate_pass(tiny_overrides):
     mask = batch.rollout.response_mask.bool()
     torch.testing.assert_close(batch.old_logp[mask], separate.old_logp[mask], atol=1e-6, rtol=0)
     torch.testing.assert_close(batch.entropy[mask], separate.entropy[mask], atol=1e-6, rtol=0)
-    assert m_fill["actor/importance_weight_mean"] == 1.0
+    assert m_fill["actor/importance_weight_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert m_fill["actor/importance_weight_max"] == 1.0  # w = exp(logp - logp.detach()) exactly
     assert m_fill["actor/loss"] == pytest.approx(m_sep["actor/loss"], abs=1e-6)
     for k, v in t.model.state_dict().items():
         torch.testing.assert_close(v, after_fill[k], atol=1e-6, rtol=0, msg=k)

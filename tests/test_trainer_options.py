@@ -96,3 +96,18 @@ def test_train_cli_rejects_bad_config_before_loading(capsys):
     rc = main(["train", "algorithm.clip_c=0.5"])
     assert rc == 2
     assert "algorithm.clip_c: 0.5 must be > 1 (dual clip) or null" in capsys.readouterr().err
+
+
+def test_dropout_is_disabled_so_logprobs_are_deterministic(tiny_model_dir):
+    """With LoRA dropout 0.5 left on, two train-mode passes would be two different policies."""
+    from rpgrl.config import LoraConfig
+    from rpgrl.logprobs import sequence_logprobs
+
+    lora = LoraConfig(enabled=True, r=4, dropout=0.5, target_modules="q_proj,v_proj")
+    model = load_policy(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32, lora=lora)
+    assert model.training
+    ids = torch.tensor([[12, 13, 5, 14, 15, 20, 3, 10, 11]])
+    mask = torch.ones_like(ids)
+    a, _ = sequence_logprobs(model, ids, mask, 6)
+    b, _ = sequence_logprobs(model, ids, mask, 6)
+    assert torch.equal(a, b)
