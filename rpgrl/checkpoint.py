@@ -24,10 +24,9 @@ Why it is safe:
 Schedule-Free AdamW (``schedulefree.AdamWScheduleFree``): the model weights differ between
 its train mode (y) and eval mode (x); the mode is recorded in the optimizer's
 ``param_groups`` so weights and optimizer state are consistent whichever mode the
-checkpoint was saved in. The trainer should save in eval mode (``rpgrl.optim.eval_mode``)
-so ``model.safetensors`` holds the weights one evaluates with, and must switch back to
-train mode after loading, exactly as the uninterrupted run switches back after saving;
-then a resumed run is bit-identical to an uninterrupted one.
+checkpoint was saved in. rpgrl's trainer saves in train mode (``model.safetensors`` then
+holds the train iterate y; ``final/`` is written in eval mode and holds x), loads in train
+mode, and a resumed run is bit-identical to an uninterrupted one (tests/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -163,6 +162,23 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(
             f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
+    # Validate every entry here so a damaged manifest is a CheckpointError (and resume
+    # falls back one checkpoint) rather than a bare KeyError/TypeError in verification.
+    for name, meta in manifest["files"].items():
+        if not name or name != Path(name).name or name in (".", ".."):
+            raise CheckpointError(f"{mpath}: files entry {name!r} is not a plain file name")
+        if not isinstance(meta, dict):
+            raise CheckpointError(
+                f"{mpath}: files entry {name!r} is {type(meta).__name__}, expected "
+                "{'size': int, 'sha256': str}"
+            )
+        size, digest = meta.get("size"), meta.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise CheckpointError(f"{mpath}: files entry {name!r} has size {size!r}, expected an int >= 0")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise CheckpointError(
+                f"{mpath}: files entry {name!r} has sha256 {digest!r}, expected 64 lowercase hex digits"
+            )
     return manifest
 
 

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import yaml
 
+from rpgrl.tracking import is_finite_number, read_metrics
+
 __all__ = ["add_subcommands", "compare", "format_table", "main", "plot_runs", "run_result"]
 
 ACCURACY_KEY = "eval/accuracy"
@@ -40,7 +42,6 @@ def run_result(run_dir: str | Path) -> dict[str, Any]:
     ``metrics.jsonl`` (step 0 is the before-RL evaluation, reported in its own column, so
     best >= before is not forced); a run evaluated only at the end has best == last.
     """
-    from rpgrl.tracking import read_metrics
 
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
@@ -48,7 +49,7 @@ def run_result(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{summary_path} does not exist: is {run_dir} a finished rpgrl run?")
     summary = json.loads(summary_path.read_text())
     evals = [(int(r["step"]), float(r[ACCURACY_KEY])) for r in read_metrics(run_dir)
-             if _finite(r.get(ACCURACY_KEY))]
+             if is_finite_number(r.get(ACCURACY_KEY))]
     last = float(summary["eval_after"]["accuracy"])
     after = [v for s, v in evals if s > 0]
     return {
@@ -79,16 +80,12 @@ def algorithm_of(run_dir: str | Path) -> str:
     return run_dir.name
 
 
-def _finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # --------------------------------------------------------------------------- the table
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
     """Mean and sample std (ddof=1; 0 for a single seed) of the finite values."""
-    vals = [v for v in values if _finite(v)]
+    vals = [v for v in values if is_finite_number(v)]
     if not vals:
         return math.nan, math.nan
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -98,7 +95,7 @@ def _pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     mean, std = _stats(values)
     if not math.isfinite(mean):
         return "n/a"
-    if len([v for v in values if _finite(v)]) == 1:
+    if len([v for v in values if is_finite_number(v)]) == 1:
         return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
@@ -225,27 +222,15 @@ def plot_runs(run_dirs: list[str | Path], out_png: str | Path, *, band: str = "m
 # --------------------------------------------------------------------------- CLI
 
 
-def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
-    config_path, overrides = None, []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif config_path is None:
-            config_path = item
-        else:
-            raise ValueError(f"unexpected argument {item!r} (expected CONFIG.yaml then key=value overrides)")
-    return config_path, overrides
-
-
 def _compare_cmd(args: argparse.Namespace) -> int:
-    from rpgrl.config import ConfigError
+    from rpgrl.config import ConfigError, split_config_args
     from rpgrl.trainer import TrainingError
 
     # "--algorithms A B cfg.yaml k=v": nargs="+" swallows what follows; give it back to items.
     moved = [a for a in args.algorithms if "=" in a or a.endswith((".yaml", ".yml"))]
     algorithms = [a for a in args.algorithms if a not in moved]
     try:
-        config_path, overrides = _split_items(moved + args.items)
+        config_path, overrides = split_config_args(moved + args.items)
         compare(algorithms, args.seeds, config_path, overrides, args.out, resume=args.resume,
                 band=args.band)
     except (ConfigError, ValueError) as exc:

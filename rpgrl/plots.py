@@ -7,7 +7,6 @@ module constants so the trainer logs under exactly the names plotted here.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rpgrl.tracking import read_metrics  # noqa: E402
+from rpgrl.tracking import is_finite_number, read_metrics  # noqa: E402
 
 __all__ = [
     "CLIPFRAC_KEYS",
@@ -73,10 +72,6 @@ def _as_records(metrics: Records | str | os.PathLike) -> list[dict]:
     return list(metrics)
 
 
-def _finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def metric_series(records: Records, keys: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) sorted by step; the last finite value per step wins.
 
@@ -89,7 +84,7 @@ def metric_series(records: Records, keys: str | Sequence[str]) -> tuple[np.ndarr
         if STEP_KEY not in rec:
             continue
         for k in keys:
-            if _finite(rec.get(k)):
+            if is_finite_number(rec.get(k)):
                 per_step.setdefault(int(rec[STEP_KEY]), {})[k] = float(rec[k])
     steps = np.array(sorted(per_step), dtype=np.int64)
     values = np.array([sum(per_step[s].values()) for s in steps], dtype=np.float64)

@@ -17,21 +17,36 @@ from numbers import Number
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "Tracker", "read_metrics"]
+__all__ = ["METRICS_FILE", "Tracker", "is_finite_number", "metrics_as_floats", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 _WANDB_ID_FILE = "wandb_run_id.txt"
 
 
-def _to_jsonable(v: Any) -> Any:
+def _to_jsonable(key: str, v: Any) -> Any:
+    """``v`` as a JSON value; TypeError naming ``key`` if it is not a scalar number/string."""
     if hasattr(v, "item") and callable(v.item):  # torch / numpy scalars
-        v = v.item()
+        try:
+            v = v.item()
+        except (ValueError, RuntimeError) as e:  # multi-element tensor / array
+            raise TypeError(f"metric {key!r}: value is not a scalar ({e})") from None
     if isinstance(v, bool) or v is None or isinstance(v, str):
         return v
     if isinstance(v, Number):
         v = float(v) if not isinstance(v, int) else v
         return v if (isinstance(v, int) or math.isfinite(v)) else None
-    raise TypeError(f"metric value {v!r} of type {type(v).__name__} is not a number or string")
+    raise TypeError(
+        f"metric {key!r}: value {v!r:.80} of type {type(v).__name__} is not a number or string"
+    )
+
+
+def is_finite_number(v: object) -> bool:
+    """True for a finite int/float that is not a bool: a usable point of a metric curve.
+
+    Shared by ``rpgrl.plots`` and ``rpgrl.compare``, which read records where missing or
+    non-finite values (JSON ``null`` -> ``nan``) must be skipped.
+    """
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _parse_lines(path: Path) -> tuple[list[dict], list[str]]:
@@ -93,9 +108,14 @@ class Tracker:
             self._truncate_after(resume_step)
         elif resume_step is None and self.path.exists() and self.path.stat().st_size > 0:
             warnings.warn(f"{self.path} exists and this is not a resume; appending to it", RuntimeWarning)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = self._open_tensorboard(resume_step) if tensorboard else None
-        self._wandb = self._open_wandb(wandb_project, run_name, config, resume_step) if wandb else None
+        self._file = self._tb = self._wandb = None
+        try:  # a failing sink (e.g. wandb.init) must not leave the others open
+            self._tb = self._open_tensorboard(resume_step) if tensorboard else None
+            self._wandb = self._open_wandb(wandb_project, run_name, config, resume_step) if wandb else None
+            self._file = open(self.path, "a", encoding="utf-8")
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ sinks
     def _truncate_after(self, step: int) -> None:
@@ -142,7 +162,7 @@ class Tracker:
         """Append one record ``{"step": step, **metrics}`` to every sink."""
         if "step" in metrics:
             raise ValueError("metrics must not contain a 'step' key; pass it as the step argument")
-        clean = {k: _to_jsonable(v) for k, v in metrics.items()}
+        clean = {k: _to_jsonable(k, v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": int(step), **clean}, allow_nan=False) + "\n")
         self._file.flush()
         numeric = metrics_as_floats(metrics)
@@ -155,7 +175,7 @@ class Tracker:
 
     def close(self) -> None:
         """Flush and close every sink (idempotent)."""
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -155,7 +155,36 @@ def _drop_trainer_state(path):
     return "missing"
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip_byte, _drop_manifest, _drop_trainer_state])
+def _edit_manifest(path, edit):
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m["files"])
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def _entry_not_a_dict(path):
+    _edit_manifest(path, lambda files: files.update({"model.safetensors": 123}))
+    return "'model.safetensors' is int"
+
+
+def _entry_without_size(path):
+    _edit_manifest(path, lambda files: files["trainer_state.pt"].pop("size"))
+    return "'trainer_state.pt' has size None"
+
+
+def _entry_without_sha256(path):
+    _edit_manifest(path, lambda files: files["model.safetensors"].pop("sha256"))
+    return "'model.safetensors' has sha256 None"
+
+
+def _entry_escaping_dir(path):
+    _edit_manifest(path, lambda files: files.update({"../x": files["model.safetensors"]}))
+    return "not a plain file name"
+
+
+@pytest.mark.parametrize("damage", [
+    _truncate, _flip_byte, _drop_manifest, _drop_trainer_state,
+    _entry_not_a_dict, _entry_without_size, _entry_without_sha256, _entry_escaping_dir,
+])
 def test_find_latest_falls_back_on_damaged_newest(tmp_path, damage):
     c1, c2, c3 = _three_checkpoints(tmp_path)
     what = damage(c3)

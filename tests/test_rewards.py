@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
 import time
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from rpgrl.rewards import (
     ScorerSpecError, answers_match, compute_score, extract_answer_line, last_boxed,
-    load_scorer, normalize_answer, overlong_penalty, route, score_batch,
+    load_scorer, normalize_answer, overlong_penalty, route, safe, score_batch,
 )
 
 # (prediction, ground truth, expected equivalence)
@@ -63,6 +65,13 @@ EQUIVALENCE = [
     ("85 apples", "85", True),
     ("3 or 4", "3", False),              # hedging is not an answer
     ("3 and 4", "3", False),
+    ("2 pi", "2", False),                # a math word after a number is not a unit
+    ("3 sqrt", "3", False),
+    ("2 infinity", "2", False),
+    ("5 choose 2", "5", False),
+    ("7 mod 3", "7", False),
+    ("2 million", "2", False),
+    ("3 halves", "3", False),
     ("\\text{(B)}", "B", True),
     # "x = 3" forms
     ("x = 3", "3", True),
@@ -213,6 +222,43 @@ def test_bad_return_values_give_zero_and_a_count() -> None:
     rewards, stats = score_batch(["s"] * 5, rs, ["1"] * 5, scorer=returns_junk, timeout_s=5.0)
     assert rewards == [0.0, 0.0, 0.0, 1.0, 2.0]
     assert stats["scorer_bad_return"] == 3
+
+
+def _exits_before_ready(scorer, conn) -> None:
+    os._exit(1)  # like a scorer module whose import calls os._exit(1) in a spawned worker
+
+
+def _never_ready(scorer, conn) -> None:
+    time.sleep(30)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd") or safe._START_METHOD != "fork",
+                    reason="needs fork and /proc")
+@pytest.mark.parametrize("target,start_timeout,what", [
+    (_exits_before_ready, 60.0, "died during start-up"),
+    (_never_ready, 0.3, "did not report ready"),
+])
+def test_worker_start_failure_scores_zero_and_leaks_nothing(
+        monkeypatch, caplog, target, start_timeout, what) -> None:
+    monkeypatch.setattr(safe, "_worker_main", target)
+    monkeypatch.setattr(safe, "_START_TIMEOUT_S", start_timeout)
+
+    def scorer(data_source, solution_str, ground_truth, extra_info=None):
+        return 1.0
+
+    fds, children = _open_fds(), set(mp.active_children())
+    with caplog.at_level(logging.WARNING, logger="rpgrl.rewards.safe"):
+        rewards, stats = score_batch(["s"] * 2, ["a", "b"], ["1"] * 2, scorer=scorer, timeout_s=5.0)
+    assert rewards == [0.0, 0.0]
+    assert stats["scorer_errors"] == 2 and stats["scorer_timeouts"] == 0
+    assert _open_fds() == fds  # the parent end of the pipe was closed
+    assert set(mp.active_children()) <= children  # every failed start was killed
+    assert what in caplog.text
+    safe.close_workers()
 
 
 def test_empty_responses_score_zero_without_calling() -> None:

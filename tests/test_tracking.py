@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import types
 
@@ -33,8 +34,10 @@ def test_tensor_values_and_bad_inputs(tmp_path):
         tr.log({"a": torch.tensor(2.5), "b": 3}, step=0)
         with pytest.raises(ValueError, match="'step'"):
             tr.log({"step": 1}, step=1)
-        with pytest.raises(TypeError, match="not a number"):
+        with pytest.raises(TypeError, match="metric 'a'.*not a number"):
             tr.log({"a": [1, 2]}, step=1)
+        with pytest.raises(TypeError, match="metric 'vec'.*not a scalar"):
+            tr.log({"ok": 1.0, "vec": torch.tensor([1.0, 2.0])}, step=1)
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 0, "a": 2.5, "b": 3}]
 
 
@@ -116,3 +119,32 @@ def test_wandb_used_when_installed_and_resumes_same_run(tmp_path, monkeypatch):
     assert calls[1:] == [("log", {"a": 1.0}, 3), ("finish",)]
     Tracker(tmp_path, tensorboard=False, wandb=True, resume_step=3).close()
     assert calls[3][1]["id"] == "run123" and calls[3][1]["resume"] == "allow"
+
+
+def _open_files_under(path) -> list[str]:
+    fd_dir = "/proc/self/fd"
+    out = []
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            out.append(target)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_failing_wandb_init_leaves_no_sink_open(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+
+    def init(**kw):
+        raise RuntimeError("wandb login required")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    with pytest.raises(RuntimeError, match="login required") as excinfo:
+        Tracker(tmp_path, tensorboard=True, wandb=True, wandb_project="p")
+    # While the traceback (and so the half-built Tracker) is alive, nothing may be open:
+    # neither metrics.jsonl nor the TensorBoard event file.
+    assert excinfo.tb is not None
+    assert _open_files_under(tmp_path.resolve()) == []

@@ -50,6 +50,19 @@ _UNIT_TAIL = re.compile(
 _NUMBER_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*$")
 _CONNECTIVES = {"or", "and", "to", "plus", "minus", "times", "over", "by", "not", "nor", "but",
                 "if", "else", "otherwise", "except", "than", "of", "per", "divided"}
+# Words that change a number's value, so "2 pi" / "3 sqrt" / "2 million" are never read as
+# "2" / "3" / "2" with a noun after them (a false positive against ground truth "2").
+_MATH_WORDS = {
+    "pi", "sqrt", "root", "roots", "cbrt", "inf", "infinity", "infty", "choose", "mod",
+    "modulo", "factorial", "squared", "cubed", "power", "exp", "log", "ln", "lg", "sin",
+    "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+    "hundred", "hundreds", "thousand", "thousands", "million", "millions", "billion",
+    "billions", "trillion", "dozen", "dozens", "half", "halves", "third", "thirds", "fourth",
+    "fourths", "quarter", "quarters", "fifth", "fifths", "sixth", "sixths", "seventh",
+    "sevenths", "eighth", "eighths", "ninth", "ninths", "tenth", "tenths", "hundredth",
+    "hundredths", "thousandth", "thousandths",
+}
+_KEEP_WORDS = _CONNECTIVES | _MATH_WORDS
 _EQ_SPLIT = re.compile(r"(?<![<>!\\])=(?!=)")
 _CMD_SPACE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])")
 _FRAC_SHORT = re.compile(r"\\frac(?:(\d)(\d)|(\d)\{|\{([^{}]*)\}(\d))")
@@ -109,8 +122,8 @@ def normalize_answer(answer: str) -> str:
             break
         s = stripped
     m = _NUMBER_WORDS.match(s)
-    if m and not _CONNECTIVES.intersection(s[m.end(1):].lower().split()):
-        s = m.group(1)  # "85 apples" -> "85", but never "3 or 4" -> "3"
+    if m and not _KEEP_WORDS.intersection(s[m.end(1):].lower().split()):
+        s = m.group(1)  # "85 apples" -> "85", but never "3 or 4" / "2 pi" -> "3" / "2"
     s = _remove_spaces(s).rstrip(".,;")
     if "\\frac" in s:
         s = _FRAC_SHORT.sub(_fix_frac_shorthand, s)

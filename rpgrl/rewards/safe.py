@@ -33,7 +33,12 @@ __all__ = ["score_batch", "to_reward", "close_workers"]
 log = logging.getLogger(__name__)
 
 _MAX_WARNINGS_PER_BATCH = 5
+_START_TIMEOUT_S = 60.0
 _START_METHOD = "fork" if sys.platform == "linux" and "fork" in mp.get_all_start_methods() else "spawn"
+
+
+class _StartError(RuntimeError):
+    """A scorer worker process failed to start; already cleaned up."""
 
 
 def to_reward(value: Any) -> float | None:
@@ -82,16 +87,39 @@ class _Worker:
         self.lock = threading.Lock()
 
     def _start(self) -> None:
+        """Start the process and wait for its "ready"; on any failure leave nothing behind.
+
+        A child that dies before reporting ready (e.g. a scorer module that exits on
+        import under spawn) or never reports must not leak its process or pipe: ``call``
+        cannot clean up what was never assigned to ``self``.
+        """
         ctx = mp.get_context(_START_METHOD)
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker_main, args=(self.scorer, child), daemon=True,
                            name="rpgrl-scorer")
-        proc.start()
-        child.close()
-        if not parent.poll(60.0):  # spawn start-up imports; not part of any call's budget
-            proc.kill()
-            raise RuntimeError("scorer worker process did not start within 60 s")
-        parent.recv()
+        try:
+            try:
+                proc.start()
+            finally:
+                child.close()
+            # spawn start-up imports; not part of any call's budget
+            if not parent.poll(_START_TIMEOUT_S):
+                raise _StartError(f"did not report ready within {_START_TIMEOUT_S:g} s")
+            try:
+                msg = parent.recv()
+            except (EOFError, OSError):
+                proc.join(1.0)
+                raise _StartError(f"died during start-up (exit code {proc.exitcode})") from None
+            if msg != ("ready", None):
+                raise _StartError(f"sent {msg!r:.200} instead of ready")
+        except BaseException as exc:
+            parent.close()
+            if proc.pid is not None:
+                proc.kill()
+                proc.join(5.0)
+            if isinstance(exc, _StartError):
+                raise _StartError(f"scorer worker process {exc}") from None
+            raise
         self.proc, self.conn = proc, parent
 
     def kill(self) -> None:
@@ -113,6 +141,8 @@ class _Worker:
                     self.kill()
                     return "timeout", None
                 return self.conn.recv()
+            except _StartError as exc:
+                return "error", str(exc)
             except (EOFError, OSError, BrokenPipeError) as exc:
                 self.kill()
                 return "error", f"scorer worker process died ({exc!r})"
