@@ -23,12 +23,12 @@ import torch
 from rpgrl.anchor import Anchor
 from rpgrl.checkpoint import (capture_rng_state, find_latest_checkpoint, load_checkpoint,
                               restore_rng_state, save_checkpoint)
-from rpgrl.config import Config, dump_yaml
+from rpgrl.config import Config, dump_yaml, to_dict
 from rpgrl.distributed import check_world_size, global_advantages, init_distributed, rank_seed
 from rpgrl.fsdp import (FsdpCheckpointView, FullWeights, fsdp_full_state, fsdp_load_full_state,
                         fsdp_unsharded, logprobs_fn, shape_free_keys, shard_policy)
 from rpgrl.kl import kl_penalty
-from rpgrl.losses import policy_loss
+from rpgrl.losses import aggregation_count, policy_loss
 from rpgrl.optim import build_optimizer, clip_and_check, eval_mode
 from rpgrl.rewards import overlong_penalty, score_batch
 from rpgrl.rollout import RolloutBatch, generate
@@ -125,7 +125,7 @@ class Trainer:
             self.tracker = Tracker(
                 self.out, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                 wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
-                config=json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
+                config=to_dict(cfg),
                 resume_step=self.step_count if resumed else None,
             )
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
@@ -272,8 +272,8 @@ class Trainer:
             order = torch.randperm(n_seq, generator=gen)
             for mb in torch.tensor_split(order, n_mini):
                 mask_mb = batch.rollout.response_mask[mb]
-                norm = float(mask_mb.sum()) if a.agg == "token-mean" else float(len(mb))
-                norm = self.dist.all_reduce_sum(norm)  # spec Sec. 6: the global mini-batch count
+                # spec Sec. 6: the loss is normalised by the global mini-batch's count
+                norm = self.dist.all_reduce_sum(float(aggregation_count(mask_mb, a.agg)))
                 self.optimizer.zero_grad(set_to_none=True)
                 kl_mb = 0.0
                 for micro in torch.split(mb, cfg.trainer.micro_batch_size):

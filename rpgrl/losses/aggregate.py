@@ -37,10 +37,8 @@ def aggregate(
     seq-mean-token-mean: sum_i (mean_t loss) / seq count. ``norm`` overrides the count
     (never the per-sequence token mean, which is always the sequence's own length).
     """
-    if agg == "token-mean":
-        total = token_loss.sum()
-    elif agg == "seq-mean-token-sum":
-        total = token_loss.sum()  # sum_i sum_t == sum over all tokens
+    if agg in ("token-mean", "seq-mean-token-sum"):
+        total = token_loss.sum()  # for seq-mean-token-sum, sum_i sum_t == sum over all tokens
     elif agg == "seq-mean-token-mean":
         lengths = valid.sum(dim=-1).clamp(min=1).to(token_loss.dtype)
         total = (token_loss.sum(dim=-1) / lengths).sum()
