@@ -62,7 +62,7 @@ def _eval(args: argparse.Namespace) -> int:
             model, tokenizer, [examples[i] for i in kept], ids, k=args.k,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             max_problems=args.max_problems, batch_size=args.batch_size, device=device, scorer=scorer,
-            timeout_s=args.reward_timeout,
+            timeout_s=args.reward_timeout, engine=args.engine,
         )
         results[str(path)] = res
         print(f"{path}: mean@{args.k} = {res['accuracy']:.4f} "
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-prompt-length", type=int, default=2048)
     e.add_argument("--max-problems", type=int, default=0, help="0 = all")
     e.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call")
+    e.add_argument("--engine", default="auto", choices=("auto", "rpgrl", "hf"),
+                   help="sampler: rpgrl's KV-cached loop or HF generate (auto: rpgrl where the model allows)")
     e.add_argument("--reward-fn", default=None, help="module:function with verl's compute_score signature")
     e.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

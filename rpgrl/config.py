@@ -76,6 +76,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 8
     batch_size: int = 256  # sequences per generate() call
+    # auto: rpgrl's KV-cached sampler (each prompt prefilled once for its n samples, finished
+    # rows dropped) when the model's cache allows it, else HF generate; rpgrl | hf to force one
+    engine: str = "auto"
 
 
 @dataclass
@@ -145,6 +148,9 @@ class TrainerConfig:
     # under torchrun: shard the policy with FSDP2 (fully_shard per decoder layer + root)
     # instead of replicating it with a manual gradient all-reduce (docs/scaling.md)
     fsdp: bool = False
+    # log-prob/training forwards run each distinct prompt of a micro-batch once and reuse its
+    # KV for the responses (exact: same values and gradients; rpgrl.prefix); false = padded
+    share_prompts: bool = True
 
 
 @dataclass
@@ -218,6 +224,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.anchor.mode": ("rollout", "periodic", "adaptive", "fixed"),
     "optim.name": ("adamw", "schedulefree_adamw"),
     "trainer.device": ("auto", "cpu", "cuda"),
+    "rollout.engine": ("auto", "rpgrl", "hf"),
 }
 
 

@@ -32,13 +32,14 @@ def evaluate_policy(
     model, tokenizer, examples: list[Example], prompts: list[list[int]], *, k: int = 1,
     temperature: float = 0.0, max_new_tokens: int, max_problems: int = 0, batch_size: int = 256,
     device: torch.device | str = "cpu", scorer: Callable | None = None, timeout_s: float = 10.0,
+    engine: str = "auto",
 ) -> dict:
     """Returns {"accuracy": overall mean@k, "by_source": {...}, "overall": {...}, "samples": [...] (first few)}."""
     if not examples:
         return {"accuracy": float("nan"), "by_source": {}, "overall": {}}
     examples, prompts = distinct_problems(examples, prompts, max_problems)
     rollout = generate(model, tokenizer, prompts, n=k, max_new_tokens=max_new_tokens,
-                       temperature=temperature, batch_size=batch_size, device=device)
+                       temperature=temperature, batch_size=batch_size, device=device, engine=engine)
     rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
     scores, stats = score_batch(
         rep([e.data_source for e in examples]), rollout.responses,

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rpgrl.prefix import can_share, positions, shared_prompt_hidden
+
 __all__ = ["token_logprobs_from_hidden", "sequence_logprobs"]
 
 # Config attributes that transform logits after lm_head; the chunked path does not
@@ -205,6 +207,7 @@ def sequence_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    share_prompts: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Response-token log-probs of a HF causal LM (``lp_t`` / ``lp_old_t``, spec Sec. 1).
 
@@ -219,6 +222,10 @@ def sequence_logprobs(
 
     ``response_start`` may be an int, a 0-d tensor, or a [B] tensor of per-row starts
     (then R = L - min(start) and slots past a row's end are masked to 0).
+
+    ``share_prompts``: rows with the same prompt (a GRPO group) run that prompt through the
+    decoder once (``rpgrl.prefix``; same values and gradients, fewer FLOPs). Used when all
+    rows share one ``response_start`` and the model supports it; else the padded forward.
     """
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -240,21 +247,24 @@ def sequence_logprobs(
     resp_len = length - int(start.min()) if bsz else 0
 
     decoder, head = _unwrap_causal_lm(model)
-    mask = attention_mask.to(torch.long)
-    position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
     # Token at column c = start + j is predicted by the hidden state at column c - 1.
     cols = start[:, None] + torch.arange(resp_len, device=device)[None, :]  # [B, R]
     valid = cols < length
     cols = cols.clamp(max=length - 1)
     targets = input_ids.gather(1, cols)
     valid &= attention_mask.gather(1, cols).bool()
-    if bool((start == start[0]).all()):
-        h_sel = hidden[:, int(start[0]) - 1 : int(start[0]) - 1 + resp_len]  # a view, no gather copy
-    else:
-        h_sel = hidden.gather(1, (cols - 1)[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    one_start = bsz > 0 and bool((start == start[0]).all())
+    h_sel = None
+    if share_prompts and one_start and can_share(model):
+        h_sel = shared_prompt_hidden(decoder, input_ids, attention_mask, int(start[0]))
+    if h_sel is None:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions(attention_mask), use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if one_start:
+            h_sel = hidden[:, int(start[0]) - 1 : int(start[0]) - 1 + resp_len]  # a view, no gather copy
+        else:
+            h_sel = hidden.gather(1, (cols - 1)[:, :, None].expand(-1, -1, hidden.shape[-1]))
     logp, entropy = token_logprobs_from_hidden(
         h_sel, head.weight, targets, lm_head_bias=getattr(head, "bias", None),
         chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature,

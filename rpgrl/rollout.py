@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rpgrl.prefix import call_with_cache, can_share, new_cache, positions, unwrap
+
 
 @dataclass
 class RolloutBatch:
@@ -82,6 +84,85 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def sample_tokens(logits: Tensor, temperature: float, top_p: float = 1.0) -> Tensor:
+    """One token per row from softmax(logits / temperature), nucleus-truncated to ``top_p``
+    (the smallest top set with mass >= top_p; ties kept in sort order); temperature 0 = argmax.
+
+    Nothing else touches the distribution -- no model ``generation_config`` defaults such as
+    Qwen-Instruct's repetition_penalty / top_k -- so the sampler is the policy the loss scores.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already covers top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_tokens: int,
+            temperature: float, top_p: float, eos_ids: Tensor, pad_id: int,
+            compact_at: float = 0.25) -> Tensor:
+    """Sample ``n`` continuations of each (distinct) prompt with a KV cache; [U * n, <= max_new_tokens].
+
+    Each prompt is prefilled once and its cache repeated for its n samples (``rpgrl.prefix``);
+    rows that have emitted EOS are dropped from the batch once they are ``compact_at`` of it,
+    so long-tailed lengths cost their own tokens, not max_new_tokens for everyone.
+    """
+    model = unwrap(model)
+    cache = new_cache(model)
+    pos = positions(prompt_mask)
+    out = call_with_cache(model, cache, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
+                          keep_last=True)
+    logits = out.logits[:, -1]
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)
+    mask = prompt_mask.repeat_interleave(n, 0)
+    last = pos[:, -1].repeat_interleave(n, 0)
+    total = logits.shape[0]
+    tokens = torch.full((total, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
+    rows = torch.arange(total, device=prompt_ids.device)  # original row of each live slot
+    done = torch.zeros(total, dtype=torch.bool, device=prompt_ids.device)
+    steps = 0
+    for step in range(max_new_tokens):
+        nxt = sample_tokens(logits, temperature, top_p).masked_fill_(done, pad_id)
+        tokens[rows, step] = nxt
+        steps = step + 1
+        real = ~done  # this step's token is part of its response (EOS included)
+        done = done | torch.isin(nxt, eos_ids)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()) and float(done.float().mean()) >= compact_at:
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, nxt, real, mask, last = rows[keep], nxt[keep], real[keep], mask[keep], last[keep]
+            done = done[keep]
+        mask = torch.cat([mask, real.to(mask.dtype)[:, None]], dim=1)
+        last = last + 1
+        logits = call_with_cache(model, cache, input_ids=nxt[:, None], attention_mask=mask,
+                                 position_ids=last[:, None]).logits[:, -1]
+    return tokens[:, :steps]
+
+
+def _hf_generate(model, ids: Tensor, mask: Tensor, *, max_new_tokens: int, temperature: float,
+                 top_p: float, eos_ids: list[int], pad_id: int) -> Tensor:
+    """Hugging Face ``generate`` (for models whose cache rpgrl's loop cannot index)."""
+    sample = temperature > 0
+    kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                  eos_token_id=eos_ids, use_cache=True, repetition_penalty=1.0)
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+
+
+ENGINES = ("auto", "rpgrl", "hf")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -94,32 +175,43 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    engine: str = "auto",
 ) -> RolloutBatch:
-    """Sample ``n`` responses per prompt (temperature 0 = greedy), grouped contiguously."""
+    """Sample ``n`` responses per prompt (temperature 0 = greedy), grouped contiguously.
+
+    ``engine``: ``rpgrl`` = the KV-cached loop above (each prompt prefilled once for its n
+    samples, finished rows dropped); ``hf`` = ``model.generate``; ``auto`` = ``rpgrl`` when the
+    model's cache is HF's DynamicCache (``rpgrl.prefix.can_share``), else ``hf``. Both draw
+    from exactly softmax(logits / temperature) [top-p]; with greedy decoding they agree token
+    for token (tests/test_rollout.py).
+    """
     if not prompts:
         raise ValueError("generate: no prompts")
+    if engine not in ENGINES:
+        raise ValueError(f"generate: engine must be one of {ENGINES}, got {engine!r}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_ids(model, tokenizer)[0]
     eos_ids = _eos_ids(model, tokenizer)
     expanded = [p for p in prompts for _ in range(n)]
     prompt_ids, prompt_mask = left_pad(expanded, pad_id)
     P = prompt_ids.shape[1]
-    sample = temperature > 0
-    kwargs = dict(
-        do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-        eos_token_id=eos_ids, use_cache=True,
-    )
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
     was_training = model.training
     model.eval()
+    own = engine == "rpgrl" or (engine == "auto" and can_share(model))
+    eos_t = torch.tensor(eos_ids, device=device)
+    per_call = max(1, batch_size // n)  # whole groups per call
     chunks = []
-    for start in range(0, len(expanded), batch_size):
-        ids = prompt_ids[start:start + batch_size].to(device)
-        mask = prompt_mask[start:start + batch_size].to(device)
-        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        chunks.append(out[:, P:].cpu())
+    for start in range(0, len(prompts), per_call):
+        rows = slice(start * n, min(len(prompts), start + per_call) * n)
+        if own:  # one row per prompt: the loop repeats each prompt's cache n times
+            ids = prompt_ids[rows][::n].to(device)
+            mask = prompt_mask[rows][::n].to(device)
+            out = _decode(model, ids, mask, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, eos_ids=eos_t, pad_id=pad_id)
+        else:
+            out = _hf_generate(model, prompt_ids[rows].to(device), prompt_mask[rows].to(device),
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               eos_ids=eos_ids, pad_id=pad_id)
+        chunks.append(out.cpu())
     if was_training:
         model.train()
     R = max(c.shape[1] for c in chunks)

@@ -140,6 +140,7 @@ class Trainer:
                 self.model, self.tokenizer, prompts, n=cfg.rollout.n,
                 max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p, batch_size=cfg.rollout.batch_size, device=self.device,
+                engine=cfg.rollout.engine,
             )
         n = cfg.rollout.n
         with self.timer.phase("scoring"):
@@ -210,7 +211,7 @@ class Trainer:
                 rollout.input_ids[s:s + bs].to(self.device),
                 rollout.attention_mask[s:s + bs].to(self.device), rollout.prompt_len,
                 chunk_size=self.cfg.trainer.logprob_chunk_size, with_entropy=with_entropy,
-                temperature=self.cfg.rollout.temperature,
+                temperature=self.cfg.rollout.temperature, share_prompts=self.cfg.trainer.share_prompts,
             )
             parts_lp.append(lp.float().cpu())
             if ent is not None:
@@ -283,7 +284,7 @@ class Trainer:
                             r.input_ids[micro].to(self.device),
                             r.attention_mask[micro].to(self.device), r.prompt_len,
                             chunk_size=cfg.trainer.logprob_chunk_size, with_entropy=fill_old,
-                            temperature=cfg.rollout.temperature,
+                            temperature=cfg.rollout.temperature, share_prompts=cfg.trainer.share_prompts,
                         )
                         if fill_old:
                             batch.old_logp[micro] = logp.detach().float().cpu()
@@ -386,6 +387,7 @@ class Trainer:
                 max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                 max_problems=cfg.eval.max_problems, batch_size=cfg.rollout.batch_size,
                 device=self.device, scorer=self.data.scorer, timeout_s=cfg.reward_timeout_s,
+                engine=cfg.rollout.engine,
             )
 
     def _log_eval(self, result: dict, step: int) -> None:

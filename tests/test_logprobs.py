@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_tiny import tiny_causal_lm
+
 from rpgrl.logprobs import sequence_logprobs, token_logprobs_from_hidden
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -138,24 +140,7 @@ P = 5  # prompt width (left padded)
 
 
 def _tiny(arch: str):
-    from transformers import (
-        GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-    )
-
-    torch.manual_seed(0)
-    special = dict(vocab_size=50, pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.4)
-    if arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=64, tie_word_embeddings=True, **special)
-        model = Qwen2ForCausalLM(cfg)
-    elif arch == "llama":
-        cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=64, tie_word_embeddings=False, **special)
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **special)
-        model = GPT2LMHeadModel(cfg)
-    return model.float().eval()
+    return tiny_causal_lm(arch)
 
 
 def _batch():

@@ -1,0 +1,128 @@
+"""Shared prompts: each distinct prompt of a batch goes through the decoder once.
+
+GRPO-style rollouts hold ``n`` responses per prompt (spec Sec. 7: G = 8), so a plain padded
+forward recomputes every prompt ``n`` times -- in generation and again in every log-prob /
+training pass. Under causal attention a prompt's keys and values do not depend on what
+follows it, so running the distinct prompts once, keeping their KV cache, and indexing that
+cache per response yields the same hidden states for the response tokens. Autograd sums
+the ``n`` responses' gradients into the one shared prefix, so log-probs *and* gradients are
+those of the padded forward (tests/test_prefix.py checks both to float64 round-off) for
+1/n of the prompt FLOPs.
+
+Only models whose default cache is HF's ``DynamicCache`` qualify (standard and
+sliding-window attention; not recurrent/hybrid state), and not with gradient checkpointing
+while training (HF then turns the cache off). Callers fall back to the padded forward
+whenever :func:`can_share` says no or a batch has no repeated prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["unwrap", "can_share", "dedupe_rows", "new_cache", "positions", "call_with_cache", "shared_prompt_hidden"]
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids of a left-padded row: 0 at its first real token (pads clamp to 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside a PEFT wrapper (its layers carry the adapters), else ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def can_share(model: nn.Module) -> bool:
+    """Whether ``model``'s KV cache can be built once and indexed per response."""
+    base = unwrap(model)
+    checkpointing = getattr(type(base), "is_activation_checkpointing", None)  # transformers >= 5.x name
+    checkpointing = base.is_activation_checkpointing if checkpointing is not None else getattr(
+        base, "is_gradient_checkpointing", False)
+    if torch.is_grad_enabled() and base.training and checkpointing:
+        return False
+    supports = getattr(type(base), "_supports_default_dynamic_cache", None)
+    if callable(supports) and not supports():
+        return False
+    try:
+        new_cache(base)
+    except Exception:  # an exotic config the cache cannot describe: use the padded forward
+        return False
+    return True
+
+
+def new_cache(model: nn.Module):
+    """An empty ``DynamicCache`` laid out for ``model`` (sliding layers included)."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # transformers versions whose DynamicCache takes no config
+        return DynamicCache()
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def call_with_cache(module: nn.Module, cache, *, keep_last: bool = False, **inputs):
+    """``module(**inputs)`` with ``cache`` under the keyword this transformers version uses
+    (``cache`` from 5.2x on, ``past_key_values`` before); ``keep_last`` asks a causal LM for
+    the last position's logits only (``logits_to_keep=1``) where its forward takes it."""
+    params = _forward_params(type(module))
+    extra = {"cache" if "cache" in params else "past_key_values": cache}
+    if keep_last and "logits_to_keep" in params:
+        extra["logits_to_keep"] = 1
+    return module(**inputs, use_cache=True, **extra)
+
+
+def dedupe_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(unique ids, their mask, inverse index) of the rows of a left-padded prompt block, or
+    None when no row repeats (sharing would only add a second decoder call)."""
+    rows = torch.cat([ids, mask.to(ids.dtype)], dim=1)
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if uniq.shape[0] == rows.shape[0]:
+        return None
+    width = ids.shape[1]
+    return uniq[:, :width], uniq[:, width:].to(mask.dtype), inverse
+
+
+def _hidden(out) -> Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def shared_prompt_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                         prompt_len: int) -> Tensor | None:
+    """Final hidden states that predict each response token, computing each prompt once.
+
+    Layout as in ``rpgrl.logprobs.sequence_logprobs``: ``input_ids`` [B, P + R] is a
+    left-padded prompt then a right-padded response. Returns [B, R, H] whose column j
+    predicts ``input_ids[:, P + j]`` -- identical to slicing the padded forward's hidden
+    states at columns P - 1 .. P + R - 2 -- or None when no prompt repeats or the decoder
+    did not fill the cache (then the caller runs the padded forward).
+    """
+    P = prompt_len
+    if P < 1 or input_ids.shape[1] <= P:
+        return None
+    prompt_mask = attention_mask[:, :P]
+    found = dedupe_rows(input_ids[:, :P], prompt_mask)
+    if found is None:
+        return None
+    uniq_ids, uniq_mask, inverse = found
+    cache = new_cache(decoder)
+    out = call_with_cache(decoder, cache, input_ids=uniq_ids, attention_mask=uniq_mask,
+                          position_ids=positions(uniq_mask))
+    if cache.get_seq_length() != P:  # the model kept no KV (e.g. a cache-less variant)
+        return None
+    last = _hidden(out)[:, -1][inverse]  # [B, H]: predicts the first response token
+    cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...], differentiable indexing
+    response_mask = attention_mask[:, P:]
+    response_pos = prompt_mask.long().sum(1, keepdim=True) + response_mask.long().cumsum(-1) - 1
+    out = call_with_cache(decoder, cache, input_ids=input_ids[:, P:], attention_mask=attention_mask,
+                          position_ids=response_pos.clamp_(min=0))
+    return torch.cat([last[:, None], _hidden(out)[:, :-1]], dim=1)

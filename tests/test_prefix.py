@@ -1,0 +1,133 @@
+"""Shared prompts (rpgrl.prefix): each distinct prompt runs once, and nothing changes.
+
+The claim is exactness: log-probs, entropies and gradients of every parameter equal the
+padded forward's, for rotary (Qwen2, Llama), absolute-position (GPT-2) and sliding-window
+(Mistral) attention, with left-padded prompts of different lengths and right-padded
+responses. float64 makes "equal" mean round-off: 1e-10 for values and for GPT-2's
+gradients. HF's RMSNorm computes in float32 even in a float64 model, and the shared path
+sums a prompt's n upstream gradients *before* that float32 backward (the padded path
+after), so RMSNorm models' gradients agree to float32 round-off (1e-6 of the largest
+entry; observed ~1e-7); a wrong or missing gradient path would be off by O(1).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hf_tiny import ARCHS, tiny_causal_lm
+
+from rpgrl import prefix
+from rpgrl.logprobs import sequence_logprobs
+
+P = 5
+
+
+def _group_batch():
+    """3 distinct prompts (2 left-padded) x 3 responses of different lengths, plus one lone prompt."""
+    prompts = [([0, 0, 7, 8, 9], [0, 0, 1, 1, 1]), ([3, 4, 5, 6, 7], [1, 1, 1, 1, 1]),
+               ([0, 11, 12, 13, 14], [0, 1, 1, 1, 1])]
+    responses = [[10, 11, 12, 1, 0], [13, 1, 0, 0, 0], [20, 21, 22, 23, 24],
+                 [25, 26, 1, 0, 0], [27, 28, 29, 30, 1], [31, 1, 0, 0, 0]]
+    ids, mask = [], []
+    k = 0
+    for p_ids, p_mask in prompts:
+        for _ in range(3):
+            r = responses[k % len(responses)]
+            k += 1
+            ids.append(p_ids + r)
+            mask.append(p_mask + [1 if (t != 0) else 0 for t in r])
+    ids.append([0, 0, 0, 40, 41] + [42, 43, 1, 0, 0])  # a prompt seen once
+    mask.append([0, 0, 0, 1, 1] + [1, 1, 1, 0, 0])
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def _counting_decoder_calls(model):
+    decoder = model.get_decoder()
+    calls = []
+    handle = decoder.register_forward_hook(lambda mod, args, kwargs_out: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompts_equal_padded_forward_values_and_gradients(arch):
+    model = tiny_causal_lm(arch).double()
+    ids, mask = _group_batch()
+    assert prefix.can_share(model)
+
+    calls, handle = _counting_decoder_calls(model)
+    lp, ent = sequence_logprobs(model, ids, mask, P, with_entropy=True, chunk_size=4)
+    handle.remove()
+    assert len(calls) == 2  # distinct prompts once, then every response on the shared cache
+    ref, ref_ent = sequence_logprobs(model, ids, mask, P, with_entropy=True, share_prompts=False)
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-10)
+    assert lp.std() > 0.3 and (lp[mask[:, P:] == 0] == 0).all()
+
+    params = list(model.parameters())
+    up = torch.randn(lp.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad((sequence_logprobs(model, ids, mask, P)[0] * up).sum(), params, allow_unused=True)
+    want = torch.autograd.grad(
+        (sequence_logprobs(model, ids, mask, P, share_prompts=False)[0] * up).sum(), params, allow_unused=True)
+    checked = 0
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+            continue
+        atol = 1e-10 if arch == "gpt2" else 1e-6 * float(w.abs().max())  # module doc: float32 RMSNorm
+        torch.testing.assert_close(g, w, rtol=0, atol=atol)
+        checked += int(w.abs().sum() > 0)
+    assert checked >= len(params) // 2
+
+
+def test_no_repeated_prompt_runs_the_padded_forward_once():
+    model = tiny_causal_lm("qwen2")
+    ids, mask = _group_batch()
+    rows = [0, 3, 6, 9]  # one row per prompt
+    calls, handle = _counting_decoder_calls(model)
+    lp, _ = sequence_logprobs(model, ids[rows], mask[rows], P)
+    handle.remove()
+    assert len(calls) == 1
+    assert prefix.dedupe_rows(ids[rows, :P], mask[rows, :P]) is None
+    full, _ = sequence_logprobs(model, ids, mask, P)
+    torch.testing.assert_close(lp, full[rows], rtol=0, atol=1e-5)
+
+
+def test_dedupe_rows_treats_the_mask_as_part_of_the_prompt():
+    ids = torch.tensor([[0, 5, 6], [0, 5, 6], [0, 5, 6], [9, 9, 9]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])  # row 2: same ids, pad is real
+    uniq, umask, inverse = prefix.dedupe_rows(ids, mask)
+    assert uniq.shape[0] == 3
+    torch.testing.assert_close(uniq[inverse], ids)
+    torch.testing.assert_close(umask[inverse], mask)
+    assert inverse[0] == inverse[1] != inverse[2]
+
+
+def test_gradient_checkpointing_falls_back_to_the_padded_forward():
+    model = tiny_causal_lm("qwen2")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    assert not prefix.can_share(model)  # HF drops the cache under checkpointing in training
+    with torch.no_grad():
+        assert prefix.can_share(model)  # ... but not in a no-grad pass
+    ids, mask = _group_batch()
+    lp, _ = sequence_logprobs(model, ids, mask, P)
+    lp.sum().backward()
+    ref = tiny_causal_lm("qwen2")
+    torch.testing.assert_close(lp, sequence_logprobs(ref, ids, mask, P, share_prompts=False)[0], rtol=0, atol=1e-5)
+
+
+def test_lora_adapters_are_used_on_the_shared_path():
+    peft = pytest.importorskip("peft")
+    base = tiny_causal_lm("qwen2")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(copy.deepcopy(base), cfg)
+    ids, mask = _group_batch()
+    assert prefix.can_share(lora)
+    lp, _ = sequence_logprobs(lora, ids, mask, P)
+    merged = copy.deepcopy(lora).merge_and_unload()
+    torch.testing.assert_close(lp, sequence_logprobs(merged, ids, mask, P, share_prompts=False)[0],
+                               rtol=0, atol=1e-5)
+    assert (lp - sequence_logprobs(base, ids, mask, P)[0]).abs().max() > 1e-3

@@ -1,0 +1,160 @@
+"""rpgrl's sampler (rollout.generate, engine="rpgrl") against HF generate and against the
+policy it must draw from: softmax(logits / temperature) [top-p], nothing else."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hf_tiny import ARCHS, tiny_causal_lm
+
+from rpgrl.logprobs import sequence_logprobs
+from rpgrl.rollout import _decode, generate, left_pad, sample_tokens
+from rpgrl.tiny import build_tiny_tokenizer
+
+TOK = build_tiny_tokenizer()
+PROMPTS = [[5, 6, 7], [8, 9], [5, 6, 7], [10, 11, 12, 13], [14]]  # different lengths, one repeated
+
+
+def _model(arch: str, seed: int = 0):
+    model = tiny_causal_lm(arch, seed=seed, vocab_size=len(TOK))
+    # A second EOS the random model emits often, so rows stop at different steps.
+    probe = generate(model, TOK, PROMPTS, max_new_tokens=6, temperature=0.0, engine="hf")
+    model.generation_config.eos_token_id = [TOK.eos_token_id, int(probe.response_ids[0, 2])]
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_greedy_matches_hf_generate_token_for_token(arch, n):
+    model = _model(arch)
+    ours = generate(model, TOK, PROMPTS, n=n, max_new_tokens=7, temperature=0.0, engine="rpgrl")
+    hf = generate(model, TOK, PROMPTS, n=n, max_new_tokens=7, temperature=0.0, engine="hf")
+    assert torch.equal(ours.input_ids, hf.input_ids)
+    assert torch.equal(ours.response_mask, hf.response_mask)
+    assert torch.equal(ours.truncated, hf.truncated) and ours.responses == hf.responses
+    lengths = ours.response_lengths.tolist()
+    assert len(set(lengths)) > 1 and min(lengths) <= 3  # rows stop at different steps
+
+
+def test_model_generation_defaults_do_not_change_the_sampler():
+    """Qwen-Instruct ships repetition_penalty / top_k in generation_config; neither engine may apply them."""
+    model = _model("qwen2")
+    plain = generate(model, TOK, PROMPTS, max_new_tokens=7, temperature=0.0, engine="rpgrl")
+    model.generation_config.repetition_penalty = 10.0
+    model.generation_config.top_k = 2
+    for engine in ("rpgrl", "hf"):
+        out = generate(model, TOK, PROMPTS, max_new_tokens=7, temperature=0.0, engine=engine)
+        assert torch.equal(out.input_ids, plain.input_ids), engine
+
+
+def test_dropping_finished_rows_changes_nothing(monkeypatch):
+    from transformers import DynamicCache
+
+    model = _model("llama")
+    ids, mask = left_pad([p for p in PROMPTS for _ in range(1)], TOK.pad_token_id)
+    eos = torch.tensor(model.generation_config.eos_token_id)
+    common = dict(max_new_tokens=7, temperature=0.0, top_p=1.0, eos_ids=eos, pad_id=TOK.pad_token_id)
+    calls = []
+    original = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda self, idx: (calls.append(len(idx)), original(self, idx))[1])
+    never = _decode(model, ids, mask, 3, compact_at=2.0, **common)
+    assert calls == []
+    always = _decode(model, ids, mask, 3, compact_at=0.0, **common)
+    assert calls and calls == sorted(calls, reverse=True)  # the live batch only shrinks
+    assert torch.equal(never, always)
+
+
+def _expected(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """By hand: softmax(l / T), keep the smallest top set with mass >= top_p, renormalise."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = p.argsort(descending=True)
+    keep, mass = [], 0.0
+    for i in order.tolist():
+        keep.append(i)
+        mass += float(p[i])
+        if mass >= top_p:
+            break
+    q = torch.zeros_like(p)
+    q[keep] = p[keep]
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.6)])
+def test_sample_tokens_draws_from_the_tempered_nucleus(temperature, top_p):
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 200_000
+    draws = sample_tokens(logits.expand(n, -1), temperature, top_p)
+    freq = torch.bincount(draws, minlength=6).double() / n
+    want = _expected(logits, temperature, top_p)
+    se = torch.sqrt(want * (1 - want) / n).clamp(min=1e-12)
+    assert ((freq - want).abs() <= 5 * se + 1e-12).all(), (freq, want)
+    assert (freq[want == 0] == 0).all()  # outside the nucleus: never drawn
+    if top_p < 1:
+        assert (want == 0).sum() >= 2  # the case really truncates
+
+
+def test_sample_tokens_greedy_is_argmax():
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_tokens(logits, 0.0), logits.argmax(-1))
+
+
+def test_first_token_of_n_samples_follows_the_models_tempered_softmax():
+    """The prompt is prefilled once and its logits repeated for the n samples."""
+    model = _model("qwen2")
+    prompt, tau, n = [5, 6, 7], 0.8, 20_000
+    torch.manual_seed(1)
+    out = generate(model, TOK, [prompt], n=n, max_new_tokens=1, temperature=tau, engine="rpgrl")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    want = torch.softmax(logits.double() / tau, -1)
+    freq = torch.bincount(out.response_ids[:, 0], minlength=want.numel()).double() / n
+    se = torch.sqrt(want * (1 - want) / n)
+    assert ((freq - want).abs() <= 5 * se + 1e-9).all()
+    assert float(want.max()) < 0.9  # a real spread of outcomes, not one forced token
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_sampler_logprobs_equal_the_loss_side_logprobs(arch, monkeypatch):
+    """What the loop samples from at each step is what sequence_logprobs scores (same tau)."""
+    import rpgrl.rollout as rollout
+
+    model = _model(arch)
+    tau = 0.7
+    seen: list[torch.Tensor] = []
+    original = rollout.sample_tokens
+
+    def recording(logits, temperature, top_p=1.0):
+        tok = original(logits, temperature, top_p)
+        seen.append(torch.log_softmax(logits.double() / temperature, -1).gather(1, tok[:, None]).squeeze(1))
+        return tok
+
+    monkeypatch.setattr(rollout, "sample_tokens", recording)
+    monkeypatch.setattr(rollout, "_decode", lambda *a, **k: _decode(*a, **{**k, "compact_at": 2.0}))
+    torch.manual_seed(2)
+    out = generate(model, TOK, PROMPTS, n=4, max_new_tokens=6, temperature=tau, engine="rpgrl")
+    sampler = torch.stack(seen, 1).float()[:, : out.response_mask.shape[1]] * out.response_mask
+    lp, _ = sequence_logprobs(model, out.input_ids, out.attention_mask, out.prompt_len, temperature=tau)
+    torch.testing.assert_close(lp, sampler, rtol=0, atol=1e-5)
+    assert out.response_mask.sum() > 20 and lp.min() < math.log(0.5)
+
+
+def test_lora_model_samples_with_its_adapters():
+    peft = pytest.importorskip("peft")
+    base = _model("qwen2")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(base, cfg)
+    ours = generate(lora, TOK, PROMPTS, n=2, max_new_tokens=6, temperature=0.0, engine="rpgrl")
+    hf = generate(lora, TOK, PROMPTS, n=2, max_new_tokens=6, temperature=0.0, engine="hf")
+    assert torch.equal(ours.input_ids, hf.input_ids)
+    with lora.disable_adapter():
+        plain = generate(lora, TOK, PROMPTS, n=2, max_new_tokens=6, temperature=0.0, engine="rpgrl")
+    assert not torch.equal(plain.input_ids, ours.input_ids)
+
+
+def test_engine_is_validated():
+    with pytest.raises(ValueError, match="engine"):
+        generate(_model("qwen2"), TOK, PROMPTS, max_new_tokens=2, engine="vllm")
