@@ -16,6 +16,10 @@ What is equal on both sides:
   num_generations = n, gradient_accumulation_steps = 1, num_iterations = 1);
 * max new tokens, temperature 1, top-p 1, AdamW at a constant LR, grad clip 1, no warm-up.
 
+Each side uses its own engines (the point of the comparison): rpgrl its KV-cached sampler and
+shared-prompt forward, TRL HF ``generate`` and a padded forward; ``--rpgrl-overrides
+trainer.share_prompts=false rollout.engine=hf`` turns rpgrl's off for an ablation.
+
 Each side runs its own algorithm: rpgrl the paper's default (``rpg_reinforce_ufkl``; the KL
 anchor is the rollout policy, so no reference model is held even with beta > 0), TRL its
 GRPO (``loss_type="dapo"``; with beta > 0 TRL loads and runs a reference model).
@@ -78,6 +82,7 @@ def rpgrl_command(a: argparse.Namespace, model_path: str, beta: float, out: Path
         "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", "model.dtype=float32",
         "model.gradient_checkpointing=false", "eval.before_training=false", "eval.temperature=0.0",
         f"data.test_size={a.test_size}", "logging.progress=false", "logging.tensorboard=false",
+        *a.rpgrl_overrides,
     ]
 
 
@@ -278,6 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-path", default=None, help="use this save_pretrained dir instead of the tiny model")
     p.add_argument("--model-overrides", nargs="*", default=[],
                    help="rpgrl overrides for building the tiny model, e.g. warmstart.steps=50")
+    p.add_argument("--rpgrl-overrides", nargs="*", default=[],
+                   help="extra rpgrl dotted overrides (ablation, e.g. trainer.share_prompts=false rollout.engine=hf)")
     p.add_argument("--workdir", default=None, help="keep the runs and logs here (default: a temp dir)")
     p.add_argument("--profile", action="store_true", help="print rpgrl's step-time breakdown")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)

@@ -1,13 +1,16 @@
-"""Generation with a Hugging Face model (KV cache) into one padded batch.
+"""Sampling responses from a Hugging Face causal LM (KV cache) into one padded batch.
 
 Layout of the returned batch, shared with ``rpgrl.logprobs.sequence_logprobs``:
 ``input_ids = [left-padded prompt (P) | right-padded response (R)]``. The response mask
 covers generated tokens up to and including the first EOS.
 
-The sampler must be the policy whose log-probs the loss uses: sampling is plain
-softmax(logits / temperature) with top-k disabled (HF's default top_k=50 would silently
-make pi_old differ from what we score). ``top_p < 1`` truncates the sampler; like verl we
-then still score with the full softmax, which the docs call out.
+The sampler must be the policy whose log-probs the loss uses (pi_old, spec Sec. 1): tokens
+are drawn from plain softmax(logits / temperature) -- no top-k (HF's default top_k=50) and
+none of a model's ``generation_config`` extras (e.g. Qwen-Instruct's repetition_penalty).
+``top_p < 1`` truncates the sampler; like verl we then still score with the full softmax,
+which the docs call out. rpgrl's own loop (:func:`_decode`) prefills each prompt once for
+its n samples and drops finished rows; HF ``generate`` remains for models whose cache that
+loop cannot index (recurrent / hybrid state).
 """
 
 from __future__ import annotations
