@@ -39,9 +39,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 def can_share(model: nn.Module) -> bool:
     """Whether ``model``'s KV cache can be built once and indexed per response."""
     base = unwrap(model)
-    checkpointing = getattr(type(base), "is_activation_checkpointing", None)  # transformers >= 5.x name
-    checkpointing = base.is_activation_checkpointing if checkpointing is not None else getattr(
-        base, "is_gradient_checkpointing", False)
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers 5 name
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
     if torch.is_grad_enabled() and base.training and checkpointing:
         return False
     supports = getattr(type(base), "_supports_default_dynamic_cache", None)
