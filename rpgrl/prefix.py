@@ -92,6 +92,21 @@ def dedupe_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | No
     return uniq[:, :width], uniq[:, width:].to(mask.dtype), inverse
 
 
+def _index_cache(cache, index: Tensor) -> None:
+    """Rows ``index`` of every layer's keys/values, with ``index_select``: its backward
+    (index_add) sums a prompt's n gradients in a fixed order, whereas advanced indexing's
+    (``cache.batch_select_indices``; index_put with accumulate) is not deterministic on CPU
+    with repeated indices, which made runs differ in the last bits."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # older transformers: no per-layer objects to reach into
+        cache.batch_select_indices(index)
+        return
+    for layer in layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+
+
 def _hidden(out) -> Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
@@ -119,8 +134,8 @@ def shared_prompt_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: 
                           position_ids=positions(uniq_mask))
     if cache.get_seq_length() != P:  # the model kept no KV (e.g. a cache-less variant)
         return None
-    last = _hidden(out)[:, -1][inverse]  # [B, H]: predicts the first response token
-    cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...], differentiable indexing
+    last = _hidden(out)[:, -1].index_select(0, inverse)  # [B, H]: predicts the first response token
+    _index_cache(cache, inverse)  # [U, ...] -> [B, ...]
     response_mask = attention_mask[:, P:]
     response_pos = prompt_mask.long().sum(1, keepdim=True) + response_mask.long().cumsum(-1) - 1
     out = call_with_cache(decoder, cache, input_ids=input_ids[:, P:], attention_mask=attention_mask,

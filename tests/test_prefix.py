@@ -131,3 +131,30 @@ def test_lora_adapters_are_used_on_the_shared_path():
     torch.testing.assert_close(lp, sequence_logprobs(merged, ids, mask, P, share_prompts=False)[0],
                                rtol=0, atol=1e-5)
     assert (lp - sequence_logprobs(base, ids, mask, P)[0]).abs().max() > 1e-3
+
+
+def test_shared_prompt_gradients_are_bitwise_reproducible():
+    """A prompt's n gradients are summed in a fixed order (index_select's backward), so two
+    identical backward passes agree bit for bit even with shuffled rows and 2+ threads --
+    advanced indexing's index_put backward does not, and made whole runs drift."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=256, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                                         pad_token_id=0, eos_token_id=1)).eval()
+    ids, mask = _group_batch()
+    order = torch.randperm(ids.shape[0] * 16, generator=torch.Generator().manual_seed(0)) % ids.shape[0]
+    ids, mask = ids[order], mask[order]  # 160 rows, prompts repeated in a shuffled order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        grads = set()
+        for _ in range(10):
+            model.zero_grad(set_to_none=True)
+            lp, _ = sequence_logprobs(model, ids, mask, P)
+            lp.sum().backward()
+            grads.add(b"".join(p.grad.numpy().tobytes() for p in model.parameters() if p.grad is not None))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(grads) == 1
