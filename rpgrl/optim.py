@@ -78,7 +78,8 @@ def build_optimizer(
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     params = _params(model_or_params)
     if name == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                fused=_can_fuse(params) or None)
         return opt, LambdaLR(opt, LinearWarmup(warmup_steps))
     from schedulefree import AdamWScheduleFree
 
@@ -87,6 +88,14 @@ def build_optimizer(
     )
     opt.train()  # ready to step; schedulefree starts in eval mode
     return opt, None
+
+
+def _can_fuse(params) -> bool:
+    """The fused AdamW kernel (one pass over all tensors; ~5x faster than the per-tensor loop on
+    CPU, and TRL/HF's default ``adamw_torch_fused``) takes float tensors -- FSDP2's DTensor
+    shards included -- on CPU/CUDA; other devices keep the default implementation."""
+    tensors = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
 
 
 def set_train_mode(optimizer: Optimizer) -> None:
