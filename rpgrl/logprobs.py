@@ -245,8 +245,11 @@ def sequence_logprobs(
             f"token before it); got range [{int(start.min())}, {int(start.max())}]"
         )
     resp_len = length - int(start.min()) if bsz else 0
-
     decoder, head = _unwrap_causal_lm(model)
+    if resp_len == 0:  # nothing to score (and nothing to run)
+        empty = torch.zeros(bsz, 0, device=device, dtype=torch.promote_types(head.weight.dtype, torch.float32))
+        return empty, (empty.clone() if with_entropy else None)
+
     # Token at column c = start + j is predicted by the hidden state at column c - 1.
     cols = start[:, None] + torch.arange(resp_len, device=device)[None, :]  # [B, R]
     valid = cols < length
@@ -258,8 +261,9 @@ def sequence_logprobs(
     if share_prompts and one_start and can_share(model):
         h_sel = shared_prompt_hidden(decoder, input_ids, attention_mask, int(start[0]))
     if h_sel is None:
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=positions(attention_mask), use_cache=False)
+        # Column L - 1's output would predict the token after the sequence: never run it.
+        out = decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                      position_ids=positions(attention_mask[:, :-1]), use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if one_start:
             h_sel = hidden[:, int(start[0]) - 1 : int(start[0]) - 1 + resp_len]  # a view, no gather copy

@@ -134,10 +134,13 @@ def shared_prompt_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: 
                           position_ids=positions(uniq_mask))
     if cache.get_seq_length() != P:  # the model kept no KV (e.g. a cache-less variant)
         return None
-    last = _hidden(out)[:, -1].index_select(0, inverse)  # [B, H]: predicts the first response token
+    last = _hidden(out)[:, -1:].index_select(0, inverse)  # [B, 1, H]: predicts the first response token
+    if input_ids.shape[1] == P + 1:
+        return last
     _index_cache(cache, inverse)  # [U, ...] -> [B, ...]
-    response_mask = attention_mask[:, P:]
+    # The last column's output would predict the token after the response: never run it.
+    response_mask = attention_mask[:, P:-1]
     response_pos = prompt_mask.long().sum(1, keepdim=True) + response_mask.long().cumsum(-1) - 1
-    out = call_with_cache(decoder, cache, input_ids=input_ids[:, P:], attention_mask=attention_mask,
+    out = call_with_cache(decoder, cache, input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
                           position_ids=response_pos.clamp_(min=0))
-    return torch.cat([last[:, None], _hidden(out)[:, :-1]], dim=1)
+    return torch.cat([last, _hidden(out)], dim=1)

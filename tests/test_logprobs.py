@@ -236,7 +236,7 @@ def test_peft_lora_matches_merged_model():
     lp_lora, _ = sequence_logprobs(lora, ids, mask, P)
     merged = copy.deepcopy(lora).merge_and_unload()
     lp_merged, _ = sequence_logprobs(merged, ids, mask, P)
-    torch.testing.assert_close(lp_lora, lp_merged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lp_lora, lp_merged, rtol=1e-5, atol=1e-5)  # float32: merging re-rounds W
     lp_base, _ = sequence_logprobs(base, ids, mask, P)
     assert (lp_lora - lp_base).abs().max() > 1e-3  # the adapter really changes the policy
     lp_lora.sum().backward()

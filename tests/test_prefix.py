@@ -158,3 +158,18 @@ def test_shared_prompt_gradients_are_bitwise_reproducible():
     finally:
         torch.set_num_threads(threads)
     assert len(grads) == 1
+
+
+def test_one_response_column_needs_only_the_prompt_pass():
+    """The last column never runs (its output would predict the token after the sequence),
+    so a one-token response is scored from the shared prompt pass alone."""
+    model = tiny_causal_lm("qwen2").double()
+    ids, mask = _group_batch()
+    ids, mask = ids[:, : P + 1], mask[:, : P + 1]
+    calls, handle = _counting_decoder_calls(model)
+    lp, _ = sequence_logprobs(model, ids, mask, P)
+    handle.remove()
+    assert len(calls) == 1 and lp.shape == (ids.shape[0], 1)
+    torch.testing.assert_close(lp, sequence_logprobs(model, ids, mask, P, share_prompts=False)[0], rtol=0, atol=1e-10)
+    full, _ = sequence_logprobs(model, *_group_batch(), P)
+    torch.testing.assert_close(lp[:, 0], full[:, 0], rtol=0, atol=1e-10)
