@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rpgrl.prefix import can_share, positions, shared_prompt_hidden
+from rpgrl.prefix import can_share, last_hidden, positions, shared_prompt_hidden, unwrap
 
 __all__ = ["token_logprobs_from_hidden", "sequence_logprobs"]
 
@@ -172,8 +172,7 @@ def token_logprobs_from_hidden(
 
 def _unwrap_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Return (decoder, lm_head) of a HF causal LM, PEFT-wrapped or not."""
-    if hasattr(model, "get_base_model"):  # peft.PeftModel -> the HF model with adapters injected
-        model = model.get_base_model()
+    model = unwrap(model)  # peft.PeftModel -> the HF model with adapters injected
     config = getattr(model, "config", None)
     for attr in _UNSUPPORTED_LOGIT_TRANSFORMS:
         val = getattr(config, attr, None)
@@ -264,7 +263,7 @@ def sequence_logprobs(
         # Column L - 1's output would predict the token after the sequence: never run it.
         out = decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                       position_ids=positions(attention_mask[:, :-1]), use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden = last_hidden(out)
         if one_start:
             h_sel = hidden[:, int(start[0]) - 1 : int(start[0]) - 1 + resp_len]  # a view, no gather copy
         else:

@@ -23,7 +23,8 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-__all__ = ["unwrap", "can_share", "dedupe_rows", "new_cache", "positions", "call_with_cache", "shared_prompt_hidden"]
+__all__ = ["unwrap", "can_share", "dedupe_rows", "new_cache", "positions", "call_with_cache", "last_hidden",
+           "shared_prompt_hidden"]
 
 
 def positions(mask: Tensor) -> Tensor:
@@ -107,7 +108,8 @@ def _index_cache(cache, index: Tensor) -> None:
             layer.values = layer.values.index_select(0, index)
 
 
-def _hidden(out) -> Tensor:
+def last_hidden(out) -> Tensor:
+    """The final hidden states of a decoder's output (ModelOutput or tuple)."""
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -134,7 +136,7 @@ def shared_prompt_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: 
                           position_ids=positions(uniq_mask))
     if cache.get_seq_length() != P:  # the model kept no KV (e.g. a cache-less variant)
         return None
-    last = _hidden(out)[:, -1:].index_select(0, inverse)  # [B, 1, H]: predicts the first response token
+    last = last_hidden(out)[:, -1:].index_select(0, inverse)  # [B, 1, H]: predicts the first response token
     if input_ids.shape[1] == P + 1:
         return last
     _index_cache(cache, inverse)  # [U, ...] -> [B, ...]
@@ -143,4 +145,4 @@ def shared_prompt_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: 
     response_pos = prompt_mask.long().sum(1, keepdim=True) + response_mask.long().cumsum(-1) - 1
     out = call_with_cache(decoder, cache, input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
                           position_ids=response_pos.clamp_(min=0))
-    return torch.cat([last, _hidden(out)], dim=1)
+    return torch.cat([last, last_hidden(out)], dim=1)
