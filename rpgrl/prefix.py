@@ -66,7 +66,7 @@ def new_cache(model: nn.Module):
         return DynamicCache()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
