@@ -40,6 +40,9 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str | None = None  # HF hub name or local dir; None = the built-in tiny model
+    # a .gguf file inside model.path (a folder); model.path may also be a .gguf file itself or
+    # pkg:PACKAGE/file.gguf (a file shipped in an installed package). De-quantized once, cached
+    gguf_file: str | None = None
     tiny: TinyConfig = field(default_factory=TinyConfig)
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     trust_remote_code: bool = False
@@ -67,6 +70,11 @@ class DataConfig:
     prompt_overlong: str = "truncate_left"  # truncate_left | drop | error
     on_bad_row: str = "error"  # error | skip
     test_size: int = 256  # procedural task: held-out problems
+    # procedural task (no train_files): arith = "37+48" for the tiny model; arith_chat = "What is
+    # 37 + 48? Reply as: Answer: <number>" for pretrained chat models (rpgrl.rewards.arith_chat)
+    task: str = "arith"
+    operand_min: int = 10  # procedural task: operands a, b in [operand_min, operand_max]
+    operand_max: int = 99
 
 
 @dataclass
@@ -219,6 +227,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.prompt_overlong": ("truncate_left", "drop", "error"),
     "data.on_bad_row": ("error", "skip"),
+    "data.task": ("arith", "arith_chat"),
     "algorithm.name": tuple(PRESETS),
     "algorithm.agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
     "algorithm.anchor.mode": ("rollout", "periodic", "adaptive", "fixed"),
@@ -427,6 +436,8 @@ def validate(cfg: Config) -> None:
         ("trainer.max_consecutive_skips", t.max_consecutive_skips >= 1, "must be >= 1"),
         ("trainer.logprob_chunk_size", t.logprob_chunk_size >= 1, "must be >= 1"),
         ("data.max_prompt_length", cfg.data.max_prompt_length >= 1, "must be >= 1"),
+        ("data.operand_min", cfg.data.operand_min >= 0, "must be >= 0"),
+        ("data.operand_max", cfg.data.operand_max >= cfg.data.operand_min, "must be >= data.operand_min"),
         ("eval.k", cfg.eval.k >= 1, "must be >= 1"),
         ("eval.temperature", cfg.eval.temperature >= 0, "must be >= 0 (0 = greedy)"),
         ("reward_timeout_s", cfg.reward_timeout_s > 0, "must be > 0"),
@@ -459,6 +470,11 @@ def validate(cfg: Config) -> None:
             f"algorithm.overlong.buffer_len: {a.overlong.buffer_len} must be < rollout.max_new_tokens "
             f"({r.max_new_tokens})"
         )
+    if cfg.model.path is None and cfg.data.task != "arith":
+        raise ConfigError(f"data.task: the built-in tiny model only knows data.task=arith; set "
+                          f"model.path for data.task={cfg.data.task}")
+    if cfg.model.gguf_file and cfg.model.path is None:
+        raise ConfigError("model.gguf_file: also set model.path (the folder that holds the file)")
     if cfg.model.path is None and cfg.data.train_files:
         raise ConfigError("model.path: the built-in tiny model only knows the procedural task; "
                           "set model.path when data.train_files is given")

@@ -27,6 +27,16 @@ def distinct_problems(examples: list[Example], prompts: list[list[int]], max_pro
     return [examples[i] for i in idx], [prompts[i] for i in idx]
 
 
+def secondary_metrics(details: list[dict | None]) -> dict[str, float]:
+    """Means of the extra boolean/numeric fields a scorer returns beside ``score``/``acc``
+    (e.g. ``strict_acc`` of the chat arithmetic task), over all samples; a failed or
+    float-returning sample counts as 0."""
+    keys = sorted({k for d in details if d for k, v in d.items()
+                   if k not in ("score", "acc") and isinstance(v, (bool, int, float))})
+    n = max(len(details), 1)
+    return {k: sum(float(d.get(k) or 0) for d in details if d) / n for k in keys}
+
+
 @torch.no_grad()
 def evaluate_policy(
     model, tokenizer, examples: list[Example], prompts: list[list[int]], *, k: int = 1,
@@ -41,18 +51,21 @@ def evaluate_policy(
     rollout = generate(model, tokenizer, prompts, n=k, max_new_tokens=max_new_tokens,
                        temperature=temperature, batch_size=batch_size, device=device, engine=engine)
     rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
+    details: list = []
     scores, stats = score_batch(
         rep([e.data_source for e in examples]), rollout.responses,
         rep([e.ground_truth for e in examples]), rep([e.extra_info for e in examples]),
-        scorer=scorer, timeout_s=timeout_s,
+        scorer=scorer, timeout_s=timeout_s, details=details,
     )
     records = [
-        {"data_source": ex.data_source, "uid": ex.uid, "score": s, "acc": s > 0.5}
-        for ex, s in zip(rep(examples), scores)
+        {"data_source": ex.data_source, "uid": ex.uid, "score": s,
+         "acc": bool(d["acc"]) if d and isinstance(d.get("acc"), (bool, int)) else s > 0.5}
+        for ex, s, d in zip(rep(examples), scores, details)
     ]
     summary = summarize(records, k=k)
     return {
         "accuracy": float(summary["overall"][f"mean@{k}"]),
+        **secondary_metrics(details),
         "by_source": summary["by_source"],
         "overall": summary["overall"],
         "scorer_stats": stats,

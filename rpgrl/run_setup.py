@@ -15,6 +15,7 @@ import torch
 from rpgrl.config import Config
 from rpgrl.data.procedural import addition_splits
 from rpgrl.data.verl import Example, load_examples, tokenize_prompts
+from rpgrl.gguf import resolve_model_path
 from rpgrl.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
 from rpgrl.rewards import load_scorer
 from rpgrl.tiny import TinyModelConfig
@@ -34,8 +35,10 @@ class RunData:
 def _examples(cfg: Config, log) -> tuple[list[Example], list[Example]]:
     d = cfg.data
     if not d.train_files:
-        train, test = addition_splits(test_size=d.test_size)
-        log(f"data: procedural 2-digit addition, {len(train)} train / {len(test)} held-out problems")
+        train, test = addition_splits(d.operand_min, d.operand_max, test_size=d.test_size, task=d.task)
+        what = "2-digit addition" if (d.task, d.operand_min, d.operand_max) == ("arith", 10, 99) else \
+            f"addition a + b, a and b in {d.operand_min}..{d.operand_max} ({d.task})"
+        log(f"data: procedural {what}, {len(train)} train / {len(test)} held-out problems")
         return train, test
     train, stats = load_examples(d.train_files, on_bad_row=d.on_bad_row)
     log(f"data: {len(train)} train rows from {len(d.train_files)} file(s) {stats}")
@@ -66,7 +69,9 @@ def setup_run(cfg: Config, log=print) -> tuple[RunData, torch.nn.Module, object,
     train, test = _examples(cfg, log)
     scorer = load_scorer(cfg.reward_fn) if cfg.reward_fn else None
     path = cfg.model.path
-    if path is None:
+    if path is not None:  # a GGUF file becomes a cached save_pretrained folder
+        path = resolve_model_path(path, cfg.model.gguf_file, cache_dir=cfg.warmstart.cache_dir, log=log)
+    else:
         ws, t = cfg.warmstart, cfg.model.tiny
         tiny = TinyModelConfig(t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size)
         path = str(warm_start_tiny(

@@ -13,26 +13,39 @@ import random
 from rpgrl.data.verl import Example
 
 DATA_SOURCE = "rpgrl/arith"
+#: The chat form of the same task for pretrained instruct models (data.task=arith_chat);
+#: scored by ``rpgrl.rewards.arith_chat`` (strict "Answer: N" and last-number accuracy).
+CHAT_DATA_SOURCE = "rpgrl/arith_chat"
+CHAT_PROMPT = "What is {a} + {b}? Reply as: Answer: <number>"
+TASKS = ("arith", "arith_chat")
 
 
-def _example(a: int, b: int, split: str, index: int) -> Example:
+def _example(a: int, b: int, split: str, index: int, task: str = "arith") -> Example:
+    chat = task == "arith_chat"
+    source = CHAT_DATA_SOURCE if chat else DATA_SOURCE
+    content = CHAT_PROMPT.format(a=a, b=b) if chat else f"{a}+{b}"
     return Example(
-        messages=[{"role": "user", "content": f"{a}+{b}"}],
+        messages=[{"role": "user", "content": content}],
         ground_truth=str(a + b),
-        data_source=DATA_SOURCE,
+        data_source=source,
         extra_info={"index": index, "split": split, "raw_problem": f"{a}+{b}"},
-        uid=f"{DATA_SOURCE}/{a}+{b}",
+        uid=f"{source}/{a}+{b}",
     )
 
 
 def addition_splits(
-    low: int = 10, high: int = 99, test_size: int = 256, seed: int = 1234
+    low: int = 10, high: int = 99, test_size: int = 256, seed: int = 1234, task: str = "arith",
 ) -> tuple[list[Example], list[Example]]:
     """All ordered pairs in [low, high]^2, split disjointly by unordered pair.
 
     ``seed`` fixes the split only (it is independent of the training seed so every run of
-    the default is judged on the same held-out problems).
+    the default is judged on the same held-out problems). ``task`` picks the prompt form:
+    ``arith`` ("37+48", the tiny model's character-level task) or ``arith_chat`` (a chat
+    question for pretrained instruct models, see CHAT_PROMPT); ``low``/``high`` are the
+    difficulty knob.
     """
+    if task not in TASKS:
+        raise ValueError(f"procedural task: unknown task {task!r}; allowed: {', '.join(TASKS)}")
     if not 0 <= low <= high:
         raise ValueError(f"procedural task: need 0 <= low <= high, got low={low}, high={high}")
     pairs = sorted({(min(a, b), max(a, b)) for a in range(low, high + 1) for b in range(low, high + 1)})
@@ -46,8 +59,8 @@ def addition_splits(
             target.append((x, y))
     if not train:
         raise ValueError(f"procedural task: test_size={test_size} leaves no training problems")
-    train_ex = [_example(a, b, "train", i) for i, (a, b) in enumerate(train)]
-    test_ex = [_example(a, b, "test", i) for i, (a, b) in enumerate(test)]
+    train_ex = [_example(a, b, "train", i, task) for i, (a, b) in enumerate(train)]
+    test_ex = [_example(a, b, "test", i, task) for i, (a, b) in enumerate(test)]
     return train_ex, test_ex
 
 

@@ -23,6 +23,7 @@ ROUTES: list[tuple[str, str]] = [
     ("math_dapo*", "default"),
     ("aime*", "default"),
     ("amc*", "default"),
+    ("rpgrl/arith_chat", "arith_chat"),
     ("rpgrl/*", "default"),
 ]
 

@@ -192,6 +192,7 @@ def score_batch(
     extra_infos: list[dict | None] | None = None,
     scorer: Callable | None = None,
     timeout_s: float = 10.0,
+    details: list | None = None,
 ) -> tuple[list[float], dict]:
     """Rewards for a batch of responses, and failure counts for the training log.
 
@@ -200,6 +201,8 @@ def score_batch(
     Each call is bounded by ``timeout_s``. Empty responses score 0 without a call.
     Returns ``(rewards, stats)`` with stats keys ``n``, ``scorer_errors``,
     ``scorer_timeouts``, ``scorer_bad_return``, ``empty_responses``, ``score_time_s``.
+    ``details``, if given, receives each response's raw dict return (``None`` for a float
+    return or a failure), e.g. the secondary accuracies an evaluation reports.
     """
     n = len(responses)
     if extra_infos is None:
@@ -217,6 +220,7 @@ def score_batch(
     stats = {"n": n, "scorer_errors": 0, "scorer_timeouts": 0, "scorer_bad_return": 0,
              "empty_responses": 0}
     rewards = [0.0] * n
+    raw: list = [None] * n
     warned = 0
     t0 = time.perf_counter()
 
@@ -255,6 +259,9 @@ def score_batch(
                                   f"got {value!r:.200}")
             continue
         rewards[i] = reward
+        raw[i] = value if isinstance(value, dict) else None
+    if details is not None:
+        details.extend(raw)
     if warned > _MAX_WARNINGS_PER_BATCH:
         log.warning("scorer: %d failures in this batch (%d shown)", warned, _MAX_WARNINGS_PER_BATCH)
     stats["score_time_s"] = time.perf_counter() - t0

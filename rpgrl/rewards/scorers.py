@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from rpgrl.rewards.arith_chat import score_arith_chat
 from rpgrl.rewards.extract import extract_final_answer
 from rpgrl.rewards.normalize import as_rational, normalize_answer
 from rpgrl.rewards.verify import math_verify_score, symbolic_equal
@@ -77,4 +78,6 @@ BUILTIN_SCORERS = {
     "boxed": functools.partial(score_response, extract="boxed", symbolic=True),
     # math-verify's own extraction over the whole response.
     "math_verify": _score_math_verify,
+    # the chat arithmetic task for real LMs: last-number accuracy + strict-format bonus.
+    "arith_chat": score_arith_chat,
 }
