@@ -33,6 +33,10 @@ def _train(args: argparse.Namespace) -> int:
     before, after = summary["eval_before"]["accuracy"], summary["eval_after"]["accuracy"]
     print(f"held-out accuracy: before RL {before:.3f} -> after RL {after:.3f} "
           f"({summary['steps']} RL steps, {summary['wall_seconds']:.0f} s in all, {summary['algorithm']})")
+    for key in summary["eval_after"]:
+        if key != "accuracy":
+            print(f"held-out {key}: before RL {summary['eval_before'].get(key, float('nan')):.3f} -> "
+                  f"after RL {summary['eval_after'][key]:.3f}")
     print(f"summary: {Path(cfg.output_dir) / 'summary.json'}; curves: {Path(cfg.output_dir) / 'curves.png'}; "
           f"final model: {Path(cfg.output_dir) / 'final'}")
     return 0
@@ -43,10 +47,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     from rpgrl.data.verl import load_examples, tokenize_prompts
     from rpgrl.eval_runner import evaluate_policy
+    from rpgrl.gguf import resolve_model_path
     from rpgrl.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
     from rpgrl.rewards import load_scorer
 
     device = resolve_device(args.device)
+    args.model = resolve_model_path(args.model, args.gguf_file)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_policy(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
                         trust_remote_code=args.trust_remote_code)
@@ -66,7 +72,8 @@ def _eval(args: argparse.Namespace) -> int:
         )
         results[str(path)] = res
         print(f"{path}: mean@{args.k} = {res['accuracy']:.4f} "
-              + " ".join(f"{k}={v:.4f}" for k, v in res["overall"].items() if k.startswith("pass@")))
+              + " ".join(f"{k}={v:.4f}" for k, v in res["overall"].items() if k.startswith("pass@"))
+              + "".join(f" {k}={v:.4f}" for k, v in res["secondary"].items()))
     text = json.dumps(results, indent=2, default=str)
     if args.out:
         Path(args.out).write_text(text)
@@ -85,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="mean@k / pass@k of a model on verl-format parquet/JSONL files")
-    e.add_argument("--model", required=True, help="save_pretrained directory or hub name")
+    e.add_argument("--model", required=True,
+                   help="save_pretrained directory, hub name, .gguf file or pkg:PACKAGE/file.gguf")
+    e.add_argument("--gguf-file", default=None, help="a .gguf file inside the --model folder")
     e.add_argument("--data", nargs="+", required=True, help="parquet or JSONL files (verl format)")
     e.add_argument("--k", type=int, default=1, help="samples per distinct problem")
     e.add_argument("--temperature", type=float, default=1.0)

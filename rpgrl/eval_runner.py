@@ -44,7 +44,8 @@ def evaluate_policy(
     device: torch.device | str = "cpu", scorer: Callable | None = None, timeout_s: float = 10.0,
     engine: str = "auto",
 ) -> dict:
-    """Returns {"accuracy": overall mean@k, "by_source": {...}, "overall": {...}, "samples": [...] (first few)}."""
+    """Returns {"accuracy": overall mean@k, "by_source": {...}, "overall": {...}, "secondary":
+    {e.g. "strict_acc": mean}, "samples": [...] (first few)}."""
     if not examples:
         return {"accuracy": float("nan"), "by_source": {}, "overall": {}}
     examples, prompts = distinct_problems(examples, prompts, max_problems)
@@ -65,7 +66,7 @@ def evaluate_policy(
     summary = summarize(records, k=k)
     return {
         "accuracy": float(summary["overall"][f"mean@{k}"]),
-        **secondary_metrics(details),
+        "secondary": secondary_metrics(details),
         "by_source": summary["by_source"],
         "overall": summary["overall"],
         "scorer_stats": stats,

@@ -392,6 +392,7 @@ class Trainer:
 
     def _log_eval(self, result: dict, step: int) -> None:
         flat = {"eval/accuracy": result["accuracy"]}
+        flat.update({f"eval/{k}": v for k, v in result.get("secondary", {}).items()})
         flat.update({f"eval/{k}": v for k, v in flatten(result).items()})
         self.best_last.update(step, flat)
         self.tracker.log(flat, step=step)
@@ -473,7 +474,7 @@ class Trainer:
             with eval_mode(self.optimizer), fsdp_unsharded(self.model):
                 if main:
                     self.eval_before = self.evaluate()
-                    self.log(f"held-out accuracy before RL: {self.eval_before['accuracy']:.3f}")
+                    self.log(f"held-out accuracy before RL: {_headline_text(self.eval_before)}")
                     self._log_eval(self.eval_before, step=0)
         progress = _progress(cfg.trainer.total_steps, self.step_count, cfg.logging.progress and main)
         try:
@@ -525,8 +526,8 @@ class Trainer:
         if cfg.trainer.profile:
             self.log(_profile_table(self.out / "metrics.jsonl"))
         summary = {
-            "eval_before": {"accuracy": (self.eval_before or {}).get("accuracy", float("nan"))},
-            "eval_after": {"accuracy": eval_after["accuracy"]},
+            "eval_before": _headline(self.eval_before or {"accuracy": float("nan")}),
+            "eval_after": _headline(eval_after),
             "wall_seconds": time.perf_counter() - self._t_start,
             "train_seconds": time.perf_counter() - t0,
             "steps": self.step_count,
@@ -552,6 +553,15 @@ def _profile_table(metrics_path: Path) -> str:
     lines += [f"  {k[7:]:<18}{v:8.4f} s {100 * v / step:5.1f} %" for k, v in sorted(means.items(), key=lambda kv: -kv[1])]
     lines.append(f"  {'step':<18}{step:8.4f} s")
     return "\n".join(lines)
+
+
+def _headline(result: dict) -> dict[str, float]:
+    """summary.json's view of an evaluation: accuracy and the scorer's secondary accuracies."""
+    return {"accuracy": result["accuracy"], **result.get("secondary", {})}
+
+
+def _headline_text(result: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if k != "accuracy" else f"{v:.3f}" for k, v in _headline(result).items())
 
 
 def _quiet(*_a, **_k) -> None:
