@@ -117,7 +117,7 @@ class RPGConfig(GRPOConfig):
             _fail("sync_ref_model", True, "a synced reference model is the KL anchor only with rpg_anchor='reference'")
         # Options that bypass RPGTrainer._compute_loss or change what reaches it (docs/trl.md, "Audit").
         if self.use_liger_kernel:
-            _fail("use_liger_kernel", True, "TRL < 1.16 sends the loss to GRPOTrainer.compute_liger_loss (TRL's own "
+            _fail("use_liger_kernel", True, "TRL <= 1.13 sends the loss to GRPOTrainer.compute_liger_loss (TRL's own "
                   "GRPO loss: no RPG KL term, no dual clip) instead of _compute_loss, and TRL 1.16 deprecates the flag; "
                   "for fused layer kernels use model_init_kwargs={'use_kernels': True}")
         if not getattr(self, "use_bias_correction_kl", True):
