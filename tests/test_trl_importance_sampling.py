@@ -4,9 +4,11 @@ TRL's other per-token multipliers (issue 13, items 1-2).
 Both trainers are real (same tiny Qwen2 loaded from disk); each ``_compute_loss`` runs on the
 same hand-built batch (fixed w = pi_theta/pi_old per sequence, fixed r as TRL's
 ``vllm_importance_sampling_mode`` produces it), and we compare d loss / d logp per token,
-captured from the log-probs the trainer's own forward returns. vLLM itself is not installed:
-the trainers get ``use_vllm=True`` only after construction (TRL reads it in the loss and in
-generation, which these tests do not run).
+captured from the log-probs the trainer's own forward returns. The end-to-end test lets TRL
+form r itself, in every ``vllm_importance_sampling_mode``, from a real second sampler passed as
+TRL's ``rollout_func``. vLLM itself is not installed: the trainers get ``use_vllm=True`` only
+after construction (TRL reads it in the loss and, with a rollout_func, only to decide whether
+to sync vLLM's weights).
 """
 
 from __future__ import annotations
@@ -109,25 +111,30 @@ def _inputs(trainer, w, r, adv=ADV, **extra):
 
 def _loss_and_logp_grad(trainer, inputs):
     """The trainer's own ``_compute_loss`` and d loss / d logp from the log-probs its forward returns."""
+    loss, grad = _loss_and_grad(trainer, lambda: trainer._compute_loss(trainer.model, inputs))
+    return loss.detach(), grad
+
+
+def _loss_and_grad(trainer, compute):
+    """Run ``compute()`` (a loss) and differentiate it w.r.t. the log-probs the trainer's
+    ``_get_per_token_logps_and_entropies`` returned inside it (parameters untouched)."""
     seen = []
     forward = trainer._get_per_token_logps_and_entropies
 
     def capture(*a, **kw):
         logp, ent, aux = forward(*a, **kw)
         if logp.requires_grad:
-            logp.retain_grad()
             seen.append(logp)
         return logp, ent, aux
 
     trainer._get_per_token_logps_and_entropies = capture
     try:
-        loss = trainer._compute_loss(trainer.model, inputs)
-        loss.backward()
+        loss = compute()
     finally:
         del trainer._get_per_token_logps_and_entropies
-        trainer.model.zero_grad(set_to_none=True)
     assert len(seen) == 1
-    return loss.detach(), seen[0].grad
+    (grad,) = torch.autograd.grad(loss, seen[0], retain_graph=True)
+    return loss, grad
 
 
 def _r_seq():
@@ -221,3 +228,99 @@ def test_token_weights_product_and_shapes():
     assert w.dtype == torch.float64 and w.shape == (2, 3)
     assert w.tolist() == [[2.0, 0.0, 2.0], [0.0, 0.0, 0.0]]
     assert not math.isnan(w.sum().item())
+
+
+# -- end to end: TRL computes r itself from a sampler that is not the trainer ------------------
+
+
+class _Sampler:
+    """A real second policy standing in for vLLM: the trainer's weights with a perturbed LM
+    head (vLLM's numerics differ from the trainer's the same way, only less). It samples the
+    completions and reports its own log-probs of them, as vLLM does."""
+
+    def __init__(self, path, scale: float):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            head = self.model.get_output_embeddings().weight
+            head.add_(scale * head.std() * torch.randn(head.shape, generator=g))
+
+    def __call__(self, prompts, trainer):
+        tok = trainer.processing_class
+        prompt_ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+                      for p in prompts]
+        completion_ids, logprobs = [], []
+        for ids in prompt_ids:
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                out = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, max_new_tokens=T,
+                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                          output_scores=True, return_dict_in_generate=True, temperature=1.0,
+                                          top_k=0, top_p=1.0)
+            new = out.sequences[0, x.size(1):]
+            lps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
+            completion_ids.append(new.tolist())
+            logprobs.append(lps)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+
+
+class _VersusTRL(RPGTrainer):
+    """Every micro-batch: RPG's loss and TRL's own GRPOTrainer._compute_loss on the same inputs
+    and model, with d loss / d logp for both."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.records = []
+
+    def _compute_loss(self, model, inputs):
+        ours, our_grad = _loss_and_grad(self, lambda: super(_VersusTRL, self)._compute_loss(model, inputs))
+        theirs, their_grad = _loss_and_grad(self, lambda: GRPOTrainer._compute_loss(self, model, inputs))
+        self.records.append({"rpg": ours.detach(), "trl": theirs.detach(), "rpg_grad": our_grad,
+                             "trl_grad": their_grad, "r": inputs["importance_sampling_ratio"].clone(),
+                             "mask": inputs["completion_mask"].bool()})
+        return ours
+
+
+def digits(completions, **_):
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
+SAMPLER_NOISE = 2.0  # LM-head noise, in units of the head's weight std
+
+
+@pytest.mark.medium
+@pytest.mark.parametrize("mode,clip", [("sequence_mask", (0.4, 2.5)), ("sequence_truncate", (0.4, 2.5)),
+                                       ("token_mask", (0.5, 2.0)), ("token_truncate", (0.5, 2.0))])
+def test_trl_computed_ratio_matches_trl_loss_end_to_end(tiny_dir, tmp_path, mode, clip):
+    """TRL forms r from a real second sampler in every vllm_importance_sampling_mode; on both
+    optimizer steps of a generation (the second off-policy) RPG's loss and per-token gradient
+    equal TRL's own GRPOTrainer loss (rpg_loss='ppo', beta = 0, no dual clip)."""
+    torch.manual_seed(0)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}+{b}"}]} for a, b in
+                            [(12, 34), (5, 7), (20, 22), (31, 8)]])
+    args = RPGConfig(**_kw(tmp_path, rpg_loss="ppo", rpg_dual_clip=None, max_steps=2, steps_per_generation=2,
+                           num_generations=4, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1,
+                           save_strategy="no", seed=0, vllm_importance_sampling_mode=mode,
+                           vllm_importance_sampling_clip_min=clip[0], vllm_importance_sampling_clip_max=clip[1]))
+    trainer = _VersusTRL(model=str(tiny_dir), reward_funcs=digits, args=args, train_dataset=ds,
+                         processing_class=build_tiny_tokenizer(), rollout_func=_Sampler(tiny_dir, SAMPLER_NOISE))
+    trainer.use_vllm = True  # what use_vllm=True sets; the rollout_func is the sampler
+    trainer._last_loaded_step = 0  # one generation at step 0: no weight sync to a vLLM engine
+    trainer.train()
+    recs = trainer.records
+    assert len(recs) == 2
+    for rec in recs:
+        assert torch.allclose(rec["rpg"], rec["trl"], rtol=1e-5, atol=1e-7), (mode, rec["rpg"], rec["trl"])
+        assert torch.allclose(rec["rpg_grad"], rec["trl_grad"], rtol=1e-5, atol=1e-8), mode
+    # TRL's r really varies, in the mode's shape, and hits the mode's bound (masked or truncated)
+    assert all((rec["r"].shape[1] == 1) == mode.startswith("sequence") for rec in recs)
+    r = torch.cat([rec["r"].expand_as(rec["mask"])[rec["mask"]] for rec in recs])
+    assert (r != 1).any()
+    if mode.endswith("mask"):
+        assert (r == 0).any() and (r > 0).any(), r
+    else:
+        assert ((r == clip[0]) | (r == clip[1])).any() and (r > 0).all(), r
+    assert all(rec["rpg_grad"].abs().max() > 0 for rec in recs)

@@ -117,15 +117,16 @@ class RPGConfig(GRPOConfig):
             _fail("sync_ref_model", True, "a synced reference model is the KL anchor only with rpg_anchor='reference'")
         # Options that bypass RPGTrainer._compute_loss or change what reaches it (docs/trl.md, "Audit").
         if self.use_liger_kernel:
-            _fail("use_liger_kernel", True, "TRL <= 1.13 sends the loss to GRPOTrainer.compute_liger_loss (TRL's own "
-                  "GRPO loss: no RPG KL term, no dual clip) instead of _compute_loss, and TRL 1.16 deprecates the flag; "
-                  "for fused layer kernels use model_init_kwargs={'use_kernels': True}")
+            _fail("use_liger_kernel", True, "TRL 1.9-1.13 (at least) sends the loss to "
+                  "GRPOTrainer.compute_liger_loss (TRL's own GRPO loss: no RPG KL term, no dual clip) instead "
+                  "of _compute_loss, and TRL 1.16 deprecates the flag; for fused layer kernels use "
+                  "model_init_kwargs={'use_kernels': True}")
         if not getattr(self, "use_bias_correction_kl", True):
-            _fail("use_bias_correction_kl", False, "RPG's KL terms are importance-weighted by construction (spec 2); "
-                  "for GRPO's uncorrected k3 penalty choose rpg_loss='grpo'")
-        if self.use_vllm and self.vllm_importance_sampling_correction \
-                and self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
-            _fail("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, f"expected one of {VLLM_IS_MODES}")
+            _fail("use_bias_correction_kl", False, "RPG's KL terms are importance-weighted by construction "
+                  "(spec 2); for GRPO's uncorrected k3 penalty choose rpg_loss='grpo'")
+        mode = self.vllm_importance_sampling_mode
+        if self.use_vllm and self.vllm_importance_sampling_correction and mode not in VLLM_IS_MODES:
+            _fail("vllm_importance_sampling_mode", mode, f"expected one of {VLLM_IS_MODES}")
 
 
 def token_weights(like: Tensor, *factors: Optional[Tensor]) -> Optional[Tensor]:
@@ -170,7 +171,9 @@ class RPGTrainer(GRPOTrainer):
     ``old_per_token_logps`` — TRL computes them exactly when training is off-policy
     (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps), otherwise the
     batch is on-policy and logp.detach() is exact; anchor = rollout policy, or
-    ``ref_per_token_logps`` with rpg_anchor="reference"; advantages; completion_mask (x tool mask).
+    ``ref_per_token_logps`` with rpg_anchor="reference"; advantages; completion_mask (x tool mask);
+    ``weights`` = TRL's per-token multipliers (vLLM ratio r, entropy / off-policy masks, see
+    ``token_weights``), so w = pi_theta/pi_old stays the spec's ratio even under vLLM.
     With rpg_anchor="rollout" no reference model is loaded whatever beta is (TRL's internal
     ``self.beta`` is 0 there; the RPG coefficient is ``self.rpg_beta``).
     """
