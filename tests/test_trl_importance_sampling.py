@@ -25,6 +25,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rpgrl.integrations.trl import RPGConfig, RPGTrainer, token_weights  # noqa: E402
+from rpgrl.losses import LOSSES, policy_loss  # noqa: E402
 from rpgrl.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 B, P, T = 4, 3, 5  # sequences, prompt tokens, completion tokens
@@ -217,6 +218,28 @@ def test_entropy_and_off_policy_masks_match_trl_with_seq_mean(make):
     assert torch.allclose(rpg_grad, trl_grad, rtol=1e-5, atol=1e-8)
     zero = rpg_grad == 0
     assert zero.any() and not zero.all()  # the masks really removed some tokens, not all
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_policy_loss_weights_scale_each_token_gradient(name):
+    """policy_loss(weights=q): every loss's token gradient is q times the unweighted one (w, the
+    clip and the count untouched), for [B, T] and [B, 1] weights; bad shapes are refused."""
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(3, 4, generator=g, dtype=torch.float64) - 0.1
+    base = old + 0.3 * torch.randn(3, 4, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+
+    def grad(weights):
+        lp = base.clone().requires_grad_(True)
+        loss, _ = policy_loss(name, lp, old, adv, mask, beta=0.1, weights=weights)
+        loss.backward()
+        return lp.grad
+
+    for q in (torch.rand(3, 4, generator=g, dtype=torch.float64) * 2, torch.tensor([[0.5], [0.0], [2.0]])):
+        assert torch.allclose(grad(q), q.expand(3, 4).double() * grad(None), rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="weights shape"):
+        grad(torch.ones(3))
 
 
 def test_token_weights_product_and_shapes():
