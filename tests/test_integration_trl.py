@@ -18,7 +18,7 @@ pytest.importorskip("datasets", reason="datasets (a TRL dependency) is not insta
 
 from datasets import Dataset  # noqa: E402
 
-from rpgrl.integrations.trl import RPGConfig, RPGTrainer, behaviour_logps, rpg_norm  # noqa: E402
+from rpgrl.integrations.trl import RPGConfig, RPGTrainer, rpg_norm  # noqa: E402
 from rpgrl.losses import policy_loss  # noqa: E402
 from rpgrl.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
@@ -192,12 +192,31 @@ def test_config_defaults_follow_the_paper(tmp_path):
     ("entropy_coef", 0.01, "entropy"),
     ("sync_ref_model", True, "rpg_anchor='reference'"),
     ("rpg_kl_in_advantage", True, "rpg_rkl"),  # the default REINFORCE loss has no such option
+    # issue 13: options that bypass _compute_loss or would be silently ignored by it
+    ("use_liger_kernel", True, "compute_liger_loss"),
+    ("use_bias_correction_kl", False, "rpg_loss='grpo'"),
 ])
 def test_config_rejects_with_named_field(tmp_path, field, value, needle):
     with pytest.raises(ValueError, match=f"RPGConfig.{field}=") as err:
         RPGConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=2,
                   per_device_train_batch_size=2, **{field: value})
     assert needle in str(err.value)
+
+
+def test_config_rejects_unknown_vllm_importance_sampling_mode(tmp_path):
+    with pytest.raises(ValueError, match="RPGConfig.vllm_importance_sampling_mode='seq'") as err:
+        RPGConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=2,
+                  per_device_train_batch_size=2, use_vllm=True, vllm_importance_sampling_mode="seq")
+    assert "sequence_mask" in str(err.value)
+
+
+def test_trainer_revalidates_fields_set_after_construction(tiny_dir, tmp_path):
+    """use_liger_kernel set on the args after RPGConfig() must not reach TRL (issue 13 item 1)."""
+    args = RPGConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=2,
+                     per_device_train_batch_size=2)
+    args.use_liger_kernel = True
+    with pytest.raises(ValueError, match="RPGConfig.use_liger_kernel=True"):
+        RPGTrainer(model=str(tiny_dir), reward_funcs=digits, args=args, train_dataset=_dataset())
 
 
 def test_trainer_requires_rpg_config(tiny_dir, tmp_path):
@@ -214,35 +233,3 @@ def test_rpg_norm_is_the_step_share_of_the_global_count():
     assert rpg_norm(100, 2, 4, 8, training=True) == 25.0
     assert rpg_norm(100, 2, 4, 8, training=False) == 50.0
     assert rpg_norm(0, 1, 1, 1, training=True) == 1.0
-
-
-def test_behaviour_logps_hand_computed():
-    old = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64)
-    mask = torch.tensor([[True, True, False]])
-    sampler, keep = behaviour_logps(old, mask, torch.tensor([[2.0, 0.0, 0.5]], dtype=torch.float64))
-    assert torch.allclose(sampler, torch.tensor([[-1.0 - math.log(2.0), -2.0, -3.0 - math.log(0.5)]],
-                                                dtype=torch.float64))
-    assert keep.tolist() == [[True, False, False]]  # r = 0 is TRL's "masked" token
-    same, m = behaviour_logps(old, mask, None)
-    assert same is old and m is mask
-
-
-@pytest.mark.parametrize("name", ["rpg_reinforce_ufkl", "rpg_reinforce_urkl", "rpg_fkl", "rpg_rkl"])
-def test_vllm_correction_scales_the_gradient_by_r(name):
-    """behaviour_logps' claim: with anchor = pi_old and sampler = pi_old / r, the unclipped
-    RPG gradient is r times the one against pi_old (TRL's vLLM correction)."""
-    g = torch.Generator().manual_seed(0)
-    old = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 2 - 0.1
-    base = old + 0.2 * torch.randn(3, 5, generator=g, dtype=torch.float64)
-    adv = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
-    mask = torch.ones(3, 5, dtype=torch.bool)
-    r = torch.exp(0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64))
-
-    def grad(o, anchor):
-        lp = base.clone().requires_grad_(True)
-        loss, _ = policy_loss(name, lp, o, adv, mask, anchor, beta=0.1, clip=None, dual_clip=None, norm=1.0)
-        loss.backward()
-        return lp.grad
-
-    sampler, _ = behaviour_logps(old, mask, r)
-    assert torch.allclose(grad(sampler, old), r * grad(old, None), rtol=1e-10, atol=1e-12)

@@ -28,12 +28,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 
 from rpgrl.losses import AGG_MODES, LOSSES, policy_loss
 
-__all__ = ["ANCHORS", "TRL_TESTED", "RPGConfig", "RPGTrainer", "behaviour_logps", "rpg_norm"]
+__all__ = ["ANCHORS", "TRL_TESTED", "VLLM_IS_MODES", "RPGConfig", "RPGTrainer", "rpg_norm", "token_weights"]
 
 #: The TRL versions this adapter is tested with (it overrides GRPOTrainer internals).
 TRL_TESTED = ">=1.9.2,!=1.15.0,<2"
 #: rpg_anchor values: the KL anchor pi_anc of spec 1.1.
 ANCHORS = ("rollout", "reference")
+#: TRL's vllm_importance_sampling_mode values (how it truncates or masks the ratio r).
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 #: Multimodal / packing inputs GRPOTrainer forwards to the policy; passed through untouched.
 _FORWARD_KEYS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
@@ -113,24 +115,39 @@ class RPGConfig(GRPOConfig):
                   "use_adaptive_entropy=False")
         if self.sync_ref_model and self.rpg_anchor != "reference":
             _fail("sync_ref_model", True, "a synced reference model is the KL anchor only with rpg_anchor='reference'")
+        # Options that bypass RPGTrainer._compute_loss or change what reaches it (docs/trl.md, "Audit").
+        if self.use_liger_kernel:
+            _fail("use_liger_kernel", True, "TRL 1.9-1.13 (at least) sends the loss to "
+                  "GRPOTrainer.compute_liger_loss (TRL's own GRPO loss: no RPG KL term, no dual clip) instead "
+                  "of _compute_loss, and TRL 1.16 deprecates the flag; for fused layer kernels use "
+                  "model_init_kwargs={'use_kernels': True}")
+        if not getattr(self, "use_bias_correction_kl", True):
+            _fail("use_bias_correction_kl", False, "RPG's KL terms are importance-weighted by construction "
+                  "(spec 2); for GRPO's uncorrected k3 penalty choose rpg_loss='grpo'")
+        mode = self.vllm_importance_sampling_mode
+        if self.use_vllm and self.vllm_importance_sampling_correction and mode not in VLLM_IS_MODES:
+            _fail("vllm_importance_sampling_mode", mode, f"expected one of {VLLM_IS_MODES}")
 
 
-def behaviour_logps(old_logp: Tensor, mask: Tensor, is_ratio: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Log-probs of the policy that actually sampled, and the loss mask, under TRL's vLLM
-    importance-sampling correction ``is_ratio`` r ~ pi_old/pi_vllm ([B, T] or [B, 1], truncated
-    or 0 = masked by TRL).
+def token_weights(like: Tensor, *factors: Optional[Tensor]) -> Optional[Tensor]:
+    """Product of TRL's per-token loss multipliers, detached, as a [B, T] tensor shaped like
+    ``like`` (None when there is none): the vLLM correction r ([B, T] for token_* modes, [B, 1]
+    for sequence_* modes; truncated, or 0 where TRL masks it), the high-entropy mask and the
+    off-policy sequence mask ([B, 1]).
 
-    RPG's importance weight w is pi_theta over the *sampler* (spec 1), so we return
-    log pi_old - log r and keep pi_old (the trainer's rollout-time policy) as the anchor: then
-    v = r and every RPG gradient weight g_t becomes r * (its value against pi_old) — the same
-    per-token factor TRL's own correction applies. Tokens with r = 0 leave the mask.
+    They multiply each token's whole RPG loss, exactly where TRL multiplies its per-token loss,
+    and change neither w = pi_theta/pi_old (so the clip, dual clip and KL term act on the
+    policy change since sampling, spec 1, 3, 4.1) nor any denominator (a masked token still
+    counts, as in TRL). Why r also weights the KL term: spec 2's gradient is E_old[g_t grad lp_t]
+    for the whole g_t, and r = pi_old/pi_vllm turns the sampler's expectation into pi_old's.
     """
-    if is_ratio is None:
-        return old_logp, mask
-    r = is_ratio.to(old_logp.dtype).expand_as(old_logp)
-    keep = r > 0
-    sampler = torch.where(keep, old_logp - torch.log(torch.where(keep, r, 1.0)), old_logp)
-    return sampler, mask & keep
+    out = None
+    for f in factors:
+        if f is None:
+            continue
+        f = f.detach().to(like.dtype)
+        out = f if out is None else out * f
+    return None if out is None else out.expand_as(like)
 
 
 def rpg_norm(count: float, num_processes: int, accumulation_steps: int, steps_per_generation: int,
@@ -154,7 +171,9 @@ class RPGTrainer(GRPOTrainer):
     ``old_per_token_logps`` — TRL computes them exactly when training is off-policy
     (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps), otherwise the
     batch is on-policy and logp.detach() is exact; anchor = rollout policy, or
-    ``ref_per_token_logps`` with rpg_anchor="reference"; advantages; completion_mask (x tool mask).
+    ``ref_per_token_logps`` with rpg_anchor="reference"; advantages; completion_mask (x tool mask);
+    ``weights`` = TRL's per-token multipliers (vLLM ratio r, entropy / off-policy masks, see
+    ``token_weights``), so w = pi_theta/pi_old stays the spec's ratio even under vLLM.
     With rpg_anchor="rollout" no reference model is loaded whatever beta is (TRL's internal
     ``self.beta`` is 0 there; the RPG coefficient is ``self.rpg_beta``).
     """
@@ -177,6 +196,7 @@ class RPGTrainer(GRPOTrainer):
         if not isinstance(args, RPGConfig):
             raise TypeError(f"RPGTrainer needs args=RPGConfig(...), got {type(args).__name__}; "
                             "RPGConfig accepts every GRPOConfig field plus rpg_*")
+        args._validate_rpg()  # again: fields set after construction must not slip past the checks
         self.rpg_beta = float(args.beta)
         # TRL loads a reference model (and scores it every batch) iff beta != 0 at construction.
         # The rollout anchor needs none, so TRL sees beta = 0 while it builds; args keeps the
@@ -221,23 +241,22 @@ class RPGTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         old = logp.detach() if old is None else old
 
-        loss_mask = valid
+        # TRL's per-token multipliers, applied where TRL applies them (see token_weights).
+        entropy_mask = off_policy_mask = is_ratio = None
         if self.top_entropy_quantile < 1.0:
-            loss_mask = loss_mask & (self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile) != 0)
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
         if self.off_policy_mask_threshold is not None:
-            keep = self.get_off_policy_mask(
+            off_policy_mask = self.get_off_policy_mask(
                 advantages[:, None] if advantages.dim() == 1 else advantages, logp,
                 inputs.get("sampling_per_token_logps", old), mask, self.off_policy_mask_threshold,
             )
-            loss_mask = loss_mask & (keep != 0)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            is_ratio = inputs["importance_sampling_ratio"]  # r ~ pi_old / pi_vllm, TRL-truncated or masked
+        weights = token_weights(logp, is_ratio, entropy_mask, off_policy_mask)
 
         anchor = None  # rollout anchor: pi_anc = pi_old, so rho = w (spec 1.1)
         if args.rpg_anchor == "reference" and self.beta != 0.0:
             anchor = inputs["ref_per_token_logps"]
-        is_ratio = inputs.get("importance_sampling_ratio") if self.use_vllm else None
-        if is_ratio is not None and anchor is None:
-            anchor = old  # the sampler is vLLM; pi_old stays the anchor
-        sampler, loss_mask = behaviour_logps(old, loss_mask, is_ratio)
 
         mode = "train" if self.model.training else "eval"
         count_key = "num_items_in_batch" if args.rpg_agg == "token-mean" else "rpg_num_seqs_in_batch"
@@ -246,9 +265,9 @@ class RPGTrainer(GRPOTrainer):
             self.current_gradient_accumulation_steps, args.steps_per_generation, mode == "train",
         )
         loss, metrics = policy_loss(
-            args.rpg_loss, logp, sampler, advantages, loss_mask, anchor,
+            args.rpg_loss, logp, old, advantages, valid, anchor,
             beta=self.rpg_beta, clip=(self.epsilon_low, self.epsilon_high), dual_clip=args.rpg_dual_clip,
-            agg=args.rpg_agg, kl_in_advantage=args.rpg_kl_in_advantage, norm=norm,
+            agg=args.rpg_agg, kl_in_advantage=args.rpg_kl_in_advantage, norm=norm, weights=weights,
         )
         if self.aux_loss_enabled:  # MoE router loss, scaled for accumulation as TRL does
             accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0

@@ -195,6 +195,7 @@ def policy_loss(
     *,
     kl_in_advantage: bool = False,
     norm: Optional[Union[float, Tensor]] = None,
+    weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Scalar loss (to minimize) and detached metrics for the loss ``name`` in ``LOSSES``.
 
@@ -202,6 +203,9 @@ def policy_loss(
     0/1 float; nonzero = valid); ``advantages`` [B] or [B, T]; ``anchor_logp`` the KL anchor
     (None = rollout policy, spec 1.1); ``clip`` = (eps_low, eps_high) or None; ``dual_clip``
     c > 1 or None; ``agg`` and ``norm`` as in ``rpgrl.losses.aggregate`` (spec 6).
+    ``weights`` ([B, T] or [B, 1], >= 0, no grad) multiply each token's whole loss before
+    aggregation, leaving w, the clip and the counts alone: a sampler-mismatch correction
+    (e.g. TRL's vLLM ratio pi_old/pi_sampler) or a soft token mask.
     With ``clip=None, dual_clip=None`` every RPG loss is the exact unclipped surrogate whose
     token gradient is -g_t * grad logp_t / count (spec 2-4). Masked tokens get exactly zero
     gradient whatever they contain.
@@ -228,6 +232,11 @@ def policy_loss(
             logp, ratios, adv, beta, spec.divergence, clip, dual_clip, kl_in_advantage
         )
     token_loss = torch.where(valid, token_loss, 0.0)
+    if weights is not None:
+        if weights.dim() != 2 or tuple(weights.shape) not in (tuple(logp.shape), (logp.shape[0], 1)):
+            raise ValueError(f"policy_loss: weights shape {tuple(weights.shape)} must be [B, T]="
+                             f"{tuple(logp.shape)} or [B, 1]")
+        token_loss = token_loss * torch.where(valid, weights.detach().to(logp.dtype), 0.0)
     n_valid = valid.sum().clamp(min=1).to(logp.dtype)
     if norm is None and agg == "token-mean":
         norm = n_valid
