@@ -64,3 +64,14 @@ def test_config_chat_task_needs_a_real_model():
         load_config(overrides=["model.path=/x", "data.task=nope"])
     with pytest.raises(ConfigError, match="data.operand_max"):
         load_config(overrides=["model.path=/x", "data.operand_min=5", "data.operand_max=4"])
+
+
+def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` sees when it is not installed
+    from rpgrl.gguf import dequantize_gguf
+
+    with pytest.raises(GGUFError, match=r"pip install 'rpgrl\[gguf\]'"):
+        dequantize_gguf(f, cache_dir=str(tmp_path / "cache"), log=lambda *_: None)
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())

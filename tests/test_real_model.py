@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,7 +92,8 @@ def test_two_rl_steps_of_rpgrl_train(tmp_path, smollm2_dir):
     from rpgrl.cli import main
 
     out = tmp_path / "run"
-    rc = main(["train", "configs/real/smollm2-135m.yaml", f"output_dir={out}", f"model.path={smollm2_dir}",
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "real" / "smollm2-135m.yaml"
+    rc = main(["train", str(recipe), f"output_dir={out}",  # the recipe's own pkg: path
                "data.operand_max=9", "data.test_size=8", "rollout.n=4", "rollout.max_new_tokens=8",
                "trainer.prompts_per_step=2", "trainer.mini_batch_size=1", "trainer.micro_batch_size=4",
                "trainer.total_steps=2", "trainer.eval_every=0", "trainer.save_every=2",
@@ -128,10 +130,14 @@ def test_two_steps_of_trl_rpgtrainer(tmp_path, smollm2_dir):
     def reward(completions, answer, **_):
         return [compute_score("rpgrl/arith_chat", c[0]["content"], a)["score"] for c, a in zip(completions, answer)]
 
+    def brevity(completions, **_):  # dense, so every group has a non-zero advantage
+        return [-len(c[0]["content"]) / 100 for c in completions]
+
     args = RPGConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, max_steps=2, seed=0,
                      num_generations=4, per_device_train_batch_size=8, max_completion_length=8,
-                     num_iterations=2, learning_rate=1e-5, logging_steps=1, save_strategy="no", beta=0.0)
-    trainer = RPGTrainer(model=smollm2_dir, reward_funcs=reward, args=args, train_dataset=ds,
+                     num_iterations=2, learning_rate=1e-5, logging_steps=1, save_strategy="no", beta=1e-4,
+                     gradient_checkpointing=False)
+    trainer = RPGTrainer(model=smollm2_dir, reward_funcs=[reward, brevity], args=args, train_dataset=ds,
                          processing_class=load_tokenizer(smollm2_dir))
     w0 = trainer.model.model.layers[0].mlp.down_proj.weight.detach().clone()
     trainer.train()
