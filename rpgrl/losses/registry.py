@@ -30,7 +30,7 @@ from rpgrl.losses.plugins import PluginError, entry_point_names, is_path, load_e
 from rpgrl.losses.spec import LossInputs, LossSpec, TokenLossFn
 from rpgrl.losses.surrogates import Ratios, differentiable_token_loss, reinforce_token_loss
 
-__all__ = ["LossSpec", "LOSSES", "LossRegistry", "METRIC_KEYS", "UnknownLossError", "policy_loss",
+__all__ = ["LossSpec", "LOSSES", "LossRegistry", "METRIC_KEYS", "UnknownLossError", "policy_loss", "run_token_loss",
            "resolve_loss"]
 
 METRIC_KEYS = (
@@ -82,37 +82,47 @@ def _build_registry() -> dict[str, LossSpec]:
             f"rpg_{key}", "differentiable", div,
             f"RPG, D = {div.D}: dual-clip -w*A + beta*surrogate (Table 1/4, Algorithm 1)",
             _differentiable(div), objective=key,
+            coefficient=f"g_t = w*A + C_KL, C_KL = {div.coefficient}; the w*A part is 0 outside the "
+                        "dual-clip trust region (sign of A), C_KL always flows",
         )
     for key, div in DIVERGENCES.items():
         reg[f"rpg_reinforce_{key}"] = LossSpec(
             f"rpg_reinforce_{key}", "reinforce", div,
             f"RPG-REINFORCE, D = {div.D}: -SG(g)*logp with RPG-Style Clip (Table 2, Algorithm 2)",
             _reinforce(div), objective=key,
+            coefficient=f"g_t = w*A + C_KL, C_KL = {div.coefficient}; the whole g_t is 0 outside the "
+                        "RPG-Style Clip region (sign of psi = (A + C_KL/w)*nll)",
         )
     reg["ppo"] = LossSpec("ppo", "differentiable", None, "dual-clip PPO, no KL term",
-                          _differentiable(None), objective="none", uses_beta=False)
+                          _differentiable(None), objective="none", uses_beta=False,
+                          coefficient="g_t = w*A, 0 outside the dual-clip trust region")
     reg["grpo"] = LossSpec(
         "grpo", "differentiable", GRPO_KL,
         "PPO clip + beta*k3(pi_ref/pi_theta), not importance weighted (biased off-policy)",
         _differentiable(GRPO_KL), objective="urkl", note=_GRPO_NOTE,
+        coefficient=f"g_t = w*A + {GRPO_KL.coefficient}; the w*A part is 0 outside the clip region",
     )
     reg["grpo_corrected"] = LossSpec(
         "grpo_corrected", "differentiable", GRPO_KL_CORRECTED,
         "PPO clip + beta*w*k3(pi_ref/pi_theta): KL gradient = URKL's (the paper's fix)",
         _differentiable(GRPO_KL_CORRECTED), objective="urkl",
+        coefficient=f"g_t = w*A + {GRPO_KL_CORRECTED.coefficient}; the w*A part is 0 outside the clip region",
     )
     reg["gspo"] = LossSpec(
         "gspo", "gspo", None,
         "GSPO: PPO clip on the sequence-level ratio exp(mean_t log w), no KL (arXiv 2507.18071)",
         gspo_token_loss, objective="none", uses_beta=False, uses_dual_clip=False,
-        note="the sequence ratio is length-normalised: on-policy the expected gradient is "
-             "(1/|y|) x that of E[R] under token-mean; off-policy it is not E[R]'s gradient",
+        coefficient="g_t = s_i*A (s_i = exp(mean_t log w_t), the sequence's ratio), 0 where the "
+                    "sequence is clipped",
+        note="every token of a sequence is weighted by the sequence's geometric-mean ratio s_i, "
+             "not by its own w_t: exact on-policy (s_i = 1), biased off-policy",
     )
     reg["cispo"] = LossSpec(
         "cispo", "cispo", None,
         "CISPO: -SG(clip(w, 1-eps_low, 1+eps_high))*A*logp, every token keeps a gradient, no KL "
         "(arXiv 2506.13585)",
         cispo_token_loss, objective="none", uses_beta=False, uses_dual_clip=False,
+        coefficient="g_t = clip(w, 1-eps_low, 1+eps_high)*A (never 0: no token is stopped)",
         note="the clipped weight truncates the importance correction: exact only where "
              "1-eps_low <= w <= 1+eps_high",
     )
@@ -321,7 +331,7 @@ def policy_loss(
         float(beta), None if clip is None else (float(clip[0]), float(clip[1])),
         None if dual_clip is None else float(dual_clip), bool(kl_in_advantage),
     )
-    token_loss, region = _call_token_loss(spec, x)
+    token_loss, region = run_token_loss(spec, x)
     token_loss = torch.where(valid, token_loss, 0.0)
     n_valid = valid.sum().clamp(min=1).to(logp.dtype)
     if norm is None and agg == "token-mean":
@@ -330,7 +340,7 @@ def policy_loss(
     return loss, _metrics(x.detached_ratios(), region, valid, n_valid, anchor_logp is not None)
 
 
-def _call_token_loss(spec: LossSpec, x: LossInputs) -> tuple[Tensor, TrustRegion]:
+def run_token_loss(spec: LossSpec, x: LossInputs) -> tuple[Tensor, TrustRegion]:
     """Run a loss's token function and check what it returned against the contract."""
     out = spec.token_loss(x)
     region = None

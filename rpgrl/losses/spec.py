@@ -79,7 +79,8 @@ class LossSpec:
     ("fkl", "rkl", "ufkl", "urkl", or "none" for no KL term; None = it claims nothing),
     which ``rpgrl check-loss`` proves by default; uses_dual_clip / uses_beta: whether the
     loss reads those options (shown by ``rpgrl explain``); note: a caveat worth printing;
-    source: "built-in", "entry point <value>" or "path <module:function>".
+    source: "built-in", "entry point <value>" or "path <module:function>"; coefficient: the
+    per-token gradient weight g_t (update = g_t * grad log pi_theta) in words, for explain.
     """
 
     name: str
@@ -92,6 +93,7 @@ class LossSpec:
     uses_dual_clip: bool = True
     note: str = ""
     source: str = "built-in"
+    coefficient: str = ""
 
     @property
     def supports_kl_in_advantage(self) -> bool:
