@@ -33,7 +33,10 @@ from rpgrl.losses.clip import TrustRegion
 from rpgrl.losses.registry import LOSSES, policy_loss, run_token_loss
 from rpgrl.losses.spec import LossInputs
 
-__all__ = ["ANCHORS", "OBJECTIVES", "CheckReport", "check_loss", "exact_divergence", "explain_rows"]
+__all__ = [
+    "ANCHORS", "OBJECTIVES", "CheckReport", "Enumeration", "check_loss", "exact_divergence",
+    "exact_objective_gradient", "expected_loss_gradient", "explain_rows",
+]
 
 DT = torch.float64
 OBJECTIVES = ("none", "fkl", "rkl", "ufkl", "urkl")
@@ -57,8 +60,10 @@ def exact_divergence(objective: str, logp: Tensor, anc_logp: Tensor) -> Tensor:
 
 
 @dataclass
-class _Problem:
-    """Per-position tables [T, K]: logits of pi_theta, pi_old, pi_anc, and the advantages."""
+class Enumeration:
+    """A policy over K outcomes at each of T positions, as [T, K] tables: ``theta`` (the
+    parameters; ``log_policy(theta)`` gives log pi_theta, over the last dim), ``old_logp``
+    (the sampler), ``anc_logp`` (None = the rollout policy) and the advantages ``adv``."""
 
     theta: Tensor
     old_logp: Tensor
@@ -67,7 +72,7 @@ class _Problem:
     log_policy: Callable[[Tensor], Tensor]
 
 
-def _problem(case: str, anchor: str, K: int, T: int, seed: int) -> _Problem:
+def _problem(case: str, anchor: str, K: int, T: int, seed: int) -> Enumeration:
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(T, K, generator=g, dtype=DT)
     old = theta.clone() if case == "on-policy" else theta + 0.5 * torch.randn(T, K, generator=g, dtype=DT)
@@ -78,11 +83,12 @@ def _problem(case: str, anchor: str, K: int, T: int, seed: int) -> _Problem:
     log_policy = (lambda t: t) if case == "unnormalized" else softmax
     old_logp = softmax(old)
     anc_logp = None if anchor == "rollout" else log_policy(anc)
-    return _Problem(theta, old_logp, anc_logp, adv, log_policy)
+    return Enumeration(theta, old_logp, anc_logp, adv, log_policy)
 
 
-def _expected_loss_grad(name: str, pb: _Problem, beta: float) -> Tensor:
-    """sum over all K^T sequences y of pi_old(y) * grad_theta policy_loss(y)."""
+def expected_loss_gradient(name: str, pb: Enumeration, beta: float) -> Tensor:
+    """sum over all K^T sequences y of pi_old(y) * grad_theta policy_loss(y), unclipped,
+    token-mean over the T tokens (plus a padding column of nan that must stay inert)."""
     T, K = pb.theta.shape
     theta = pb.theta.clone().requires_grad_(True)
     lp = pb.log_policy(theta)
@@ -103,7 +109,7 @@ def _expected_loss_grad(name: str, pb: _Problem, beta: float) -> Tensor:
     return torch.zeros_like(theta) if grad is None else grad
 
 
-def _exact_grad(objective: str, pb: _Problem, beta: float) -> Tensor:
+def exact_objective_gradient(objective: str, pb: Enumeration, beta: float) -> Tensor:
     """-grad J / T (token-mean over T tokens) with J = sum_t E_theta[A_t] - beta * D_t."""
     T = pb.theta.shape[0]
     theta = pb.theta.clone().requires_grad_(True)
@@ -258,8 +264,8 @@ def check_loss(
     for anchor in anchors:
         for i, case in enumerate(CASES):
             pb = _problem(case, anchor, K, T, seed + i)
-            got = _expected_loss_grad(name, pb, beta)
-            exact = {o: _exact_grad(o, pb, beta) for o in OBJECTIVES}
+            got = expected_loss_gradient(name, pb, beta)
+            exact = {o: exact_objective_gradient(o, pb, beta) for o in OBJECTIVES}
             scale = max(float(exact[objective].abs().max()), 1.0)
             devs = {o: float((got - e).abs().max()) for o, e in exact.items()}
             matches = [o for o in OBJECTIVES if devs[o] <= tol * max(float(exact[o].abs().max()), 1.0)]
