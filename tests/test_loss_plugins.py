@@ -159,6 +159,22 @@ def test_entry_point_loss_trains_two_steps_with_rpgrl_train(plugin, tiny_overrid
     assert [r["step"] for r in rows] == [1, 2] and all(r["actor/grad_norm"] > 0 for r in rows)
 
 
+@pytest.mark.medium
+def test_entry_point_loss_in_rpgrl_compare(plugin, tiny_overrides, tmp_path):
+    """``rpgrl compare --algorithms ppo my_urkl``: a loss name runs beside a preset."""
+    from rpgrl.compare import main as compare_main
+
+    plugin.CALLS.clear()
+    rc = compare_main(["compare", "--algorithms", "ppo", "my_urkl", "--seeds", "1", "--out", str(tmp_path / "cmp"),
+                       *tiny_overrides("eval.before_training=false", "algorithm.beta=0.05")])
+    assert rc == 0 and len(plugin.CALLS) > 0
+    results = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert results["my_urkl"][0]["algorithm"] == "my_urkl" and results["my_urkl"][0]["steps"] == 2
+    cfg = (tmp_path / "cmp" / "my_urkl" / "seed0" / "config.yaml").read_text()
+    assert "loss: my_urkl" in cfg
+    assert "| my_urkl | 1 |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
 def test_entry_point_loss_trains_two_steps_with_rpg_trainer(plugin, tmp_path):
     pytest.importorskip("trl", exc_type=ImportError)
     from datasets import Dataset
