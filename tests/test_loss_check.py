@@ -92,7 +92,7 @@ def test_cli_exit_codes_and_output(capsys):
     assert "off-policy     rollout" in out and "clip-region checks" in out
     assert out.rstrip().endswith("PASS: rpg_reinforce_ufkl is an exact gradient of E[A] - beta*ufkl")
     assert main(["check-loss", "no_such_loss"]) == 2
-    assert "unknown loss 'no_such_loss'" in capsys.readouterr().err
+    assert "'no_such_loss' is not one of the known losses: rpg_fkl" in capsys.readouterr().err
 
 
 def test_explain_coefficients_are_the_spec_weights():

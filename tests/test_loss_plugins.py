@@ -117,7 +117,7 @@ def test_module_function_path_resolves(plugin):
 
 
 @pytest.mark.parametrize("name,needle", [
-    ("no_such_loss", "unknown loss 'no_such_loss'"),
+    ("no_such_loss", "'no_such_loss' is not one of the known losses: rpg_fkl"),
     ("my_broken", "loading the rpgrl.losses entry point my_broken"),
     ("nonexistent_pkg_xyz:f", "cannot import module 'nonexistent_pkg_xyz'"),
     (f"{MODULE}:missing", "has no attribute 'missing'"),

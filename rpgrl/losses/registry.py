@@ -162,8 +162,8 @@ class LossRegistry(Mapping):
             raise UnknownLossError(str(exc)) from exc
         if spec is None:
             raise UnknownLossError(
-                f"unknown loss {name!r}; known losses: {', '.join(self)} (or an installed "
-                f"'rpgrl.losses' entry point, or a 'package.module:function' path)"
+                f"{name!r} is not one of the known losses: {', '.join(self)} (built-in and installed "
+                f"'rpgrl.losses' entry points), nor a 'package.module:function' path"
             )
         self._loaded[name] = spec
         return spec
