@@ -144,6 +144,7 @@ def test_config_accepts_plugins_and_names_import_errors(plugin):
         load_config(overrides=["algorithm.loss=nonexistent_pkg_xyz:f"])
 
 
+@pytest.mark.medium
 def test_entry_point_loss_trains_two_steps_with_rpgrl_train(plugin, tiny_overrides, tmp_path, capsys):
     from rpgrl.cli import main
     from rpgrl.tracking import read_metrics
@@ -175,6 +176,7 @@ def test_entry_point_loss_in_rpgrl_compare(plugin, tiny_overrides, tmp_path):
     assert "| my_urkl | 1 |" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
+@pytest.mark.medium
 def test_entry_point_loss_trains_two_steps_with_rpg_trainer(plugin, tmp_path):
     pytest.importorskip("trl", exc_type=ImportError)
     from datasets import Dataset
