@@ -161,13 +161,18 @@ def compare(
         raise ConfigError(f"compare: --algorithms lists a name twice: {algorithms}")
     if seeds < 1:
         raise ConfigError(f"compare: --seeds must be >= 1, got {seeds}")
+    from rpgrl.config import PRESETS
+    from rpgrl.losses import LOSSES
+
     out = Path(out_dir)
     plan = []
     for algo in algorithms:
+        # a preset, or a loss name (built-in, entry point, module:function) run with the
+        # default preset's hyper-parameters and the shared overrides
+        select = f"algorithm.name={algo}" if algo in PRESETS or algo not in LOSSES else f"algorithm.loss={algo}"
         for seed in range(seeds):
-            run_dir = _run_dir(out, algo, seed)
-            cfg = load_config(config_path, [*overrides, f"algorithm.name={algo}", f"seed={seed}",
-                                            f"output_dir={run_dir}"])
+            run_dir = _run_dir(out, algo.replace(":", "_"), seed)
+            cfg = load_config(config_path, [*overrides, select, f"seed={seed}", f"output_dir={run_dir}"])
             if not resume and (run_dir / "metrics.jsonl").exists():
                 raise ConfigError(f"compare: {run_dir} already holds a run; pass --resume to reuse/continue "
                                   "it, or choose another --out")
@@ -180,7 +185,7 @@ def compare(
         else:
             log(f"[compare {i}/{len(plan)}] {algo} seed {seed} -> {run_dir}")
             Trainer(cfg, resume=resume, log=log).train()
-        results[algo].append(run_result(run_dir))
+        results[algo].append({**run_result(run_dir), "algorithm": algo})
     header = [f"Config: `{config_path or '(CPU default)'}`; overrides: "
               f"`{' '.join(overrides) or '(none)'}`; seeds 0..{seeds - 1}."]
     md = out / "comparison.md"
@@ -256,7 +261,8 @@ def add_subcommands(subparsers) -> None:
     """Register ``compare`` and ``plot`` on an ``add_subparsers()`` object (rpgrl.cli)."""
     c = subparsers.add_parser("compare", help="train several algorithms x seeds; table + comparison.png")
     c.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
-                   help="algorithm presets (algorithm.name), e.g. grpo dapo rpg_reinforce_ufkl")
+                   help="algorithm presets (algorithm.name), e.g. grpo dapo rpg_reinforce_ufkl, or loss "
+                        "names (algorithm.loss: an rpgrl.losses entry point or module:function)")
     c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per algorithm (default 3)")
     c.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                    help="an optional YAML config, then dotted overrides shared by every run")

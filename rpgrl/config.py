@@ -219,6 +219,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                                   anchor={"mode": "fixed"}, dynamic_sampling={"enabled": False}),
     "ppo": dict(loss="ppo", advantage="grpo", beta=0.0, clip_low=0.2, clip_high=0.2, clip_c=10.0),
 }
+# The field's other baselines (issue 15; rpgrl.losses.baselines), as their papers set them.
+# Dr. GRPO [arXiv 2503.20783]: PPO clip, A = R - mean_group (no std), no length normalization
+# (token sums / sequences; the paper's extra constant 1/L_max only rescales the step).
+PRESETS["dr_grpo"] = dict(loss="ppo", advantage="rpg", beta=0.0, clip_low=0.2, clip_high=0.2, clip_c=None,
+                          agg="seq-mean-token-sum", kl_in_reward=0.0, dynamic_sampling={"enabled": False})
+# GSPO [arXiv 2507.18071]: sequence-level ratio, clip (3e-4, 4e-4), sequence-mean aggregation.
+PRESETS["gspo"] = dict(loss="gspo", advantage="grpo", beta=0.0, clip_low=3e-4, clip_high=4e-4, clip_c=None,
+                       agg="seq-mean-token-mean", kl_in_reward=0.0, dynamic_sampling={"enabled": False})
+# CISPO [arXiv 2506.13585]: truncated IS weight, token-mean; the paper sets no lower bound
+# (1 - clip_low = 0.01 here, as config needs clip_low < 1) and ScaleRL's eps_max = 5 above.
+PRESETS["cispo"] = dict(loss="cispo", advantage="grpo", beta=0.0, clip_low=0.99, clip_high=4.0, clip_c=None,
+                        agg="token-mean", kl_in_reward=0.0, dynamic_sampling={"enabled": False})
 for _kl in ("fkl", "rkl", "ufkl", "urkl"):
     PRESETS[f"rpg_{_kl}"] = dict(_RPG, loss=f"rpg_{_kl}")
     PRESETS[f"rpg_reinforce_{_kl}"] = dict(_RPG, loss=f"rpg_reinforce_{_kl}")
@@ -401,8 +413,10 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
     a, t, r = cfg.algorithm, cfg.trainer, cfg.rollout
-    if a.loss not in LOSSES:
-        raise ConfigError(f"algorithm.loss: {a.loss!r} is not one of {', '.join(LOSSES)}")
+    try:  # built-in, rpgrl.losses entry point or module:function (rpgrl.losses.registry)
+        LOSSES.resolve(a.loss)
+    except ValueError as exc:
+        raise ConfigError(f"algorithm.loss: {exc}") from None
     if a.advantage not in ADVANTAGES:
         raise ConfigError(f"algorithm.advantage: {a.advantage!r} is not one of {', '.join(ADVANTAGES)}")
     checks = [

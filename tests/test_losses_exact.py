@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rpgrl.losses import DIVERGENCES, policy_loss
+from rpgrl.losses.check import Enumeration, exact_objective_gradient, expected_loss_gradient
 
 DT = torch.float64
 
@@ -30,48 +31,30 @@ def _policies(seed: int = 0):
     return theta, old, anchor, reward
 
 
-def _exact_D(div: str, logp: torch.Tensor, anc_logp: torch.Tensor) -> torch.Tensor:
-    """Spec section 2's D by enumeration; logp/anc_logp may be unnormalized log-measures."""
-    p, q = logp.exp(), anc_logp.exp()
-    fkl = (q * (anc_logp - logp)).sum()
-    rkl = (p * (logp - anc_logp)).sum()
-    return {
-        "fkl": fkl,
-        "rkl": rkl,
-        "ufkl": fkl + (p - q).sum(),
-        "urkl": rkl + (q - p).sum(),
-    }[div]
+def _softmax(t: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(t, -1)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _problem(theta, old_logp, anchor_logp, adv, log_policy) -> Enumeration:
+    """The single-token case (T = 1) of rpgrl.losses.check's enumeration."""
+    return Enumeration(theta[None], old_logp[None], None if anchor_logp is None else anchor_logp[None],
+                       adv[None], log_policy)
 
 
 def _expected_loss_grad(name, theta, old_logp, anchor_logp, adv, log_policy, beta=BETA):
-    """sum_x pi_old(x) * grad_theta loss(x), one [1, 1] call per outcome x."""
-    theta = theta.clone().requires_grad_(True)
-    logp = log_policy(theta)
-    total = 0.0
-    for x in range(K):
-        sl = slice(x, x + 1)
-        loss, _ = policy_loss(
-            name,
-            logp[sl][:, None],
-            old_logp[sl][:, None],
-            adv[sl],
-            torch.ones(1, 1, dtype=torch.bool),
-            anchor_logp=None if anchor_logp is None else anchor_logp[sl][:, None],
-            beta=beta,
-            clip=None,
-            dual_clip=None,
-        )
-        total = total + old_logp[x].exp() * loss
-    (grad,) = torch.autograd.grad(total, theta)
-    return grad
+    """sum_x pi_old(x) * grad_theta loss(x) (rpgrl.losses.check.expected_loss_gradient)."""
+    return expected_loss_gradient(name, _problem(theta, old_logp, anchor_logp, adv, log_policy), beta)[0]
 
 
 def _exact_grad_J(div, theta, anc_logp_fn, reward, log_policy, beta=BETA):
-    theta = theta.clone().requires_grad_(True)
-    logp = log_policy(theta)
-    J = (logp.exp() * reward).sum() - beta * _exact_D(div, logp, anc_logp_fn(logp))
-    (grad,) = torch.autograd.grad(J, theta)
-    return grad
+    """grad J, J = E_theta[R] - beta*D (rpgrl.losses.check.exact_objective_gradient)."""
+    anc = anc_logp_fn(None)
+    pb = _problem(theta, anc, anc, reward, log_policy)  # old_logp unused by the exact objective
+    return -exact_objective_gradient(div, pb, beta)[0]
 
 
 @pytest.mark.parametrize("separate_anchor", [False, True], ids=["anchor=rollout", "anchor=separate"])
@@ -84,10 +67,10 @@ def test_expected_gradient_equals_exact_objective_gradient(name, separate_anchor
     baseline = (old_logp.exp() * reward).sum()  # any constant baseline leaves the gradient exact
     div = name.rsplit("_", 1)[1]
     got = _expected_loss_grad(
-        name, theta, old_logp, anc_logp, reward - baseline, lambda t: torch.log_softmax(t, 0)
+        name, theta, old_logp, anc_logp, reward - baseline, _softmax
     )
     ref_anc = old_logp if anc_logp is None else anc_logp
-    want = _exact_grad_J(div, theta, lambda _: ref_anc, reward, lambda t: torch.log_softmax(t, 0))
+    want = _exact_grad_J(div, theta, lambda _: ref_anc, reward, _softmax)
     assert want.abs().max() > 1e-2  # non-trivial gradient
     torch.testing.assert_close(got, -want, rtol=0, atol=1e-10)
 
@@ -100,12 +83,12 @@ def test_unnormalized_measures_distinguish_mass_correction(name, separate_anchor
     theta, old, anchor, reward = _policies(1)
     anc_logp = anchor if separate_anchor else None
     div = name.rsplit("_", 1)[1]
-    got = _expected_loss_grad(name, theta, old, anc_logp, reward, lambda t: t)
+    got = _expected_loss_grad(name, theta, old, anc_logp, reward, _identity)
     ref_anc = old if anc_logp is None else anc_logp
-    want = _exact_grad_J(div, theta, lambda _: ref_anc, reward, lambda t: t)
+    want = _exact_grad_J(div, theta, lambda _: ref_anc, reward, _identity)
     torch.testing.assert_close(got, -want, rtol=0, atol=1e-10)
     partner = {"fkl": "ufkl", "ufkl": "fkl", "rkl": "urkl", "urkl": "rkl"}[div]
-    other = _exact_grad_J(partner, theta, lambda _: ref_anc, reward, lambda t: t)
+    other = _exact_grad_J(partner, theta, lambda _: ref_anc, reward, _identity)
     assert (other - want).abs().max() > 1e-3
 
 
@@ -170,7 +153,7 @@ def test_grpo_corrected_has_urkl_gradient_and_grpo_does_not():
     theta, old, ref, _ = _policies(2)
     old_logp, ref_logp = torch.log_softmax(old, 0), torch.log_softmax(ref, 0)
     zero_adv = torch.zeros(K, dtype=DT)  # isolate the KL term
-    log_policy = lambda t: torch.log_softmax(t, 0)  # noqa: E731
+    log_policy = _softmax
     want = -_exact_grad_J("urkl", theta, lambda _: ref_logp, torch.zeros(K, dtype=DT), log_policy, beta=1.0)
     corrected = _expected_loss_grad("grpo_corrected", theta, old_logp, ref_logp, zero_adv, log_policy, beta=1.0)
     uncorrected = _expected_loss_grad("grpo", theta, old_logp, ref_logp, zero_adv, log_policy, beta=1.0)
@@ -200,7 +183,7 @@ def test_monte_carlo_reinforce_gradient_converges_to_exact():
     per_sample = (N * logp.grad) * (torch.nn.functional.one_hot(x, K) - pi)
     mean, se = per_sample.mean(0), per_sample.std(0) / math.sqrt(N)
     torch.testing.assert_close(mean, th.grad, rtol=0, atol=1e-12)  # autograd == per-sample mean
-    want = -_exact_grad_J("urkl", theta, lambda _: anc_logp, reward, lambda t: torch.log_softmax(t, 0))
+    want = -_exact_grad_J("urkl", theta, lambda _: anc_logp, reward, _softmax)
     z = (mean - want).abs() / se
     assert bool((z < 4).all()), f"z-scores {z.tolist()}"
     assert se.max() < 0.05 * want.abs().max()  # the test has power

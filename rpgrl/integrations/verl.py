@@ -7,9 +7,12 @@ it imports this module, which registers:
 
 * every loss of ``rpgrl.losses.LOSSES`` with ``core_algos.register_policy_loss``, under its
   own name for the RPG losses (``rpg_ufkl``, ``rpg_reinforce_ufkl``, ...) and with an
-  ``rpgrl_`` prefix for the baselines (``rpgrl_ppo``, ``rpgrl_grpo``,
-  ``rpgrl_grpo_corrected``) so that they cannot be mistaken for verl's own GRPO setup;
-  select one with ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``;
+  ``rpgrl_`` prefix for the others (``rpgrl_ppo``, ``rpgrl_grpo``, ``rpgrl_grpo_corrected``,
+  ``rpgrl_gspo``, ``rpgrl_cispo``, and user losses from ``rpgrl.losses`` entry points, e.g.
+  ``rpgrl_my_loss``) so that they cannot be mistaken for verl's own; a
+  ``package.module:function`` loss_mode is registered under that name when
+  ``RPGPolicyLossConfig`` is built; select one with
+  ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``;
 * ``rpg`` (A = R - mean of the group, spec section 5) with ``register_adv_est``; select it
   with ``algorithm.adv_estimator=rpg``.
 
@@ -52,7 +55,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     ) from exc
 
 from rpgrl.advantages import compute_advantages
-from rpgrl.losses import LOSSES, aggregation_count, policy_loss
+from rpgrl.losses import LOSSES, UnknownLossError, aggregation_count, policy_loss
 
 __all__ = [
     "ANCHORS",
@@ -117,6 +120,13 @@ class RPGPolicyLossConfig(PolicyLossConfig):
     def __post_init__(self) -> None:
         where = "actor_rollout_ref.actor.policy_loss"
         _check_rpg_options(self.beta, self.anchor, where)
+        if self.loss_mode not in VERL_LOSS_NAMES:
+            _refresh_names()  # an entry point installed after import
+        if self.loss_mode not in VERL_LOSS_NAMES and ":" in self.loss_mode and self.loss_mode in LOSSES:
+            # loss_mode="package.module:function": register it under that very name, here in
+            # the worker that builds this config, before verl looks the loss_mode up
+            VERL_LOSS_NAMES[self.loss_mode] = self.loss_mode
+            _register_one(self.loss_mode, self.loss_mode)
         if self.loss_mode not in VERL_LOSS_NAMES:
             # verl's yaml sets loss_mode: vanilla, so _target_ alone does not select RPG
             warnings.warn(
@@ -187,8 +197,7 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 
 def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
     """verl ``PolicyLossFn`` for rpgrl loss ``name`` (calls ``rpgrl.losses.policy_loss``)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown rpgrl loss {name!r}; known losses: {', '.join(LOSSES)}")
+    spec = LOSSES.resolve(name)  # UnknownLossError (a ValueError) says why not
 
     def rpg_policy_loss(
         old_log_prob: Tensor,
@@ -207,7 +216,7 @@ def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, floa
                 f"rollout_is) are not supported by rpgrl losses, whose importance weight w already "
                 f"corrects pi_old -> pi_theta; set algorithm.rollout_correction.rollout_is=null"
             )
-        if _get(config, "use_kl_loss", False) and LOSSES[name].divergence is not None:
+        if _get(config, "use_kl_loss", False) and spec.divergence is not None:
             warnings.warn(
                 f"actor.use_kl_loss=True adds verl's own KL term on top of {name!r}'s KL "
                 f"regularizer; set actor_rollout_ref.actor.use_kl_loss=False for RPG runs",
@@ -230,7 +239,7 @@ def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, floa
         return loss, _verl_metrics(metrics)
 
     rpg_policy_loss.__name__ = rpg_policy_loss.__qualname__ = f"rpgrl_{name}"
-    rpg_policy_loss.__doc__ = f"rpgrl loss {name!r} as a verl PolicyLossFn: {LOSSES[name].description}"
+    rpg_policy_loss.__doc__ = f"rpgrl loss {name!r} as a verl PolicyLossFn: {spec.description}"
     return rpg_policy_loss
 
 
@@ -250,27 +259,49 @@ def rpg_outcome_advantage(
     return adv, adv
 
 
+def _refresh_names() -> None:
+    """Pick up ``rpgrl.losses`` entry points installed since import (names only)."""
+    for name in LOSSES:
+        VERL_LOSS_NAMES.setdefault(_verl_name(name), name)
+
+
+def _register_one(verl_name: str, name: str) -> None:
+    existing = core_algos.POLICY_LOSS_REGISTRY.get(verl_name)
+    if existing is not None and existing.__module__ != __name__:
+        raise ValueError(
+            f"verl already has a policy loss named {verl_name!r} from {existing.__module__}; "
+            f"rpgrl will not replace it"
+        )
+    core_algos.register_policy_loss(verl_name)(make_policy_loss_fn(name))
+
+
 def register() -> list[str]:
-    """Register every rpgrl loss and the ``rpg`` estimator in verl's registries (idempotent).
+    """Register every rpgrl loss (built-ins and installed ``rpgrl.losses`` entry points) and
+    the ``rpg`` estimator in verl's registries (idempotent).
 
     Returns the registered verl ``loss_mode`` names. Refuses to replace a policy loss or an
-    ``rpg`` estimator that another package registered under the same name.
+    ``rpg`` estimator that another package registered under the same name. A plugin loss
+    that fails to load is skipped with a warning (it must not break ``import verl``).
     """
-    for verl_name, name in VERL_LOSS_NAMES.items():
-        existing = core_algos.POLICY_LOSS_REGISTRY.get(verl_name)
-        if existing is not None and existing.__module__ != __name__:
-            raise ValueError(
-                f"verl already has a policy loss named {verl_name!r} from {existing.__module__}; "
-                f"rpgrl will not replace it"
-            )
-        core_algos.register_policy_loss(verl_name)(make_policy_loss_fn(name))
+    _refresh_names()
+    done = []
+    for verl_name, name in list(VERL_LOSS_NAMES.items()):
+        if name in LOSSES.builtins:
+            _register_one(verl_name, name)
+        else:
+            try:
+                _register_one(verl_name, name)
+            except UnknownLossError as exc:
+                warnings.warn(f"rpgrl: plugin loss {name!r} not registered with verl: {exc}", stacklevel=2)
+                continue
+        done.append(verl_name)
     existing = core_algos.ADV_ESTIMATOR_REGISTRY.get("rpg")
     if existing is not None and existing.__module__ != __name__:
         raise ValueError(f"verl already has an advantage estimator 'rpg' from {existing.__module__}")
     # Written directly: verl's register_adv_est decorator rejects re-registering a new
     # function object, which would make a module reload fail.
     core_algos.ADV_ESTIMATOR_REGISTRY["rpg"] = rpg_outcome_advantage
-    return list(VERL_LOSS_NAMES)
+    return done
 
 
 # Importing this module is the plugin: the ``verl.plugins`` entry point and a

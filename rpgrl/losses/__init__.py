@@ -4,22 +4,35 @@
     loss, metrics = policy_loss("rpg_reinforce_ufkl", logp, old_logp, advantages, mask)
 
 Layout: ``divergences`` (the table of KL rows), ``clip`` (trust region), ``surrogates``
-(the differentiable and the REINFORCE kernel), ``aggregate`` (spec 6), ``registry``
-(name -> spec, ``policy_loss``).
+(the differentiable and the REINFORCE kernel), ``baselines`` (GSPO, CISPO), ``aggregate``
+(spec 6), ``spec`` (the loss contract: ``LossInputs``, ``LossSpec``), ``plugins`` (entry
+points / ``module:function`` paths), ``registry`` (name -> spec, ``policy_loss``),
+``check`` (the exact-enumeration gradient check behind ``rpgrl check-loss``).
 """
 
 from rpgrl.losses.aggregate import AGG_MODES, aggregate, aggregation_count
 from rpgrl.losses.divergences import DIVERGENCES, Divergence
-from rpgrl.losses.registry import LOSSES, METRIC_KEYS, LossSpec, policy_loss
+from rpgrl.losses.clip import TrustRegion, trust_region
+from rpgrl.losses.plugins import ENTRY_POINT_GROUP
+from rpgrl.losses.registry import LOSSES, METRIC_KEYS, UnknownLossError, policy_loss, resolve_loss
+from rpgrl.losses.spec import LossInputs, LossSpec
+from rpgrl.losses.surrogates import Ratios
 
 __all__ = [
     "AGG_MODES",
     "DIVERGENCES",
     "Divergence",
+    "ENTRY_POINT_GROUP",
     "LOSSES",
+    "LossInputs",
     "LossSpec",
     "METRIC_KEYS",
+    "Ratios",
+    "TrustRegion",
+    "UnknownLossError",
     "aggregate",
     "aggregation_count",
     "policy_loss",
+    "resolve_loss",
+    "trust_region",
 ]

@@ -41,6 +41,7 @@ class Divergence:
     D: str
     kl_weight: Optional[Callable[[float, Tensor, Tensor, Scalar], Scalar]]
     kl_loss: Callable[[float, Tensor, Tensor, Scalar, Tensor], Tensor]
+    coefficient: str = ""  # C_KL in words (the KL part of g_t), printed by ``rpgrl explain``
 
 
 # ---- C_KL(beta, w, log_rho, v): g = w*A + C_KL (spec 2 / 4.1) -------------------------
@@ -90,19 +91,23 @@ def _grpo_k3_corrected_loss(beta: float, w: Tensor, log_rho: Tensor, v: Scalar, 
 
 
 DIVERGENCES: dict[str, Divergence] = {
-    "fkl": Divergence("fkl", "KL(pi_anc || pi_theta)", _fkl_weight, _fkl_loss),
-    "rkl": Divergence("rkl", "KL(pi_theta || pi_anc)", _rkl_weight, _rkl_loss),
+    "fkl": Divergence("fkl", "KL(pi_anc || pi_theta)", _fkl_weight, _fkl_loss, "beta*v"),
+    "rkl": Divergence("rkl", "KL(pi_theta || pi_anc)", _rkl_weight, _rkl_loss,
+                      "-beta*w*(log rho + 1)"),
     "ufkl": Divergence(
-        "ufkl", "KL(pi_anc || pi_theta) + int(pi_theta - pi_anc)", _ufkl_weight, _ufkl_loss
+        "ufkl", "KL(pi_anc || pi_theta) + int(pi_theta - pi_anc)", _ufkl_weight, _ufkl_loss,
+        "-beta*(w - v)",
     ),
     "urkl": Divergence(
-        "urkl", "KL(pi_theta || pi_anc) + int(pi_anc - pi_theta)", _urkl_weight, _urkl_loss
+        "urkl", "KL(pi_theta || pi_anc) + int(pi_anc - pi_theta)", _urkl_weight, _urkl_loss,
+        "-beta*w*log rho",
     ),
 }
 
 #: GRPO's KL loss term beta*k3(pi_ref/pi_theta) (spec section 5): biased off-policy.
-GRPO_KL = Divergence("grpo_k3", "k3(pi_ref/pi_theta), uncorrected", None, _grpo_k3_loss)
+GRPO_KL = Divergence("grpo_k3", "k3(pi_ref/pi_theta), uncorrected", None, _grpo_k3_loss,
+                     "beta*(pi_ref/pi_theta - 1) (no w)")
 #: The paper's fix beta*w*k3(pi_ref/pi_theta): its gradient is URKL's (spec section 5).
 GRPO_KL_CORRECTED = Divergence(
-    "grpo_w_k3", "w * k3(pi_ref/pi_theta)", None, _grpo_k3_corrected_loss
+    "grpo_w_k3", "w * k3(pi_ref/pi_theta)", None, _grpo_k3_corrected_loss, "-beta*w*log rho"
 )
