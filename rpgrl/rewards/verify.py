@@ -24,10 +24,13 @@ __all__ = ["symbolic_equal", "math_verify_score", "in_main_thread", "symbolic_co
 
 MAX_SYMBOLIC_CHARS = 200
 MAX_SYMBOLIC_DEPTH = 6
-MAX_MATH_VERIFY_CHARS = 4000  # math_verify scorer: only the tail of a response is parsed
+MAX_MATH_VERIFY_CHARS = 1000  # math_verify scorer: only the tail of a response is parsed
 _NEVER_SYMBOLIC = ("\\sum", "\\prod", "\\int", "\\lim", "\\Gamma", "\\binom", "\\choose")
 _COMMAND = re.compile(r"\\[A-Za-z]+")
 _LONG_DIGITS = re.compile(r"\d{3}")
+# Math spans math-verify may extract and parse. Lazy scans to the next delimiter: at worst
+# quadratic in the (capped, 1000-character) tail, never exponential.
+_MATH_SPAN = re.compile(r"\$\$(.*?)\$\$|\$(.*?)\$|\\\[(.*?)\\\]|\\\((.*?)\\\)", re.DOTALL)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,18 @@ def _exponent(s: str, i: int, partners: dict[int, int]) -> str:
     return s[j : j + 1]
 
 
+def bracket_depth(text: str) -> int:
+    """Deepest nesting of ``( [ {`` in ``text`` (math-verify's parse time grows ~1.5x per level)."""
+    depth = top = 0
+    for c in text:
+        if c in "([{":
+            depth += 1
+            top = max(top, depth)
+        elif c in ")]}":
+            depth -= 1
+    return top
+
+
 def symbolic_cost(text: str, max_chars: int | None = MAX_SYMBOLIC_CHARS) -> str | None:
     """Why ``text`` is too costly to hand to math-verify/sympy, or None if it is not.
 
@@ -56,14 +71,7 @@ def symbolic_cost(text: str, max_chars: int | None = MAX_SYMBOLIC_CHARS) -> str 
 
     if max_chars is not None and len(text) > max_chars:
         return f"longer than {max_chars} characters"
-    depth = top = 0
-    for c in text:
-        if c in "([{":
-            depth += 1
-            top = max(top, depth)
-        elif c in ")]}":
-            depth -= 1
-    if top > MAX_SYMBOLIC_DEPTH:
+    if bracket_depth(text) > MAX_SYMBOLIC_DEPTH:
         return f"brackets nested deeper than {MAX_SYMBOLIC_DEPTH}"
     for cmd in _NEVER_SYMBOLIC:
         if cmd in text:
@@ -134,21 +142,32 @@ def symbolic_equal(pred: str, gold: str, timeout_s: float | None = 5.0) -> bool:
         return False
 
 
+def _blank_if_costly(m: re.Match) -> str:
+    content = next(g for g in m.groups() if g is not None)
+    return " " if symbolic_cost(content) is not None else m.group(0)
+
+
 def math_verify_score(solution: str, gold: str, timeout_s: float | None = 5.0) -> bool:
     """math-verify's own extraction over the response (no "Answer:" convention).
 
     Only the last :data:`MAX_MATH_VERIFY_CHARS` characters are parsed (final answers sit
-    at the end), and a final answer that rpgrl's own extractor finds there must pass
-    :func:`symbolic_cost`: math-verify would otherwise parse and evaluate it unbounded.
+    at the end); they must not nest brackets deeper than :data:`MAX_SYMBOLIC_DEPTH` (parse
+    time), and the final answer rpgrl's extractor finds there, and the one math-verify
+    extracts, must pass :func:`symbolic_cost` (evaluation time). What math-verify parses
+    elsewhere is cheap: every ``$...$`` / ``\\[...\\]`` / ``\\(...\\)`` span of the tail that
+    :func:`symbolic_cost` finds costly is blanked out before math-verify sees it.
     """
     from math_verify import parse, verify
 
     from rpgrl.rewards.extract import extract_final_answer
 
     tail = solution[-MAX_MATH_VERIFY_CHARS:]
+    if bracket_depth(tail) > MAX_SYMBOLIC_DEPTH:
+        return False
     ours = extract_final_answer(tail, "auto")
     if ours is not None and symbolic_cost(ours, max_chars=None) is not None:
         return False
+    tail = _MATH_SPAN.sub(_blank_if_costly, tail)
     t = _timeout(timeout_s)
     try:
         g = _parse("\\boxed{" + gold + "}", t)
