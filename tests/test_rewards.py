@@ -135,6 +135,10 @@ EQUIVALENCE = [
     ("\\text{Area} = 12", "12", True),
     ("y = 2x+3", "2x+3", True),
     ("y = 2x + 3", "y=2x+3", True),      # same rule on both sides
+    ("\\angle ABC = 30^\\circ", "30", True),
+    ("|z| = 5", "5", True),
+    ("S_{10} = 55", "55", True),
+    ("a^2+b^2 = 25", "25", False),       # a computation on the left, like x^2 = 4
     # a bare brace group is its content; the set \\{5\\} is not a number
     ("{5}", "5", True),
     ("{{5}}", "5", True),

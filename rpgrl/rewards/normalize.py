@@ -92,10 +92,11 @@ _EXPONENT = r"\^(?:\{([+-]?\d{1,4})\}|(\d))"  # 10^{-3}, 10^3 (10^12 in LaTeX is
 _POW10 = re.compile(r"([+-]?)(?:10|\{10\})" + _EXPONENT)
 _SCI = re.compile("(" + _MANTISSA + r")(?:\\times|\\cdot|\*)(?:10|\{10\})" + _EXPONENT)
 _MAX_POW10 = 100  # |exponent| above this stays symbolic (the canonical string would be long)
-# Left side of "LHS = value" that names a quantity: x, x_1, \theta, AB, area, f(2), and
-# sums like m+n or 100m+n (AIME's "find m+n"). A single term takes no coefficient or sign:
-# "2x = 6" and "-x = 5" say x = 3 and x = -5.
-_NAME = (r"(?:[A-Za-z]|[A-Z]{2,3}|[A-Za-z][a-z]{2,11}|\\[A-Za-z]{2,8})"
+# Left side of "LHS = value" that names a quantity: x, x_1, \theta, AB, \angle A, |z|,
+# area, f(2), and sums like m+n or 100m+n (AIME's "find m+n"). A single term takes no
+# coefficient or sign: "2x = 6" and "-x = 5" say x = 3 and x = -5.
+_NAME = (r"(?:m?\\angle ?)?"
+         r"(?:[A-Za-z]|[A-Z]{2,3}|[A-Za-z][a-z]{2,11}|\\[A-Za-z]{2,8}|\|[A-Za-z]{1,3}\|)"
          r"(?:_(?:\d|[A-Za-z]|\{[A-Za-z0-9]{1,4}\}))?'{0,3}(?:\([A-Za-z0-9,]{1,8}\))?")
 _NAMED_LHS = re.compile(_NAME + r"|\d{0,4}" + _NAME + r"(?:[+-]\d{0,4}" + _NAME + ")+")
 _NOT_NAMES = {"\\pi", "\\infty", "\\sqrt", "\\frac", "\\cdot", "\\times", "\\pm", "\\mp"}
