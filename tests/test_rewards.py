@@ -300,6 +300,19 @@ def test_long_pathological_responses_score_fast(warm_scorers, response: str) -> 
     assert elapsed < _MAX_CALL_S, f"{where}: {elapsed:.2f} s on a {len(response)}-char response"
 
 
+@pytest.mark.parametrize("answer", [
+    "1" * 30000 + "x", "1 " * 20000 + "x", "1." * 20000 + "x", "\\text{" * 3000,
+    "\\boxed{" * 3000 + "1", "\\mathrm{" * 3000 + "}", "x = " + "1" * 30000 + "x", "{" * 30000 + "1", "10^{" + "1" * 30000,
+    "1.5\\times" + "1" * 30000 + "x",
+], ids=lambda a: f"{a[:10]!r}..{len(a)}")
+def test_normalize_is_linear_even_past_the_answer_cap(answer: str) -> None:
+    """The regexes and brace scans themselves, not only the MAX_ANSWER_CHARS cap in front."""
+    t0 = time.perf_counter()
+    normalize_answer(answer)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < _MAX_CALL_S, f"{elapsed:.2f} s on a {len(answer)}-char answer"
+
+
 @pytest.mark.parametrize("pred", [
     "9^{9^{9^{9}}}", "10^{10^{10}}", "2^{100000000}", "(x+1)^{999}", "100000000!",
     "(10^{5})!", "\\binom{1000000}{500000}", "(" * 20 + "x" + ")" * 20, "[" * 12 + "x" + "]" * 12,

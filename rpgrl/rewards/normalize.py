@@ -60,11 +60,10 @@ _NUMBER_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*
 _CONNECTIVES = {"or", "and", "to", "plus", "minus", "times", "over", "by", "not", "nor", "but",
                 "if", "else", "otherwise", "except", "than", "of", "per", "divided", "either",
                 "at", "least", "most", "more", "less", "fewer", "under", "above", "below", "up",
-                "with", "remainder", "equals", "is", "are"}
+                "with", "remainder"}
 # A number followed by one of these is a hedge or an estimate, not an answer: "6 maybe".
 _HEDGES = {"maybe", "perhaps", "possibly", "probably", "likely", "approximately", "approx",
-           "about", "around", "roughly", "nearly", "almost", "circa", "guess", "unsure",
-           "or", "either"}
+           "about", "around", "roughly", "nearly", "almost", "circa", "guess", "unsure"}
 # Words that change a number's value, so "2 pi" / "3 sqrt" / "2 million" are never read as
 # "2" / "3" / "2" with a noun after them (a false positive against ground truth "2").
 _MATH_WORDS = {
@@ -84,9 +83,10 @@ _FRAC_SHORT = re.compile(r"\\frac(?:(\d)(\d)|(\d)\{|\{([^{}]*)\}(\d))")
 _SQRT_SHORT = re.compile(r"\\sqrt ?(\d+|[A-Za-z](?![A-Za-z]))")
 _SIMPLE_FRAC = re.compile(r"([+-]?)\\frac\{([+-]?)(\d+)\}\{([+-]?)(\d+)\}")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-# "\d+\.?\d*" would let \d+ and \d* split a digit run in n ways: quadratic on "1"*n + "x".
-_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+# Not "\d+\.?\d*": there \d+ and \d* can split a digit run in n ways, so a fullmatch on
+# "1" * n + "x" takes quadratic time (issue 13: 8 s on a 30,000-character answer).
 _MANTISSA = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_DECIMAL = re.compile(_MANTISSA)
 _EXPONENT = r"\^(?:\{([+-]?\d{1,4})\}|(\d))"  # 10^{-3}, 10^3 (10^12 in LaTeX is 10^1 2)
 # Scientific notation is a way to write a number, not a computation: "10^3", "1.5\times10^{3}".
 _POW10 = re.compile(r"([+-]?)(?:10|\{10\})" + _EXPONENT)
