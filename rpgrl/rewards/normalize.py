@@ -141,6 +141,9 @@ def _strip_outer_braces(s: str) -> str:
 
 def _canonical_decimal(text: str) -> str | None:
     """Canonical decimal string of an exact numeral (``3.0`` -> ``3``), without rounding."""
+    if "." not in text and "E" not in text:  # an integer: the common case, kept cheap
+        digits = text.lstrip("+-").lstrip("0") or "0"
+        return "-" + digits if text.startswith("-") and digits != "0" else digits
     try:
         with localcontext() as ctx:
             ctx.prec = len(text) + 8  # Decimal's default 28 digits would round long numerals
