@@ -302,7 +302,8 @@ def test_long_pathological_responses_score_fast(warm_scorers, response: str) -> 
 
 @pytest.mark.parametrize("answer", [
     "1" * 30000 + "x", "1 " * 20000 + "x", "1." * 20000 + "x", "\\text{" * 3000,
-    "\\boxed{" * 3000 + "1", "\\mathrm{" * 3000 + "}", "x = " + "1" * 30000 + "x", "{" * 30000 + "1", "10^{" + "1" * 30000,
+    "\\boxed{" * 3000 + "1", "\\mathrm{" * 3000 + "}", "x = " + "1" * 30000 + "x",
+    "{" * 30000 + "1", "10^{" + "1" * 30000,
     "1.5\\times" + "1" * 30000 + "x",
 ], ids=lambda a: f"{a[:10]!r}..{len(a)}")
 def test_normalize_is_linear_even_past_the_answer_cap(answer: str) -> None:
