@@ -9,11 +9,14 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rpgrl.rewards import (
     ScorerSpecError, answers_match, compute_score, extract_answer_line, last_boxed,
     load_scorer, normalize_answer, overlong_penalty, route, safe, score_batch,
 )
+from rpgrl.rewards.verify import symbolic_cost
 
 # (prediction, ground truth, expected equivalence)
 EQUIVALENCE = [
@@ -98,6 +101,86 @@ EQUIVALENCE = [
     ("\\frac{170}{2}", "85", True),      # an integer fraction is a plain number
     ("85abc", "85", False),
     ("", "85", False),
+    # hedges: two candidates (or an estimate) are never the answer, whatever the form
+    ("x=5 or x=6", "6", False),
+    ("x=5 or x=6", "5", False),
+    ("x = 5, x = 6", "6", False),
+    ("12 or x = 13", "13", False),       # the "or" sits left of the only "="
+    ("x = 5 or 6", "6", False),
+    ("5 \\text{ or } 6", "6", False),
+    ("6 or 5", "6", False),
+    ("either 5 or 6", "6", False),
+    ("6 maybe", "6", False),
+    ("6 approximately", "6", False),
+    ("6 or so", "6", False),
+    ("6 at most", "6", False),
+    ("6 (or 5)", "6", False),
+    # equations: the right-hand side is the answer only when the left side names it
+    ("4 = 5", "5", False),
+    ("x^2 = 4", "4", False),
+    ("2x = 6", "6", False),              # says x = 3
+    ("-x = 5", "5", False),              # says x = -5
+    ("37+48 = 85", "85", False),         # a computation, not a named quantity
+    ("2+2 = 4", "4", False),
+    ("x = y = 3", "3", False),
+    ("\\frac{1}{2} = 0.5", "0.5", False),
+    ("\\pi = 3", "3", False),
+    ("m+n = 43", "43", True),            # AIME's "find m+n"
+    ("m + n = 43", "43", True),
+    ("100m+n = 1234", "1234", True),
+    ("AB = 5", "5", True),
+    ("x_1 = 2", "2", True),
+    ("\\theta = 30", "30", True),
+    ("f(2) = 7", "7", True),
+    ("\\text{Area} = 12", "12", True),
+    ("y = 2x+3", "2x+3", True),
+    ("y = 2x + 3", "y=2x+3", True),      # same rule on both sides
+    ("\\angle ABC = 30^\\circ", "30", True),
+    ("|z| = 5", "5", True),
+    ("S_{10} = 55", "55", True),
+    ("a^2+b^2 = 25", "25", False),       # a computation on the left, like x^2 = 4
+    # a bare brace group is its content; the set \\{5\\} is not a number
+    ("{5}", "5", True),
+    ("{{5}}", "5", True),
+    ("{-5}", "-5", True),
+    ("{5}", "6", False),
+    ("{1,000}", "1000", True),
+    ("{\\frac{1}{2}}", "0.5", True),
+    ("\\{5\\}", "5", False),
+    # powers of ten and scientific notation are numerals; other powers are computations
+    ("10^3", "1000", True),
+    ("10^{3}", "1000", True),
+    ("{10}^{3}", "1000", True),
+    ("-10^{2}", "-100", True),
+    ("10^{-2}", "0.01", True),
+    ("1.5 \\times 10^{3}", "1500", True),
+    ("1.5\u00d710^3", "1500", True),
+    ("2 \\cdot 10^2", "200", True),
+    ("1000", "10^{3}", True),            # on the ground-truth side too
+    ("10^3", "100", False),
+    ("1.5 \\times 10^{3}", "150", False),
+    ("2^{10}", "1024", False),
+    ("\\sqrt{4}", "2", False),
+    ("5 \\cdot 200", "1000", False),
+    ("10 \\times 100", "1000", False),
+    ("10^2 \\cdot 10", "1000", False),
+    ("85+0", "85", False),
+    # equivalent numeric forms
+    ("1000.0", "1000", True),
+    ("+1000", "1000", True),
+    ("1\\,000", "1000", True),
+    ("1 000", "1000", True),
+    ("-0", "0", True),
+    ("-.5", "-1/2", True),
+    ("\\frac{3}{6}", "0.5", True),
+    ("5/10", "\\frac12", True),
+    ("170/2", "85", True),
+    ("0.5", "1/3", False),
+    # long numerals compare exactly (Decimal's 28-digit default context used to round)
+    ("1111111111111111111111111111112", "1111111111111111111111111111111", False),
+    ("0.10000000000000000000000000000001", "0.1", False),
+    ("12345678901234567890123456789012345", "12345678901234567890123456789012345", True),
+    ("12345678901234567890123456789012345.0", "12345678901234567890123456789012345", True),
 ]
 
 
@@ -175,6 +258,108 @@ def test_fast_path_speed_256_short_responses() -> None:
     elapsed = time.perf_counter() - t0
     assert elapsed < 0.05, f"256 short responses took {elapsed * 1e3:.1f} ms"
     assert rewards == [float(r == f"Answer:{g}" or r == f"Answer: {g}") for r, g in zip(rs, gts, strict=True)]
+
+
+# ---- every scorer path is linear-time or capped (issue 13, item 4) -------------------
+# The built-in scorers run in-process (verl calls compute_score directly), so one response
+# must never stall training: each call below must finish far inside a second.
+
+_SCORERS = {name: load_scorer(name) for name in ("default", "dapo", "boxed", "math_verify")}
+_MAX_CALL_S = 0.5
+
+
+def _slowest_call(response: str, truths=("5", "x^2+1")) -> tuple[float, str]:
+    slowest = (0.0, "")
+    for name, fn in _SCORERS.items():
+        for gt in truths:
+            t0 = time.perf_counter()
+            out = fn("math_dapo", response, gt)
+            elapsed = time.perf_counter() - t0
+            assert out["score"] in (0.0, 1.0)
+            slowest = max(slowest, (elapsed, f"{name} vs {gt!r}"))
+    return slowest
+
+
+@pytest.fixture(scope="module", autouse=False)
+def warm_scorers():
+    _slowest_call("Answer: \\sqrt{2}\n\\boxed{x+1}")  # lazy imports: sympy, math-verify
+
+
+@pytest.mark.parametrize("response", [
+    "Answer: " + "1" * 8000 + "x",         # issue 13: 0.8 s (quadratic _DECIMAL)
+    "Answer: " + "1" * 30000 + "x",        # 7.9 s
+    "Answer: " + "1 " * 50000 + "x",       # 22.6 s
+    "Answer: " + "\\text{" * 20000,        # a brace scan from every unclosed \text{
+    "\\boxed{" + "\\text{" * 20000 + "}",
+    "Answer: " + "1." * 20000 + "x",
+    "Answer: x = " + "1" * 30000 + "x",
+    "Answer: " + "\\frac{" * 10000 + "1",
+], ids=lambda r: f"{r[:14]!r}..{len(r)}")
+def test_long_pathological_responses_score_fast(warm_scorers, response: str) -> None:
+    elapsed, where = _slowest_call(response)
+    assert elapsed < _MAX_CALL_S, f"{where}: {elapsed:.2f} s on a {len(response)}-char response"
+
+
+@pytest.mark.parametrize("answer", [
+    "1" * 30000 + "x", "1 " * 20000 + "x", "1." * 20000 + "x", "\\text{" * 3000,
+    "\\boxed{" * 3000 + "1", "\\mathrm{" * 3000 + "}", "x = " + "1" * 30000 + "x",
+    "{" * 30000 + "1", "10^{" + "1" * 30000,
+    "1.5\\times" + "1" * 30000 + "x",
+], ids=lambda a: f"{a[:10]!r}..{len(a)}")
+def test_normalize_is_linear_even_past_the_answer_cap(answer: str) -> None:
+    """The regexes and brace scans themselves, not only the MAX_ANSWER_CHARS cap in front."""
+    t0 = time.perf_counter()
+    normalize_answer(answer)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < _MAX_CALL_S, f"{elapsed:.2f} s on a {len(answer)}-char answer"
+
+
+@pytest.mark.parametrize("pred", [
+    "9^{9^{9^{9}}}", "10^{10^{10}}", "2^{100000000}", "(x+1)^{999}", "100000000!",
+    "(10^{5})!", "\\binom{1000000}{500000}", "(" * 20 + "x" + ")" * 20, "[" * 12 + "x" + "]" * 12,
+    "\\sum_{k=1}^{10^{9}} k", "x" * 400,
+])
+def test_costly_predictions_never_reach_sympy(warm_scorers, pred: str) -> None:
+    """Short answers that make math-verify/sympy run to their timeout (5 s each before)."""
+    assert symbolic_cost(normalize_answer(pred)) is not None
+    elapsed, where = _slowest_call(f"Answer: {pred}", truths=("\\sqrt{2}", "x^2+1"))
+    assert elapsed < _MAX_CALL_S, f"{where}: {elapsed:.2f} s on {pred!r}"
+    elapsed, where = _slowest_call(f"The final answer is ${pred}$.", truths=("\\sqrt{2}",))
+    assert elapsed < _MAX_CALL_S, f"{where}: {elapsed:.2f} s on {pred!r}"
+
+
+@pytest.mark.parametrize("pred", [
+    "\\frac{3\\sqrt{2}}{2}", "(x+1)^2", "e^{x^2}", "(-\\infty,3)", "\\{1,2\\}", "n!", "5!", "2^{10}",
+    "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\frac{1}{\\sqrt{\\frac{a}{b}}}", "x^{99}",
+])
+def test_real_answers_still_reach_sympy(pred: str) -> None:
+    assert symbolic_cost(normalize_answer(pred)) is None
+
+
+_PIECES = ["1", "9", " ", ".", ",", "/", "-", "+", "=", "^", "{", "}", "(", ")", "[", "]", "!",
+           "x", "a", "$", "\n", "\\", "\\frac", "\\text{", "\\boxed{", "\\sqrt", "\\left(",
+           "Answer:", " or ", "10^{", "\\times", " cm", "\\,", "**"]
+
+
+@st.composite
+def long_responses(draw) -> str:
+    """A repeated unit (the shape of every catastrophic-backtracking input) with random
+    text around it, or plain random text; then a marker so every extractor reads it."""
+    if draw(st.booleans()):
+        unit = "".join(draw(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=3)))
+        body = unit * draw(st.integers(200, 40000 // len(unit)))
+    else:
+        body = "".join(draw(st.lists(st.sampled_from(_PIECES), min_size=500, max_size=3000)))
+    head = draw(st.sampled_from(["", "Answer: ", "\\boxed{", "The final answer is $", "Answer: x = "]))
+    tail = "".join(draw(st.lists(st.sampled_from(_PIECES), max_size=5)))
+    return head + body + tail
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(response=long_responses())
+def test_random_long_responses_score_fast(warm_scorers, response: str) -> None:
+    elapsed, where = _slowest_call(response)
+    assert elapsed < _MAX_CALL_S, f"{where}: {elapsed:.2f} s on {response[:60]!r}... ({len(response)} chars)"
 
 
 # ---- user scorers and safe batch scoring -------------------------------------------

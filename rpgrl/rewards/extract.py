@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["extract_answer_line", "last_boxed", "unwrap_command", "extract_final_answer"]
+__all__ = ["extract_answer_line", "last_boxed", "unwrap_command", "extract_final_answer",
+           "brace_partners"]
 
 # "Answer:", "answer :", "**Answer:**" ... (case-insensitive, like verl's minerva pattern).
 _ANSWER_RE = re.compile(r"answer\s*:", re.IGNORECASE)
@@ -50,6 +51,21 @@ def _balanced_arg(s: str, start: int) -> tuple[str, int] | None:
     return None
 
 
+def brace_partners(s: str) -> dict[int, int]:
+    """Index of each ``{`` -> index of its closing ``}`` (unclosed ones are absent).
+
+    One stack pass, so callers that look up many groups stay linear: scanning forward
+    from every ``{`` of ``"\\text{" * n`` (never closed) is quadratic.
+    """
+    partners, stack = {}, []
+    for i, c in enumerate(s):
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            partners[stack.pop()] = i
+    return partners
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), brace-balanced.
 
@@ -72,8 +88,11 @@ def last_boxed(text: str) -> str | None:
 
 
 def unwrap_command(s: str, command: str, prefix: str = "") -> str:
-    """Replace every ``\\command{X}`` by ``prefix + X`` (brace-balanced, nested groups kept)."""
-    out, i = [], 0
+    """Replace every ``\\command{X}`` by ``prefix + X`` (brace-balanced, nested groups kept).
+
+    Linear time: brace partners are found in one pass, not by a scan per occurrence.
+    """
+    out, i, partners = [], 0, None
     while True:
         k = s.find(command, i)
         if k < 0:
@@ -84,11 +103,13 @@ def unwrap_command(s: str, command: str, prefix: str = "") -> str:
             j += 1
         # Only a whole command name followed by a brace group ("\text" must not eat "\textbf").
         if j < len(s) and s[j] == "{" and not s[k + len(command) : k + len(command) + 1].isalpha():
-            arg = _balanced_arg(s, j)
-            if arg is not None:
+            if partners is None:
+                partners = brace_partners(s)
+            end = partners.get(j)
+            if end is not None:
                 out.append(s[i:k])
-                out.append(prefix + arg[0])
-                i = arg[1]
+                out.append(prefix + s[j + 1 : end])
+                i = end + 1
                 continue
         out.append(s[i : k + len(command)])
         i = k + len(command)

@@ -6,15 +6,24 @@ units are only stripped at the *end* of an answer (so ``\\sqrt{km}`` is not mang
 commas are only removed from real thousands groups (``1,000`` -> ``1000`` but the list
 ``1,2`` stays a list). Both sides of a comparison go through the same function, so any
 residual quirk is symmetric.
+
+Two rules keep a hedged or wrong answer from normalising to the right one: ``LHS = RHS``
+keeps only the right-hand side when the equation has exactly one ``=`` and its left side
+*names a quantity* (``x``, ``m+n``, ``AB``, ``f(2)``), never for ``4 = 5``, ``x^2 = 4`` or
+``12 or x = 13``; and a number followed by words keeps only the number when no word is a
+connective, a hedge or a math word (``3 or 4``, ``5 maybe``, ``2 pi`` stay as they are).
+
+Every regex here is linear on any input (no nested or adjacent unbounded quantifiers that
+can share characters): a scorer runs on adversarial model output, in-process.
 """
 
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from fractions import Fraction
 
-from rpgrl.rewards.extract import unwrap_command
+from rpgrl.rewards.extract import brace_partners, unwrap_command
 
 __all__ = ["normalize_answer", "as_rational"]
 
@@ -49,7 +58,12 @@ _UNIT_TAIL = re.compile(
 # "85 apples": a plain number followed by plain words of >= 2 letters.
 _NUMBER_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*$")
 _CONNECTIVES = {"or", "and", "to", "plus", "minus", "times", "over", "by", "not", "nor", "but",
-                "if", "else", "otherwise", "except", "than", "of", "per", "divided"}
+                "if", "else", "otherwise", "except", "than", "of", "per", "divided", "either",
+                "at", "least", "most", "more", "less", "fewer", "under", "above", "below", "up",
+                "with", "remainder"}
+# A number followed by one of these is a hedge or an estimate, not an answer: "6 maybe".
+_HEDGES = {"maybe", "perhaps", "possibly", "probably", "likely", "approximately", "approx",
+           "about", "around", "roughly", "nearly", "almost", "circa", "guess", "unsure"}
 # Words that change a number's value, so "2 pi" / "3 sqrt" / "2 million" are never read as
 # "2" / "3" / "2" with a noun after them (a false positive against ground truth "2").
 _MATH_WORDS = {
@@ -62,14 +76,30 @@ _MATH_WORDS = {
     "sevenths", "eighth", "eighths", "ninth", "ninths", "tenth", "tenths", "hundredth",
     "hundredths", "thousandth", "thousandths",
 }
-_KEEP_WORDS = _CONNECTIVES | _MATH_WORDS
+_KEEP_WORDS = _CONNECTIVES | _HEDGES | _MATH_WORDS
 _EQ_SPLIT = re.compile(r"(?<![<>!\\])=(?!=)")
 _CMD_SPACE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])")
 _FRAC_SHORT = re.compile(r"\\frac(?:(\d)(\d)|(\d)\{|\{([^{}]*)\}(\d))")
 _SQRT_SHORT = re.compile(r"\\sqrt ?(\d+|[A-Za-z](?![A-Za-z]))")
 _SIMPLE_FRAC = re.compile(r"([+-]?)\\frac\{([+-]?)(\d+)\}\{([+-]?)(\d+)\}")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+# Not "\d+\.?\d*": there \d+ and \d* can split a digit run in n ways, so a fullmatch on
+# "1" * n + "x" takes quadratic time (issue 13: 8 s on a 30,000-character answer).
+_MANTISSA = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_DECIMAL = re.compile(_MANTISSA)
+_EXPONENT = r"\^(?:\{([+-]?\d{1,4})\}|(\d))"  # 10^{-3}, 10^3 (10^12 in LaTeX is 10^1 2)
+# Scientific notation is a way to write a number, not a computation: "10^3", "1.5\times10^{3}".
+_POW10 = re.compile(r"([+-]?)(?:10|\{10\})" + _EXPONENT)
+_SCI = re.compile("(" + _MANTISSA + r")(?:\\times|\\cdot|\*)(?:10|\{10\})" + _EXPONENT)
+_MAX_POW10 = 100  # |exponent| above this stays symbolic (the canonical string would be long)
+# Left side of "LHS = value" that names a quantity: x, x_1, \theta, AB, \angle A, |z|,
+# area, f(2), and sums like m+n or 100m+n (AIME's "find m+n"). A single term takes no
+# coefficient or sign: "2x = 6" and "-x = 5" say x = 3 and x = -5.
+_NAME = (r"(?:m?\\angle ?)?"
+         r"(?:[A-Za-z]|[A-Z]{2,3}|[A-Za-z][a-z]{2,11}|\\[A-Za-z]{2,8}|\|[A-Za-z]{1,3}\|)"
+         r"(?:_(?:\d|[A-Za-z]|\{[A-Za-z0-9]{1,4}\}))?'{0,3}(?:\([A-Za-z0-9,]{1,8}\))?")
+_NAMED_LHS = re.compile(_NAME + r"|\d{0,4}" + _NAME + r"(?:[+-]\d{0,4}" + _NAME + ")+")
+_NOT_NAMES = {"\\pi", "\\infty", "\\sqrt", "\\frac", "\\cdot", "\\times", "\\pm", "\\mp"}
 _RATIONAL = re.compile(r"([+-]?\d+)/(\d+)")
 _CHOICE = re.compile(r"\(([A-Ea-e])\)")
 
@@ -80,6 +110,62 @@ def _fix_frac_shorthand(m: re.Match) -> str:
     if m.group(3) is not None:  # \frac1{2}
         return f"\\frac{{{m.group(3)}}}{{"
     return f"\\frac{{{m.group(4)}}}{{{m.group(5)}}}"  # \frac{1}2
+
+
+def _names_a_quantity(lhs: str) -> bool:
+    """Whether ``lhs`` (left of the only ``=``) names what is asked: ``x``, ``m + n``, ``AB``.
+
+    Not a number (``4 = 5``), not a computation on a variable (``x^2 = 4``), not a hedge
+    (``12 or x = 13``): for those the right-hand side is not the answer.
+    """
+    lhs = lhs.strip()
+    if not lhs or len(lhs) > 40:
+        return False
+    lhs = re.sub(r"\s*([+-])\s*", r"\1", lhs)
+    if not _NAMED_LHS.fullmatch(lhs):
+        return False
+    words = re.findall(r"\\?[A-Za-z]+", lhs)
+    return not any(w.lower() in _KEEP_WORDS or w in _NOT_NAMES for w in words)
+
+
+def _strip_outer_braces(s: str) -> str:
+    """``{5}`` / ``{{5}}`` -> ``5`` (a bare group, not the set ``\\{5\\}``)."""
+    if not (s.startswith("{") and s.endswith("}")):
+        return s
+    partners = brace_partners(s)
+    i, j = 0, len(s) - 1
+    while i < j and s[i] == "{" and partners.get(i) == j:
+        i, j = i + 1, j - 1
+    return s[i : j + 1]
+
+
+def _canonical_decimal(text: str) -> str | None:
+    """Canonical decimal string of an exact numeral (``3.0`` -> ``3``), without rounding."""
+    if "." not in text and "E" not in text:  # an integer: the common case, kept cheap
+        digits = text.lstrip("+-").lstrip("0") or "0"
+        return "-" + digits if text.startswith("-") and digits != "0" else digits
+    try:
+        with localcontext() as ctx:
+            ctx.prec = len(text) + 8  # Decimal's default 28 digits would round long numerals
+            d = Decimal(text).normalize()
+            return "0" if d == 0 else format(d, "f")
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def _scientific(s: str) -> str | None:
+    """``10^3`` / ``-10^{-2}`` / ``1.5\\times10^{3}`` as a plain decimal, else None."""
+    m = _POW10.fullmatch(s)
+    if m:
+        mantissa, exp = m.group(1) + "1", m.group(2) or m.group(3)
+    else:
+        m = _SCI.fullmatch(s)
+        if not m:
+            return None
+        mantissa, exp = m.group(1), m.group(2) or m.group(3)
+    if abs(int(exp)) > _MAX_POW10:
+        return None
+    return _canonical_decimal(f"{mantissa}E{exp}")
 
 
 def _remove_spaces(s: str) -> str:
@@ -115,7 +201,9 @@ def normalize_answer(answer: str) -> str:
         s = _DROP_COMMANDS.sub(" ", s).replace("\\ ", " ")
     s = s.strip().rstrip(".,;").strip()
     if "=" in s:
-        s = _EQ_SPLIT.split(s)[-1].strip()
+        sides = _EQ_SPLIT.split(s)
+        if len(sides) == 2 and _names_a_quantity(sides[0]):
+            s = sides[1].strip()
     for _ in range(2):  # "5 square feet"
         stripped = _UNIT_TAIL.sub("", s).strip()
         if stripped == s:
@@ -124,7 +212,7 @@ def normalize_answer(answer: str) -> str:
     m = _NUMBER_WORDS.match(s)
     if m and not _KEEP_WORDS.intersection(s[m.end(1):].lower().split()):
         s = m.group(1)  # "85 apples" -> "85", but never "3 or 4" / "2 pi" -> "3" / "2"
-    s = _remove_spaces(s).rstrip(".,;")
+    s = _strip_outer_braces(_remove_spaces(s).rstrip(".,;"))
     if "\\frac" in s:
         s = _FRAC_SHORT.sub(_fix_frac_shorthand, s)
     if "\\sqrt" in s:
@@ -136,11 +224,9 @@ def normalize_answer(answer: str) -> str:
         negative = (m.group(1) + m.group(2) + m.group(4)).count("-") % 2 == 1
         s = f"{'-' if negative else ''}{m.group(3)}/{m.group(5)}"
     if _DECIMAL.fullmatch(s):
-        try:
-            d = Decimal(s).normalize()
-            s = "0" if d == 0 else format(d, "f")
-        except InvalidOperation:
-            pass
+        s = _canonical_decimal(s) or s
+    elif "10" in s and "^" in s:
+        s = _scientific(s) or s
     m = _CHOICE.fullmatch(s)
     if m:
         s = m.group(1).upper()

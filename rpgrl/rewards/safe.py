@@ -5,9 +5,10 @@ gives reward 0, is counted in the returned stats, and is logged with its data_so
 
 User scorers run in a persistent worker process (one per scorer) that is killed and
 restarted when a call runs past ``timeout_s`` — the only way to stop arbitrary Python
-code (a thread cannot be killed). The built-in scorers are pure string work plus
-math-verify, which bounds itself with ``signal.alarm``; they run in-process when called
-from the main thread and go through a worker otherwise (signals are unavailable there).
+code (a thread cannot be killed). The built-in scorers are linear-time string work plus
+math-verify, which only sees small predictions (``verify.symbolic_cost``) and bounds
+itself with ``signal.alarm``; they run in-process when called from the main thread and
+go through a worker otherwise (signals are unavailable there).
 """
 
 from __future__ import annotations

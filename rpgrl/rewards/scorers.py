@@ -8,7 +8,16 @@ therefore goes cheapest-first: normalised string match, then exact rational comp
 when both sides are plain numbers, and math-verify only for non-numeric ground truths.
 When the ground truth is a plain number the prediction must be a plain number too; this
 keeps an unevaluated expression such as ``Answer: 37+48`` (the question itself, on the
-built-in addition task) from being graded correct by symbolic evaluation.
+built-in addition task) from being graded correct by symbolic evaluation. "Plain number"
+means a numeral in any standard notation (``1000``, ``1,000``, ``1000.0``, ``{1000}``,
+``\\frac{2000}{2}``, ``10^3``, ``1\\times10^{3}``), never a computation (``37+48``,
+``2^{10}``, ``\\sqrt{4}``, ``5\\cdot 200``): normalisation rewrites the notations to one
+canonical decimal, exactly, without math-verify.
+
+Every step is linear in the response length or capped: an extracted answer longer than
+``MAX_ANSWER_CHARS`` scores 0 unread, and math-verify only sees predictions that
+``verify.symbolic_cost`` finds small (the built-in scorers run in-process, and verl calls
+``compute_score`` directly, so nothing else would stop a pathological response).
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ from rpgrl.rewards.extract import extract_final_answer
 from rpgrl.rewards.normalize import as_rational, normalize_answer
 from rpgrl.rewards.verify import math_verify_score, symbolic_equal
 
-__all__ = ["answers_match", "score_response", "BUILTIN_SCORERS"]
+__all__ = ["answers_match", "score_response", "BUILTIN_SCORERS", "MAX_ANSWER_CHARS"]
+
+MAX_ANSWER_CHARS = 1000  # no final answer is this long; longer ones score 0 unread
 
 
 @functools.lru_cache(maxsize=4096)
@@ -33,7 +44,12 @@ def _normalized_truth(ground_truth: str):
 
 def answers_match(pred: str, ground_truth: str, symbolic: bool = True,
                   timeout_s: float | None = 5.0) -> tuple[bool, str]:
-    """(equivalent?, normalised prediction) for one extracted answer."""
+    """(equivalent?, normalised prediction) for one extracted answer.
+
+    An answer longer than ``MAX_ANSWER_CHARS`` is not equivalent (normalised as ``""``).
+    """
+    if len(pred) > MAX_ANSWER_CHARS:
+        return False, ""
     p = normalize_answer(pred)
     g, g_val = _normalized_truth(ground_truth)
     if not p:
