@@ -268,57 +268,68 @@ class Trainer:
         sums: dict[str, float] = {}
         counts = 0
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step_count)
-        for _ in range(cfg.trainer.epochs):
-            # shuffle the sequences; mini-batches then split the shuffled order
-            order = torch.randperm(n_seq, generator=gen)
-            for mb in torch.tensor_split(order, n_mini):
-                mask_mb = batch.rollout.response_mask[mb]
-                # spec Sec. 6: the loss is normalised by the global mini-batch's count
-                norm = self.dist.all_reduce_sum(float(aggregation_count(mask_mb, a.agg)))
-                self.optimizer.zero_grad(set_to_none=True)
-                kl_mb = 0.0
-                for micro in torch.split(mb, cfg.trainer.micro_batch_size):
-                    with self.timer.phase("forward_backward"):
-                        r = batch.rollout
-                        logp, entropy = logprobs_fn(self.model)(
-                            r.input_ids[micro].to(self.device),
-                            r.attention_mask[micro].to(self.device), r.prompt_len,
-                            chunk_size=cfg.trainer.logprob_chunk_size, with_entropy=fill_old,
-                            temperature=cfg.rollout.temperature, share_prompts=cfg.trainer.share_prompts,
-                        )
-                        if fill_old:
-                            batch.old_logp[micro] = logp.detach().float().cpu()
-                            batch.entropy[micro] = entropy.float().cpu()
-                        def dev(t, rows=micro):
-                            return None if t is None else t[rows].to(self.device)
+        # per epoch, shuffle the sequences; mini-batches then split the shuffled order
+        schedule = [mb for _ in range(cfg.trainer.epochs)
+                    for mb in torch.tensor_split(torch.randperm(n_seq, generator=gen), n_mini)]
+        for i_mb, mb in enumerate(schedule):
+            mask_mb = batch.rollout.response_mask[mb]
+            # spec Sec. 6: the loss is normalised by the global mini-batch's count
+            norm = self.dist.all_reduce_sum(float(aggregation_count(mask_mb, a.agg)))
+            self.optimizer.zero_grad(set_to_none=True)
+            kl_mb = 0.0
+            for micro in torch.split(mb, cfg.trainer.micro_batch_size):
+                with self.timer.phase("forward_backward"):
+                    r = batch.rollout
+                    logp, entropy = logprobs_fn(self.model)(
+                        r.input_ids[micro].to(self.device),
+                        r.attention_mask[micro].to(self.device), r.prompt_len,
+                        chunk_size=cfg.trainer.logprob_chunk_size, with_entropy=fill_old,
+                        temperature=cfg.rollout.temperature, share_prompts=cfg.trainer.share_prompts,
+                    )
+                    if fill_old:
+                        batch.old_logp[micro] = logp.detach().float().cpu()
+                        batch.entropy[micro] = entropy.float().cpu()
+                    def dev(t, rows=micro):
+                        return None if t is None else t[rows].to(self.device)
 
-                        loss, m = policy_loss(
-                            a.loss, logp.float(), dev(batch.old_logp), dev(batch.advantages),
-                            dev(r.response_mask), anchor_logp=dev(batch.anchor_logp), beta=a.beta,
-                            clip=clip, dual_clip=a.clip_c, agg=a.agg,
-                            kl_in_advantage=a.kl_in_advantage, norm=max(norm, 1.0),
-                        )
-                        loss.backward()
-                    # loss metrics are token-means of each micro-batch: weight them by its tokens
-                    w = float(r.response_mask[micro].sum()) / max(float(mask_mb.sum()), 1.0)
-                    share = 1.0 / (cfg.trainer.epochs * n_mini)  # metrics: mean over optimizer steps
-                    sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss.detach()) * share
-                    for k, v in m.items():
-                        key = f"actor/{k}"
-                        if k.endswith("_max"):
-                            sums[key] = max(sums.get(key, float("-inf")), float(v))
-                        else:
-                            sums[key] = sums.get(key, 0.0) + float(v) * w * share
-                    kl_mb += float(m["kl_anchor_k3"]) * w
-                with self.timer.phase("optimizer"):
-                    grad_norm = self._apply_gradients()
-                    self.anchor.observe(self.dist.mean(kl_mb))  # this mini-batch's KL to the anchor
-                counts += 1
-                sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + (
-                    grad_norm if math.isfinite(grad_norm) else 0.0) / (n_mini * cfg.trainer.epochs)
+                    loss, m = policy_loss(
+                        a.loss, logp.float(), dev(batch.old_logp), dev(batch.advantages),
+                        dev(r.response_mask), anchor_logp=dev(batch.anchor_logp), beta=a.beta,
+                        clip=clip, dual_clip=a.clip_c, agg=a.agg,
+                        kl_in_advantage=a.kl_in_advantage, norm=max(norm, 1.0),
+                    )
+                    loss.backward()
+                # loss metrics are token-means of each micro-batch: weight them by its tokens
+                w = float(r.response_mask[micro].sum()) / max(float(mask_mb.sum()), 1.0)
+                share = 1.0 / (cfg.trainer.epochs * n_mini)  # metrics: mean over optimizer steps
+                sums["actor/loss"] = sums.get("actor/loss", 0.0) + float(loss.detach()) * share
+                for k, v in m.items():
+                    key = f"actor/{k}"
+                    if k.endswith("_max"):
+                        sums[key] = max(sums.get(key, float("-inf")), float(v))
+                    else:
+                        sums[key] = sums.get(key, 0.0) + float(v) * w * share
+                kl_mb += float(m["kl_anchor_k3"]) * w
+            with self.timer.phase("optimizer"):
+                grad_norm = self._apply_gradients()
+                self.anchor.observe(self.dist.mean(kl_mb))  # this mini-batch's KL to the anchor
+            if self.anchor.due and i_mb + 1 < len(schedule):
+                self._refresh_anchor_mid_batch(batch, torch.cat(schedule[i_mb + 1:]).unique())
+            counts += 1
+            sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + (
+                grad_norm if math.isfinite(grad_norm) else 0.0) / (n_mini * cfg.trainer.epochs)
         sums["actor/skipped_steps_total"] = self.skipped_total
         sums["actor/optimizer_steps"] = counts
         return sums
+
+    def _refresh_anchor_mid_batch(self, batch: Batch, rows: torch.Tensor) -> None:
+        """A refresh due after an optimizer step that is not the batch's last (K counts
+        optimizer steps, spec 1.1): snapshot the policy now and recompute the anchor
+        log-probs of the ``rows`` the remaining mini-batches use. The advantages (and a KL
+        folded into the reward) keep the anchor of the batch start."""
+        with self.timer.phase("logprobs"), eval_mode(self.optimizer):
+            self.anchor.maybe_refresh(FullWeights(self.model) if self.fsdp else self.model)
+            batch.anchor_logp[rows] = self._logprobs(self.anchor.model, batch.rollout.select(rows))[0]
 
     def _apply_gradients(self) -> float:
         """Global grad -> clip -> optimizer step, or skip a non-finite step (spec Sec. 7)."""

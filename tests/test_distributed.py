@@ -213,7 +213,7 @@ def test_fsdp_run_equals_replicated_run_and_resumes(tiny_overrides, tmp_path):
             torch.testing.assert_close(ob["state"][i][k], v, atol=1e-5, rtol=0, msg=f"{i}.{k}")
     la, lb = _train_rows(base), _train_rows(fsdp)
     assert [r["actor/loss"] for r in lb] == pytest.approx([r["actor/loss"] for r in la], abs=1e-6)
-    assert lb[-1]["anchor/refreshes"] == la[-1]["anchor/refreshes"] == 1
+    assert lb[-1]["anchor/refreshes"] == la[-1]["anchor/refreshes"] == 3  # after steps 1, 2, 3 of 4
 
     # resume the FSDP run from its step-1 checkpoint: step 2 is redone, on the same weights
     import shutil
