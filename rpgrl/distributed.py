@@ -11,6 +11,10 @@ before clipping, so one distributed optimizer step equals the single-process ste
 union of the shards (what DDP computes, done by hand because the trainer calls the
 decoder through ``sequence_logprobs`` rather than ``model.forward``).
 
+Dynamic sampling keeps a different number of groups per rank: the ranks agree on when to
+stop generating (a summed count) and exchange the kept groups (:func:`gather_rounds`) so
+that each trains on an equal block of them.
+
 A ``DistContext`` with ``world_size == 1`` turns every method into a no-op / identity, so
 the trainer has one code path and single-process runs are unchanged bit for bit.
 """
@@ -36,6 +40,7 @@ __all__ = [
     "GROUP_LOCAL_ADVANTAGES",
     "DistContext",
     "check_world_size",
+    "gather_rounds",
     "global_advantages",
     "init_distributed",
     "rank_seed",
@@ -243,12 +248,18 @@ def check_world_size(cfg: Config, world_size: int) -> None:
                 f"{key}: {value} is not divisible by the world size {world_size} (processes over all "
                 f"nodes); each process takes whole prompt groups, so use a multiple of {world_size}"
             )
-    if cfg.algorithm.dynamic_sampling.enabled:
-        raise ConfigError(
-            f"algorithm.dynamic_sampling.enabled: dynamic sampling is single-process only (this run "
-            f"has {world_size} processes); set algorithm.dynamic_sampling.enabled=false or run "
-            "without torchrun"
-        )
+
+
+def gather_rounds(ctx: DistContext, parts: list) -> list:
+    """Every rank's per-round ``parts`` (same number of rounds on every rank), flattened
+    round by round and, within a round, in rank order: the prompt order, since each round's
+    prompts are split into contiguous rank blocks (dynamic sampling, spec Sec. 7)."""
+    if not ctx.enabled:
+        return list(parts)
+    per_rank = ctx.all_gather_object(list(parts))
+    if len({len(p) for p in per_rank}) != 1:
+        raise RuntimeError(f"gather_rounds: ranks ran {[len(p) for p in per_rank]} rounds")
+    return [p[r] for r in range(len(parts)) for p in per_rank]
 
 
 def rank_seed(seed: int, rank: int) -> int:

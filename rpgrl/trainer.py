@@ -24,7 +24,8 @@ from rpgrl.anchor import Anchor
 from rpgrl.checkpoint import (capture_rng_state, find_latest_checkpoint, load_checkpoint,
                               restore_rng_state, save_checkpoint)
 from rpgrl.config import Config, dump_yaml, to_dict
-from rpgrl.distributed import check_world_size, global_advantages, init_distributed, rank_seed
+from rpgrl.distributed import (check_world_size, gather_rounds, global_advantages, init_distributed,
+                               rank_seed)
 from rpgrl.fsdp import (FsdpCheckpointView, FullWeights, fsdp_full_state, fsdp_load_full_state,
                         fsdp_unsharded, logprobs_fn, shape_free_keys, shard_policy)
 from rpgrl.kl import kl_penalty
@@ -175,8 +176,14 @@ class Trainer:
                 groups = [g for g in groups if float(s[g].max() - s[g].min()) > 0]
             kept.append((rollout, groups, s))
             n_groups += len(groups)
-            if not ds.enabled or n_groups >= want or gen_batches >= ds.max_gen_batches:
+            if not ds.enabled:
                 break
+            # under torchrun every rank stops after the same round: the count is global
+            if self.dist.all_reduce_sum(n_groups) >= want or gen_batches >= ds.max_gen_batches:
+                break
+        if ds.enabled and self.dist.enabled:
+            rollout, score_t = self._agree_on_kept_groups(kept, want)
+            n_groups = score_t.shape[0]
         metrics = {
             "reward/score_mean": float(np.mean(all_scores)),
             "batch/gen_batches": gen_batches,
@@ -185,15 +192,17 @@ class Trainer:
         }
         if n_groups == 0:
             return None, metrics
-        parts, scores = [], []
-        for rollout, groups, s in kept:  # whole groups, at most `want` of them
-            groups = groups[: want - sum(len(sc) for sc in scores)]
-            if groups:
-                all_kept = len(groups) == s.shape[0]
-                parts.append(rollout if all_kept else rollout.select([g * n + j for g in groups for j in range(n)]))
-                scores.append(s[groups])
-        rollout = RolloutBatch.concat(parts)
-        score_t = torch.cat(scores).view(-1)
+        if not (ds.enabled and self.dist.enabled):
+            parts, scores = [], []
+            for rollout, groups, s in kept:  # whole groups, at most `want` of them
+                groups = groups[: want - sum(len(sc) for sc in scores)]
+                if groups:
+                    all_kept = len(groups) == s.shape[0]
+                    parts.append(rollout if all_kept else rollout.select([g * n + j for g in groups for j in range(n)]))
+                    scores.append(s[groups])
+            rollout = RolloutBatch.concat(parts)
+            score_t = torch.cat(scores)
+        score_t = score_t.reshape(-1)
         group_ids = torch.arange(score_t.numel()) // n
         rewards = score_t.clone()
         ov = cfg.algorithm.overlong
@@ -201,6 +210,25 @@ class Trainer:
             rewards += overlong_penalty(rollout.response_lengths, cfg.rollout.max_new_tokens,
                                         ov.buffer_len, ov.penalty_factor).to(rewards)
         return Batch(rollout, rewards, score_t, group_ids), metrics
+
+    def _agree_on_kept_groups(self, kept: list, want: int) -> tuple[RolloutBatch, torch.Tensor]:
+        """Dynamic sampling under torchrun: every rank gathers every rank's kept groups (in
+        prompt order: round by round, rank by rank), takes the first ``want``, trims them to a
+        multiple of the world size and keeps its own contiguous block, so all ranks hold the
+        same number of groups (hence take the same number of optimizer steps) and together
+        the groups a single process would have kept from the same responses. Returns this
+        rank's rollout and its [groups, n] scores (no groups: an empty score tensor)."""
+        n = self.cfg.rollout.n
+        mine = [(r.select([g * n + j for g in groups for j in range(n)]), s[groups]) if groups else None
+                for r, groups, s in kept]
+        parts = [p for p in gather_rounds(self.dist, mine) if p is not None]
+        if not parts:
+            return None, torch.zeros(0, n)
+        rollout, scores = RolloutBatch.concat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        total = min(scores.shape[0], want)
+        total -= total % self.dist.world_size
+        groups = self.dist.shard(list(range(total)))
+        return rollout.select([g * n + j for g in groups for j in range(n)]), scores[groups]
 
     @torch.no_grad()
     def _logprobs(self, model, rollout: RolloutBatch, with_entropy: bool = False):

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from rpgrl.config import PRESETS, ConfigError, load_config, parse_overrides
+from rpgrl.distributed import check_world_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,12 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     if path.parent.name != "configs":  # paper configs: the preset named by the file is applied
         assert cfg.algorithm.name == path.stem
+        check_world_size(cfg, 8)  # the paper's 8-GPU runs, dynamic sampling included
+    if path.stem.startswith("rpg_"):  # the paper trains RPG with DAPO's dynamic sampling and
+        # overlong shaping (its run scripts: enable_filter_groups, enable_overlong_buffer)
+        ds, ov = cfg.algorithm.dynamic_sampling, cfg.algorithm.overlong
+        assert ds.enabled and ds.max_gen_batches == 4
+        assert ov.enabled and 0 < ov.buffer_len < cfg.rollout.max_new_tokens
 
 
 BAD = [

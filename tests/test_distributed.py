@@ -68,8 +68,7 @@ def test_world_size_checks_name_the_key():
         check_world_size(cfg, 2)
     dapo = load_config(overrides=["algorithm.name=dapo", "trainer.prompts_per_step=4", "trainer.mini_batch_size=2",
                                   "trainer.micro_batch_size=8"])
-    with pytest.raises(ConfigError, match="algorithm.dynamic_sampling.enabled: .*2 processes"):
-        check_world_size(dapo, 2)
+    check_world_size(dapo, 2)  # dynamic sampling runs under torchrun
     assert DistContext(rank=1, world_size=2).shard([10, 11, 12, 13]) == [12, 13]
 
 
@@ -224,6 +223,44 @@ def test_fsdp_run_equals_replicated_run_and_resumes(tiny_overrides, tmp_path):
     assert_same_weights(base / "final" / "model.safetensors", fsdp / "final" / "model.safetensors")
 
 
+@pytest.mark.medium
+def test_dynamic_sampling_ranks_agree_on_kept_groups(tiny_overrides, tmp_path):
+    """Dynamic sampling under torchrun: rank 1 scores everything 0.0, so only rank 0 keeps
+    groups of its own. The ranks still stop after the same generation round, split the kept
+    groups evenly (rank 1 trains on rank 0's responses, scores travelling with them) and take
+    the same number of optimizer steps."""
+    scorer = f"reward_fn={Path(__file__).resolve().parent / 'scorers.py'}:parity_on_rank0"
+    extra = (scorer, "algorithm.dynamic_sampling.enabled=true", "algorithm.dynamic_sampling.max_gen_batches=4")
+    _torchrun(__file__, "--collect", str(tmp_path / "ds.json"), *tiny_overrides(*extra, out=tmp_path / "ds"))
+    ranks = json.loads((tmp_path / "ds.json").read_text())
+    assert len(ranks) == 2 and ranks[0]["gen_batches"] == ranks[1]["gen_batches"]
+    n_groups = len(ranks[0]["scores"])
+    assert n_groups == len(ranks[1]["scores"]) >= 1
+    assert ranks[0]["kept"] + ranks[1]["kept"] == 2 * n_groups
+    assert ranks[0]["steps"] == ranks[1]["steps"] == min(2, n_groups)
+    for r in ranks:
+        assert all(max(g) > min(g) for g in r["scores"])  # only groups whose scores differ
+        flat = [x for g in r["scores"] for x in g]
+        assert flat == [float(len(t) % 2) for t in r["responses"]]  # rank 0's parity scores
+
+
+def _collect_worker(out_path: str, *overrides: str) -> None:
+    from rpgrl.config import load_config
+    from rpgrl.trainer import Trainer
+
+    t = Trainer(load_config(overrides=list(overrides)), log=_quiet)
+    batch, metrics = t.collect()
+    n = t.cfg.rollout.n
+    t.prepare(batch)
+    steps = t.update(batch)["actor/optimizer_steps"]
+    mine = {"scores": batch.scores.view(-1, n).tolist(), "responses": batch.rollout.responses,
+            "kept": metrics["batch/kept_groups"], "gen_batches": metrics["batch/gen_batches"], "steps": steps}
+    got = t.dist.all_gather_object(mine)
+    if t.dist.is_main:
+        Path(out_path).write_text(json.dumps(got))
+    t.dist.barrier()
+
+
 def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
     from rpgrl.config import load_config
     from rpgrl.trainer import _MAX_METRICS, _SUM_METRICS, Batch, Trainer
@@ -245,4 +282,7 @@ def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
 
 
 if __name__ == "__main__":
-    _parity_worker(*sys.argv[1:])
+    if sys.argv[1] == "--collect":
+        _collect_worker(*sys.argv[2:])
+    else:
+        _parity_worker(*sys.argv[1:])
