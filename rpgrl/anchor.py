@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rpgrl.models import frozen_copy
+
+#: The anchor modes of spec 1.1.
+ANCHOR_MODES = ("rollout", "periodic", "adaptive", "fixed")
 
 
 @dataclass
@@ -35,8 +37,10 @@ class Anchor:
     @classmethod
     def create(cls, mode: str, policy: torch.nn.Module, *, period: int = 20, kappa: float = 0.05,
                ema: float = 0.9) -> "Anchor":
-        if mode not in ("rollout", "periodic", "adaptive", "fixed"):
-            raise ValueError(f"anchor mode {mode!r}: expected rollout, periodic, adaptive or fixed")
+        if mode not in ANCHOR_MODES:
+            raise ValueError(f"anchor mode {mode!r}: expected one of {', '.join(ANCHOR_MODES)}")
+        from rpgrl.models import frozen_copy  # (lazy: rpgrl.config reads ANCHOR_MODES)
+
         snapshot = None if mode == "rollout" else frozen_copy(policy)
         return cls(mode=mode, period=period, kappa=kappa, ema=ema, model=snapshot)
 

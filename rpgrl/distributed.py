@@ -33,11 +33,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from rpgrl.advantages import compute_advantages
+from rpgrl.advantages import GROUP_LOCAL, compute_advantages
 from rpgrl.config import Config, ConfigError
 
 __all__ = [
-    "GROUP_LOCAL_ADVANTAGES",
     "DistContext",
     "check_world_size",
     "gather_rounds",
@@ -47,8 +46,6 @@ __all__ = [
     "reduce_metrics",
 ]
 
-#: Estimators whose value for a sequence depends only on its own group (spec Sec. 5).
-GROUP_LOCAL_ADVANTAGES = ("grpo", "rpg", "rloo")
 #: Seconds a rank waits at a collective (rank 0 evaluates alone while the others wait).
 DEFAULT_TIMEOUT_S = 3600.0
 _BUCKET_ELEMS = 1 << 25  # gradient all-reduce bucket (32M elements)
@@ -242,7 +239,7 @@ def check_world_size(cfg: Config, world_size: int) -> None:
         return
     t = cfg.trainer
     for key, value in (("trainer.prompts_per_step", t.prompts_per_step),
-                       ("trainer.mini_batch_size", t.mini_batch_size)):
+                       ("trainer.mini_batch_prompts", t.mini_batch_prompts)):
         if value % world_size:
             raise ConfigError(
                 f"{key}: {value} is not divisible by the world size {world_size} (processes over all "
@@ -278,7 +275,7 @@ def global_advantages(
     gather rewards, masks padded to a common width, group ids made unique and ``token_kl``
     from every rank in rank order, compute once, and keep the local rows.
     """
-    if not ctx.enabled or name in GROUP_LOCAL_ADVANTAGES:
+    if not ctx.enabled or name in GROUP_LOCAL:
         return compute_advantages(name, rewards, group_ids, mask, token_kl=token_kl, kl_coef=kl_coef)
     local = (rewards.cpu(), group_ids.cpu(), mask.cpu(), None if token_kl is None else token_kl.cpu())
     parts = ctx.all_gather_object(local)

@@ -58,16 +58,16 @@ def test_world_size_checks_name_the_key():
     from rpgrl.config import ConfigError, load_config
     from rpgrl.distributed import DistContext, check_world_size
 
-    cfg = load_config(overrides=["trainer.prompts_per_step=6", "trainer.mini_batch_size=3",
-                                 "algorithm.dynamic_sampling.enabled=false", "trainer.micro_batch_size=8"])
+    cfg = load_config(overrides=["trainer.prompts_per_step=6", "trainer.mini_batch_prompts=3",
+                                 "algorithm.dynamic_sampling.enabled=false", "trainer.micro_batch_sequences=8"])
     check_world_size(cfg, 1)
     check_world_size(cfg, 3)
     with pytest.raises(ConfigError, match=r"trainer.prompts_per_step: 6 is not divisible by the world size 4"):
         check_world_size(cfg, 4)
-    with pytest.raises(ConfigError, match=r"trainer.mini_batch_size: 3 is not divisible by the world size 2"):
+    with pytest.raises(ConfigError, match=r"trainer.mini_batch_prompts: 3 is not divisible by the world size 2"):
         check_world_size(cfg, 2)
-    dapo = load_config(overrides=["algorithm.name=dapo", "trainer.prompts_per_step=4", "trainer.mini_batch_size=2",
-                                  "trainer.micro_batch_size=8"])
+    dapo = load_config(overrides=["algorithm.name=dapo", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2",
+                                  "trainer.micro_batch_sequences=8"])
     check_world_size(dapo, 2)  # dynamic sampling runs under torchrun
     assert DistContext(rank=1, world_size=2).shard([10, 11, 12, 13]) == [12, 13]
 
@@ -154,9 +154,9 @@ def test_distributed_update_equals_one_process_update(tiny_overrides, tmp_path):
     from rpgrl.config import load_config
     from rpgrl.trainer import Trainer
 
-    # one mini-batch (prompts_per_step == mini_batch_size): both runs step on the same sequences;
+    # one mini-batch (prompts_per_step == mini_batch_prompts): both runs step on the same sequences;
     # reinforce_pp_baseline whitens over the whole batch, so the 2-process path must gather
-    extra = (PARITY, "trainer.prompts_per_step=4", "trainer.mini_batch_size=4", "trainer.micro_batch_size=4",
+    extra = (PARITY, "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=4", "trainer.micro_batch_sequences=4",
              "algorithm.advantage=reinforce_pp_baseline", "algorithm.anchor.mode=fixed",
              "algorithm.beta=0.05", "optim.lr=1e-3")
     t = Trainer(load_config(overrides=tiny_overrides(*extra, out=tmp_path / "one")), log=_quiet)

@@ -121,7 +121,7 @@ def test_periodic_anchor_refreshes_every_k_optimizer_steps(tiny_overrides):
     (the one due after step 8, the batch's last, is taken before the next batch's anchor
     log-probs). Refreshing only at batch boundaries gave 1."""
     t = make_trainer(tiny_overrides("algorithm.anchor.mode=periodic", "algorithm.anchor.period=2",
-                                    "trainer.mini_batch_size=1", PARITY))
+                                    "trainer.mini_batch_prompts=1", PARITY))
     _run_steps(t, 2)
     assert t.anchor.refreshes == 3 and t.anchor.due
 
@@ -131,7 +131,7 @@ def test_mid_batch_refresh_recomputes_the_remaining_anchor_logprobs(tiny_overrid
     mini-batch (one prompt = 4 sequences) under the new anchor; the other 12 rows keep the
     initial anchor's log-probs."""
     t = make_trainer(tiny_overrides("algorithm.anchor.mode=periodic", "algorithm.anchor.period=3",
-                                    "trainer.mini_batch_size=1", "algorithm.beta=0.1",
+                                    "trainer.mini_batch_prompts=1", "algorithm.beta=0.1",
                                     "optim.lr=1e-2", PARITY))
     initial = load_policy(t.data.model_path, device=torch.device("cpu"), dtype=torch.float32)
     batch, _ = t.collect()
@@ -179,7 +179,7 @@ def test_old_logp_from_the_update_equals_a_separate_pass(tiny_overrides):
     # Padded forwards: their values do not depend on which rows share a micro-batch, so the
     # two updates below are bit-comparable (shared prompts are exact only to round-off, which
     # Adam's first step, lr * g / |g|, would amplify; tests/test_prefix.py covers sharing).
-    t = make_trainer(tiny_overrides("trainer.mini_batch_size=4", PARITY, "optim.lr=1e-2",
+    t = make_trainer(tiny_overrides("trainer.mini_batch_prompts=4", PARITY, "optim.lr=1e-2",
                                     "trainer.share_prompts=false"))
     batch, _ = t.collect()
     t.prepare(batch)

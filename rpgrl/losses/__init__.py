@@ -9,11 +9,13 @@ Layout: ``divergences`` (the table of KL rows), ``clip`` (trust region), ``surro
 """
 
 from rpgrl.losses.aggregate import AGG_MODES, aggregate, aggregation_count
+from rpgrl.losses.bound import BoundLoss
 from rpgrl.losses.divergences import DIVERGENCES, Divergence
 from rpgrl.losses.registry import LOSSES, METRIC_KEYS, LossSpec, policy_loss
 
 __all__ = [
     "AGG_MODES",
+    "BoundLoss",
     "DIVERGENCES",
     "Divergence",
     "LOSSES",
