@@ -263,7 +263,8 @@ def _collect_worker(out_path: str, *overrides: str) -> None:
 
 def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
     from rpgrl.config import load_config
-    from rpgrl.trainer import _MAX_METRICS, _SUM_METRICS, Batch, Trainer
+    from rpgrl.metrics import MAX_METRICS, SUM_METRICS
+    from rpgrl.trainer import Batch, Trainer
 
     t = Trainer(load_config(overrides=list(overrides)), log=_quiet)
     assert t.dist.world_size == 2
@@ -274,7 +275,7 @@ def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
     advantages = t.dist.all_gather_object(local.advantages)
     local.advantages = full.advantages[rows]
     local.anchor_logp = full.anchor_logp[rows]
-    metrics = t.dist.reduce_metrics(t.update(local), sum_prefixes=_SUM_METRICS, max_keys=_MAX_METRICS)
+    metrics = t.dist.reduce_metrics(t.update(local), sum_prefixes=SUM_METRICS, max_keys=MAX_METRICS)
     if t.dist.is_main:
         torch.save({"params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
                     "advantages": torch.cat(advantages), "metrics": metrics}, out_path)
