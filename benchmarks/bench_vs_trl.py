@@ -75,8 +75,8 @@ def rpgrl_command(a: argparse.Namespace, model_path: str, beta: float, out: Path
         sys.executable, "-m", "rpgrl", "train", f"model.path={model_path}", f"seed={a.seed}",
         f"output_dir={out}", f"algorithm.name={a.rpgrl_algorithm}", f"algorithm.beta={beta}",
         f"rollout.n={n}", f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.temperature=1.0",
-        "rollout.top_p=1.0", f"trainer.prompts_per_step={p}", f"trainer.mini_batch_size={p}",
-        f"trainer.micro_batch_size={p * n}", "trainer.epochs=1", f"trainer.total_steps={a.steps}",
+        "rollout.top_p=1.0", f"trainer.prompts_per_step={p}", f"trainer.mini_batch_prompts={p}",
+        f"trainer.micro_batch_sequences={p * n}", "trainer.epochs=1", f"trainer.total_steps={a.steps}",
         "trainer.eval_every=0", f"trainer.save_every={a.steps}", "trainer.keep_last=1",
         f"trainer.device={a.device}", f"trainer.num_threads={a.threads}", f"optim.lr={a.lr}",
         "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", "model.dtype=float32",
@@ -125,7 +125,7 @@ def trl_worker(spec_path: str) -> None:
 
     from rpgrl.data.procedural import addition_splits
     from rpgrl.data.verl import tokenize_prompts
-    from rpgrl.eval_runner import evaluate_policy
+    from rpgrl.evaluation import evaluate_policy
     from rpgrl.models import load_tokenizer
     from rpgrl.rewards import compute_score
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "ADVANTAGES",
+    "GROUP_LOCAL",
     "compute_advantages",
     "group_mean_std",
     "masked_whiten",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 ADVANTAGES = ("grpo", "rpg", "batch_mean", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+#: Estimators whose value for a sequence depends only on its own group (spec Sec. 5), so a
+#: process holding whole groups computes them exactly (rpgrl.distributed).
+GROUP_LOCAL = ("grpo", "rpg", "rloo")
 
 WHITEN_EPS = 1e-8
 

@@ -4,8 +4,11 @@
 rollout log-probs and no second model exists (the reference code's default).
 ``periodic``/``adaptive``: a frozen snapshot refreshed every K optimizer steps, or when a
 moving average of the token KL to the anchor exceeds kappa. ``fixed``: the initial policy,
-never refreshed (GRPO's reference model). Refreshes happen at batch boundaries, before the
-batch's anchor log-probs are computed, so one batch always sees one anchor.
+never refreshed (GRPO's reference model). K counts optimizer steps, as in the spec: when a
+refresh falls due inside a batch (several mini-batches per batch), the trainer refreshes
+right after that optimizer step and recomputes the anchor log-probs of the mini-batches still
+to come; one due after a batch's last step is taken at the next batch, before its anchor
+log-probs are computed (the policy does not change in between).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rpgrl.models import frozen_copy
+
+#: The anchor modes of spec 1.1.
+ANCHOR_MODES = ("rollout", "periodic", "adaptive", "fixed")
 
 
 @dataclass
@@ -32,14 +37,21 @@ class Anchor:
     @classmethod
     def create(cls, mode: str, policy: torch.nn.Module, *, period: int = 20, kappa: float = 0.05,
                ema: float = 0.9) -> "Anchor":
-        if mode not in ("rollout", "periodic", "adaptive", "fixed"):
-            raise ValueError(f"anchor mode {mode!r}: expected rollout, periodic, adaptive or fixed")
+        if mode not in ANCHOR_MODES:
+            raise ValueError(f"anchor mode {mode!r}: expected one of {', '.join(ANCHOR_MODES)}")
+        from rpgrl.models import frozen_copy  # (lazy: rpgrl.config reads ANCHOR_MODES)
+
         snapshot = None if mode == "rollout" else frozen_copy(policy)
         return cls(mode=mode, period=period, kappa=kappa, ema=ema, model=snapshot)
 
     @property
     def uses_rollout(self) -> bool:
         return self.model is None
+
+    @property
+    def due(self) -> bool:
+        """A refresh is pending (the next :meth:`maybe_refresh` copies the policy)."""
+        return self._due and self.model is not None
 
     def observe(self, kl_to_anchor: float) -> None:
         """Record one optimizer step and the KL to the anchor measured during it."""
@@ -52,7 +64,8 @@ class Anchor:
             self._due = True
 
     def maybe_refresh(self, policy: torch.nn.Module) -> bool:
-        """At a batch boundary: copy the current policy into the snapshot if a refresh is due."""
+        """Copy the current policy into the snapshot if a refresh is due (after an optimizer
+        step or at a batch boundary); True when it did."""
         if not self._due or self.model is None:
             return False
         self.model.load_state_dict(policy.state_dict())

@@ -405,3 +405,10 @@ def restore_rng_state(state: dict, generator: torch.Generator | None = None) -> 
         if "generator" not in state:
             raise KeyError("RNG state has no 'generator' entry; capture it with capture_rng_state(generator)")
         generator.set_state(state["generator"])
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python ``random``, NumPy's global generator and torch (every CUDA device too)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

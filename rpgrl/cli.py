@@ -9,8 +9,11 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rpgrl.config import ConfigError, load_config, split_config_args
+    from rpgrl.config import ConfigError, help_text, load_config, split_config_args
 
+    if args.help_config:
+        print(help_text())
+        return 0
     try:
         cfg = load_config(*split_config_args(args.items))
     except ConfigError as exc:
@@ -46,7 +49,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from rpgrl.data.verl import load_examples, tokenize_prompts
-    from rpgrl.eval_runner import evaluate_policy
+    from rpgrl.evaluation import evaluate_policy
     from rpgrl.gguf import resolve_model_path
     from rpgrl.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
     from rpgrl.rewards import load_scorer
@@ -84,12 +87,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rpgrl.rollout import ENGINES
+
     p = argparse.ArgumentParser(prog="rpgrl", description="Regularized Policy Gradient for LLM reasoning")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="online RL training (no arguments: the CPU default)")
     t.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                    help="an optional YAML config, then dotted overrides like algorithm.beta=1e-3")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--help-config", action="store_true",
+                   help="print every config key with its type, default and description, and exit")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="mean@k / pass@k of a model on verl-format parquet/JSONL files")
     e.add_argument("--model", required=True,
@@ -102,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-prompt-length", type=int, default=2048)
     e.add_argument("--max-problems", type=int, default=0, help="0 = all")
     e.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call")
-    e.add_argument("--engine", default="auto", choices=("auto", "rpgrl", "hf"),
+    e.add_argument("--engine", default="auto", choices=ENGINES,
                    help="sampler: rpgrl's KV-cached loop or HF generate (auto: rpgrl where the model allows)")
     e.add_argument("--reward-fn", default=None, help="module:function with verl's compute_score signature")
     e.add_argument("--on-bad-row", choices=("error", "skip"), default="error")

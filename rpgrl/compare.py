@@ -25,11 +25,12 @@ from typing import Any, Callable
 
 import yaml
 
+from rpgrl.metrics import EVAL_ACCURACY
 from rpgrl.tracking import is_finite_number, read_metrics
 
 __all__ = ["add_subcommands", "compare", "format_table", "main", "plot_runs", "run_result"]
 
-ACCURACY_KEY = "eval/accuracy"
+ACCURACY_KEY = EVAL_ACCURACY
 
 
 # --------------------------------------------------------------------------- one run's numbers

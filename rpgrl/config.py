@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -20,233 +21,268 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key and what is allowed."""
 
 
+def _f(default: Any, doc: str) -> Any:
+    """A config field with its one-line description (``rpgrl train --help-config``)."""
+    if dataclasses.is_dataclass(default) or isinstance(default, type):
+        factory = default if isinstance(default, type) else type(default)
+        return field(default_factory=factory, metadata={"doc": doc})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class TinyConfig:
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 512
+    hidden_size: int = _f(128, "width of the built-in tiny Qwen2-style model")
+    num_layers: int = _f(4, "decoder layers of the tiny model")
+    num_heads: int = _f(4, "attention heads of the tiny model")
+    intermediate_size: int = _f(512, "MLP width of the tiny model")
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: str = "all-linear"
+    enabled: bool = _f(False, "train LoRA adapters (PEFT) instead of the full model")
+    r: int = _f(16, "LoRA rank")
+    alpha: int = _f(32, "LoRA scaling alpha")
+    dropout: float = _f(0.0, "LoRA dropout (0 keeps log-probs deterministic)")
+    target_modules: str = _f("all-linear", "modules that get adapters (PEFT's target_modules)")
 
 
 @dataclass
 class ModelConfig:
-    path: str | None = None  # HF hub name or local dir; None = the built-in tiny model
-    # a .gguf file inside model.path (a folder); model.path may also be a .gguf file itself or
-    # pkg:PACKAGE/file.gguf (a file shipped in an installed package). De-quantized once, cached
-    gguf_file: str | None = None
-    tiny: TinyConfig = field(default_factory=TinyConfig)
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    path: str | None = _f(None, "HF hub name, local dir, .gguf file or pkg:PACKAGE/file.gguf; null = the built-in tiny model")
+    gguf_file: str | None = _f(None, "a .gguf file inside the model.path folder (de-quantized once, cached)")
+    tiny: TinyConfig = _f(TinyConfig, "shape of the built-in tiny model")
+    dtype: str = _f("auto", "parameter dtype: auto = bf16 on GPU, fp32 on CPU")
+    trust_remote_code: bool = _f(False, "allow the model repo's own Python code (HF trust_remote_code)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    lora: LoraConfig = _f(LoraConfig, "LoRA adapters")
 
 
 @dataclass
 class WarmstartConfig:
     """Supervised warm start of the built-in tiny model (cached; re-runs skip it)."""
 
-    enabled: bool = True
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    teacher_accuracy: float = 0.35  # the teacher is otherwise off by one (see data/procedural.py)
-    cache_dir: str | None = None  # default: $RPGRL_CACHE or ~/.cache/rpgrl
+    enabled: bool = _f(True, "supervised warm start of the tiny model before RL")
+    steps: int = _f(1000, "warm-start optimizer steps")
+    batch_size: int = _f(64, "warm-start examples per step")
+    lr: float = _f(1e-3, "warm-start learning rate")
+    teacher_accuracy: float = _f(0.35, "fraction of right answers in the teacher data (else off by one)")
+    cache_dir: str | None = _f(None, "warm-start cache; null = $RPGRL_CACHE or ~/.cache/rpgrl")
 
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # empty = the procedural task
-    val_files: list[str] = field(default_factory=list)
-    max_prompt_length: int = 1024
-    prompt_overlong: str = "truncate_left"  # truncate_left | drop | error
-    on_bad_row: str = "error"  # error | skip
-    test_size: int = 256  # procedural task: held-out problems
-    # procedural task (no train_files): arith = "37+48" for the tiny model; arith_chat = "What is
-    # 37 + 48? Reply as: Answer: <number>" for pretrained chat models (rpgrl.rewards.arith_chat)
-    task: str = "arith"
-    operand_min: int = 10  # procedural task: operands a, b in [operand_min, operand_max]
-    operand_max: int = 99
+    train_files: list[str] = _f([], "verl-format parquet/JSONL training files; empty = the procedural task")
+    val_files: list[str] = _f([], "verl-format held-out files (needs train_files)")
+    max_prompt_length: int = _f(1024, "prompt tokens kept (see prompt_overlong)")
+    prompt_overlong: str = _f("truncate_left", "longer prompts: truncate_left | drop | error")
+    on_bad_row: str = _f("error", "a malformed data row: error | skip")
+    test_size: int = _f(256, "procedural task: held-out problems")
+    task: str = _f("arith", "procedural task: arith ('37+48', tiny model) | arith_chat ('What is 37 + 48? "
+                            "Reply as: Answer: <number>', pretrained chat models)")
+    operand_min: int = _f(10, "procedural task: smallest operand a, b (the difficulty knob)")
+    operand_max: int = _f(99, "procedural task: largest operand a, b")
 
 
 @dataclass
 class RolloutConfig:
-    n: int = 8  # responses per prompt (G)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 8
-    batch_size: int = 256  # sequences per generate() call
-    # auto: rpgrl's KV-cached sampler (each prompt prefilled once for its n samples, finished
-    # rows dropped) when the model's cache allows it, else HF generate; rpgrl | hf to force one
-    engine: str = "auto"
+    n: int = _f(8, "responses per prompt (the group size G)")
+    temperature: float = _f(1.0, "sampling temperature (also divides the logits the loss scores)")
+    top_p: float = _f(1.0, "nucleus sampling; < 1 truncates the sampler only")
+    max_new_tokens: int = _f(8, "response length limit in tokens")
+    batch_size: int = _f(256, "sequences per generate() call")
+    engine: str = _f("auto", "rpgrl (KV-cached loop) | hf (HF generate) | auto (rpgrl where the cache allows)")
 
 
 @dataclass
 class AnchorConfig:
     """KL anchor (spec 1.1): rollout | periodic | adaptive | fixed."""
 
-    mode: str = "rollout"
-    period: int = 20  # periodic: refresh every K optimizer steps
-    kappa: float = 0.05  # adaptive: refresh when the KL moving average exceeds kappa
-    ema: float = 0.9  # adaptive: moving-average factor
+    mode: str = _f("rollout", "KL anchor (spec 1.1): rollout | periodic | adaptive | fixed")
+    period: int = _f(20, "periodic: refresh every K optimizer steps (also mid-batch)")
+    kappa: float = _f(0.05, "adaptive: refresh when the KL moving average exceeds kappa")
+    ema: float = _f(0.9, "adaptive: moving-average factor of the KL")
 
 
 @dataclass
 class DynamicSamplingConfig:
-    enabled: bool = False
-    max_gen_batches: int = 4
+    enabled: bool = _f(False, "DAPO: keep only groups whose scores differ, generating more rounds")
+    max_gen_batches: int = _f(4, "most generation rounds per step")
 
 
 @dataclass
 class OverlongConfig:
-    enabled: bool = False
-    buffer_len: int = 4
-    penalty_factor: float = 1.0
+    enabled: bool = _f(False, "DAPO overlong shaping: penalize responses near max_new_tokens")
+    buffer_len: int = _f(4, "tokens before max_new_tokens where the penalty ramps up")
+    penalty_factor: float = _f(1.0, "penalty at max_new_tokens")
 
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "rpg_reinforce_ufkl"  # preset; see PRESETS
-    loss: str = "rpg_reinforce_ufkl"
-    advantage: str = "rpg"
-    beta: float = 1e-4
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    clip_c: float | None = 10.0  # dual clip; None = off
-    agg: str = "token-mean"
-    kl_in_advantage: bool = False
-    kl_in_reward: float = 0.0  # REINFORCE++: coefficient of the k1 KL folded into the reward
-    anchor: AnchorConfig = field(default_factory=AnchorConfig)
-    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
-    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    name: str = _f("rpg_reinforce_ufkl", "preset that sets the fields below (see PRESETS)")
+    loss: str = _f("rpg_reinforce_ufkl", "policy loss (rpgrl.losses.LOSSES)")
+    advantage: str = _f("rpg", "advantage estimator (rpgrl.advantages.ADVANTAGES)")
+    beta: float = _f(1e-4, "KL coefficient of the loss")
+    clip_low: float = _f(0.2, "trust region: ratio clipped below 1 - clip_low")
+    clip_high: float = _f(0.28, "trust region: ratio clipped above 1 + clip_high")
+    dual_clip: float | None = _f(10.0, "dual clip c > 1 for negative advantages; null = off")
+    agg: str = _f("token-mean", "loss aggregation (spec 6)")
+    kl_in_advantage: bool = _f(False, "Algorithm 1's KL-in-advantage option (differentiable RPG losses)")
+    kl_in_reward: float = _f(0.0, "REINFORCE++: coefficient of the k1 KL folded into the reward")
+    anchor: AnchorConfig = _f(AnchorConfig, "KL anchor")
+    dynamic_sampling: DynamicSamplingConfig = _f(DynamicSamplingConfig, "DAPO dynamic sampling")
+    overlong: OverlongConfig = _f(OverlongConfig, "DAPO overlong reward shaping")
+
+    @property
+    def clip_c(self) -> float | None:
+        """Deprecated name of :attr:`dual_clip`."""
+        return self.dual_clip
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | schedulefree_adamw
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
+    name: str = _f("adamw", "optimizer: adamw | schedulefree_adamw")
+    lr: float = _f(2e-4, "learning rate")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    warmup_steps: int = _f(0, "linear warm-up optimizer steps")
+    grad_clip: float = _f(1.0, "global gradient-norm clip")
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 60
-    prompts_per_step: int = 32
-    mini_batch_size: int = 8  # prompts per optimizer step: 4 off-policy updates per batch
-    micro_batch_size: int = 64  # sequences per forward/backward
-    epochs: int = 1
-    save_every: int = 20
-    keep_last: int = 3
-    eval_every: int = 10
-    max_consecutive_skips: int = 5
-    device: str = "auto"  # auto | cpu | cuda
-    num_threads: int = 0  # CPU threads; 0 = torch's default
-    logprob_chunk_size: int = 1024
-    profile: bool = False  # print the step-time breakdown (timing/* means) at the end
-    # under torchrun: shard the policy with FSDP2 (fully_shard per decoder layer + root)
-    # instead of replicating it with a manual gradient all-reduce (docs/scaling.md)
-    fsdp: bool = False
-    # log-prob/training forwards run each distinct prompt of a micro-batch once and reuse its
-    # KV for the responses (exact: same values and gradients; rpgrl.prefix); false = padded
-    share_prompts: bool = True
+    total_steps: int = _f(60, "RL steps (one batch of prompts each)")
+    prompts_per_step: int = _f(32, "prompts per RL step (each gets rollout.n responses)")
+    mini_batch_prompts: int = _f(8, "prompts per optimizer step (prompts_per_step / this = steps per batch)")
+    micro_batch_sequences: int = _f(64, "sequences per forward/backward (memory knob)")
+    epochs: int = _f(1, "passes over each batch")
+    save_every: int = _f(20, "checkpoint every N RL steps")
+    keep_last: int = _f(3, "checkpoints kept")
+    eval_every: int = _f(10, "held-out evaluation every N RL steps; 0 = only before/after")
+    max_consecutive_skips: int = _f(5, "stop after this many non-finite optimizer steps in a row")
+    device: str = _f("auto", "auto | cpu | cuda")
+    num_threads: int = _f(0, "CPU threads; 0 = torch's default")
+    logprob_chunk_size: int = _f(1024, "tokens per log-softmax chunk (memory knob)")
+    profile: bool = _f(False, "print the step-time breakdown (timing/* means) at the end")
+    fsdp: bool = _f(False, "under torchrun: shard the policy with FSDP2 instead of replicating it")
+    share_prompts: bool = _f(True, "forwards run each distinct prompt once and reuse its KV (exact)")
+
+    @property
+    def mini_batch_size(self) -> int:
+        """Deprecated name of :attr:`mini_batch_prompts`."""
+        return self.mini_batch_prompts
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Deprecated name of :attr:`micro_batch_sequences`."""
+        return self.micro_batch_sequences
 
 
 @dataclass
 class EvalConfig:
-    k: int = 1  # samples per problem (mean@k, pass@k)
-    temperature: float = 0.0  # 0 = greedy
-    max_problems: int = 0  # 0 = all
-    max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
-    before_training: bool = True
+    k: int = _f(1, "samples per problem (mean@k, pass@k)")
+    temperature: float = _f(0.0, "0 = greedy")
+    max_problems: int = _f(0, "held-out problems evaluated; 0 = all")
+    max_new_tokens: int = _f(0, "0 = rollout.max_new_tokens")
+    before_training: bool = _f(True, "evaluate before the first RL step")
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "rpgrl"
-    run_name: str | None = None
-    progress: bool = True
+    tensorboard: bool = _f(True, "write TensorBoard events under output_dir")
+    wandb: bool = _f(False, "log to Weights & Biases")
+    wandb_project: str = _f("rpgrl", "W&B project")
+    run_name: str | None = _f(None, "W&B / TensorBoard run name")
+    progress: bool = _f(True, "show a progress bar")
 
 
 @dataclass
 class Config:
-    output_dir: str = "runs/default"
-    seed: int = 0
-    reward_fn: str | None = None  # "module:function" with verl's compute_score signature
-    reward_timeout_s: float = 10.0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = _f("runs/default", "where metrics, checkpoints, final/ and summary.json go")
+    seed: int = _f(0, "seed of the prompt order, sampling and initialisation")
+    reward_fn: str | None = _f(None, '"module:function" with verl\'s compute_score signature; null = built-in')
+    reward_timeout_s: float = _f(10.0, "seconds per scored response")
+    model: ModelConfig = _f(ModelConfig, "policy model")
+    warmstart: WarmstartConfig = _f(WarmstartConfig, "warm start of the tiny model")
+    data: DataConfig = _f(DataConfig, "training and held-out data")
+    rollout: RolloutConfig = _f(RolloutConfig, "sampling of responses")
+    algorithm: AlgorithmConfig = _f(AlgorithmConfig, "loss, advantages, anchor, DAPO techniques")
+    optim: OptimConfig = _f(OptimConfig, "optimizer")
+    trainer: TrainerConfig = _f(TrainerConfig, "batch sizes, steps, checkpoints")
+    eval: EvalConfig = _f(EvalConfig, "held-out evaluation")
+    logging: LoggingConfig = _f(LoggingConfig, "metrics sinks")
+
+
+#: Old dotted names -> current ones; the old still work, with a FutureWarning.
+DEPRECATED: dict[str, str] = {
+    "trainer.mini_batch_size": "trainer.mini_batch_prompts",
+    "trainer.micro_batch_size": "trainer.micro_batch_sequences",
+    "algorithm.clip_c": "algorithm.dual_clip",
+}
 
 
 # --------------------------------------------------------------------------- presets
 
-_RPG = dict(advantage="rpg", beta=1e-4, clip_low=0.2, clip_high=0.28, clip_c=10.0,
+_RPG = dict(advantage="rpg", beta=1e-4, clip_low=0.2, clip_high=0.28, dual_clip=10.0,
             kl_in_reward=0.0, dynamic_sampling={"enabled": False})
 #: One word sets the paper's hyperparameters (spec sections 5 and 7); any field stays overridable.
 PRESETS: dict[str, dict[str, Any]] = {
     "grpo": dict(loss="grpo", advantage="grpo", beta=1e-3, clip_low=0.2, clip_high=0.2,
-                 clip_c=None, kl_in_reward=0.0, anchor={"mode": "fixed"},
+                 dual_clip=None, kl_in_reward=0.0, anchor={"mode": "fixed"},
                  dynamic_sampling={"enabled": False}, overlong={"enabled": False}),
     "grpo_corrected": dict(loss="grpo_corrected", advantage="grpo", beta=1e-3, clip_low=0.2,
-                           clip_high=0.2, clip_c=None, kl_in_reward=0.0, anchor={"mode": "fixed"},
+                           clip_high=0.2, dual_clip=None, kl_in_reward=0.0, anchor={"mode": "fixed"},
                            dynamic_sampling={"enabled": False}),
     "dapo": dict(loss="ppo", advantage="grpo", beta=0.0, clip_low=0.2, clip_high=0.28,
-                 clip_c=10.0, kl_in_reward=0.0, dynamic_sampling={"enabled": True},
+                 dual_clip=10.0, kl_in_reward=0.0, dynamic_sampling={"enabled": True},
                  overlong={"enabled": True}),
     "reinforce_pp": dict(loss="ppo", advantage="reinforce_pp", beta=0.0, clip_low=0.2,
-                         clip_high=0.2, clip_c=None, kl_in_reward=1e-3, anchor={"mode": "fixed"},
+                         clip_high=0.2, dual_clip=None, kl_in_reward=1e-3, anchor={"mode": "fixed"},
                          dynamic_sampling={"enabled": False}),
     "reinforce_pp_baseline": dict(loss="grpo", advantage="reinforce_pp_baseline", beta=1e-3,
-                                  clip_low=0.2, clip_high=0.2, clip_c=None, kl_in_reward=0.0,
+                                  clip_low=0.2, clip_high=0.2, dual_clip=None, kl_in_reward=0.0,
                                   anchor={"mode": "fixed"}, dynamic_sampling={"enabled": False}),
-    "ppo": dict(loss="ppo", advantage="grpo", beta=0.0, clip_low=0.2, clip_high=0.2, clip_c=10.0),
+    "ppo": dict(loss="ppo", advantage="grpo", beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=10.0),
 }
 # The field's other baselines (issue 15; rpgrl.losses.baselines), as their papers set them.
 # Dr. GRPO [arXiv 2503.20783]: PPO clip, A = R - mean_group (no std), no length normalization
 # (token sums / sequences; the paper's extra constant 1/L_max only rescales the step).
-PRESETS["dr_grpo"] = dict(loss="ppo", advantage="rpg", beta=0.0, clip_low=0.2, clip_high=0.2, clip_c=None,
+PRESETS["dr_grpo"] = dict(loss="ppo", advantage="rpg", beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
                           agg="seq-mean-token-sum", kl_in_reward=0.0, dynamic_sampling={"enabled": False})
 # GSPO [arXiv 2507.18071]: sequence-level ratio, clip (3e-4, 4e-4), sequence-mean aggregation.
-PRESETS["gspo"] = dict(loss="gspo", advantage="grpo", beta=0.0, clip_low=3e-4, clip_high=4e-4, clip_c=None,
+PRESETS["gspo"] = dict(loss="gspo", advantage="grpo", beta=0.0, clip_low=3e-4, clip_high=4e-4, dual_clip=None,
                        agg="seq-mean-token-mean", kl_in_reward=0.0, dynamic_sampling={"enabled": False})
 # CISPO [arXiv 2506.13585]: truncated IS weight, token-mean; the paper sets no lower bound
 # (1 - clip_low = 0.01 here, as config needs clip_low < 1) and ScaleRL's eps_max = 5 above.
-PRESETS["cispo"] = dict(loss="cispo", advantage="grpo", beta=0.0, clip_low=0.99, clip_high=4.0, clip_c=None,
+PRESETS["cispo"] = dict(loss="cispo", advantage="grpo", beta=0.0, clip_low=0.99, clip_high=4.0, dual_clip=None,
                         agg="token-mean", kl_in_reward=0.0, dynamic_sampling={"enabled": False})
 for _kl in ("fkl", "rkl", "ufkl", "urkl"):
     PRESETS[f"rpg_{_kl}"] = dict(_RPG, loss=f"rpg_{_kl}")
     PRESETS[f"rpg_reinforce_{_kl}"] = dict(_RPG, loss=f"rpg_reinforce_{_kl}")
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.prompt_overlong": ("truncate_left", "drop", "error"),
-    "data.on_bad_row": ("error", "skip"),
-    "data.task": ("arith", "arith_chat"),
-    "algorithm.name": tuple(PRESETS),
-    "algorithm.agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
-    "algorithm.anchor.mode": ("rollout", "periodic", "adaptive", "fixed"),
-    "optim.name": ("adamw", "schedulefree_adamw"),
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "rollout.engine": ("auto", "rpgrl", "hf"),
-}
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the enumerated keys, from the modules that define them.
+    (``algorithm.loss`` is resolved by the loss registry instead: it also takes plugins.)"""
+    from rpgrl.advantages import ADVANTAGES
+    from rpgrl.anchor import ANCHOR_MODES
+    from rpgrl.data.procedural import TASKS
+    from rpgrl.losses import AGG_MODES
+    from rpgrl.optim import OPTIMIZERS
+    from rpgrl.rollout import ENGINES
+
+    return {
+        "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+        "data.prompt_overlong": ("truncate_left", "drop", "error"),
+        "data.on_bad_row": ("error", "skip"),
+        "data.task": tuple(TASKS),
+        "algorithm.name": tuple(PRESETS),
+        "algorithm.advantage": tuple(ADVANTAGES),
+        "algorithm.agg": tuple(AGG_MODES),
+        "algorithm.anchor.mode": tuple(ANCHOR_MODES),
+        "optim.name": tuple(OPTIMIZERS),
+        "trainer.device": ("auto", "cpu", "cuda"),
+        "rollout.engine": tuple(ENGINES),
+    }
 
 
 # --------------------------------------------------------------------------- building
@@ -306,6 +342,13 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
         full = f"{prefix}{key}"
+        if full in DEPRECATED:
+            new = DEPRECATED[full]
+            key = new.rsplit(".", 1)[1]
+            if key in updates:
+                raise ConfigError(f"{full} and {new} are the same key (the first is its deprecated name); set only {new}")
+            warnings.warn(f"config key {full} is deprecated; use {new}", FutureWarning, stacklevel=2)
+            full = new
         if key not in names:
             close = difflib.get_close_matches(key, names, n=3)
             hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
@@ -406,25 +449,22 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key and the allowed range."""
-    from rpgrl.advantages import ADVANTAGES
-    from rpgrl.losses import LOSSES
-
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    from rpgrl.losses import LOSSES
+
     a, t, r = cfg.algorithm, cfg.trainer, cfg.rollout
     try:  # built-in, rpgrl.losses entry point or module:function (rpgrl.losses.registry)
         LOSSES.resolve(a.loss)
     except ValueError as exc:
         raise ConfigError(f"algorithm.loss: {exc}") from None
-    if a.advantage not in ADVANTAGES:
-        raise ConfigError(f"algorithm.advantage: {a.advantage!r} is not one of {', '.join(ADVANTAGES)}")
     checks = [
         ("algorithm.beta", a.beta >= 0, "must be >= 0"),
         ("algorithm.kl_in_reward", a.kl_in_reward >= 0, "must be >= 0"),
         ("algorithm.clip_low", 0 <= a.clip_low < 1, "must be in [0, 1)"),
         ("algorithm.clip_high", a.clip_high >= 0, "must be >= 0"),
-        ("algorithm.clip_c", a.clip_c is None or a.clip_c > 1, "must be > 1 (dual clip) or null"),
+        ("algorithm.dual_clip", a.dual_clip is None or a.dual_clip > 1, "must be > 1 (dual clip) or null"),
         ("algorithm.anchor.period", a.anchor.period >= 1, "must be >= 1"),
         ("algorithm.anchor.kappa", a.anchor.kappa > 0, "must be > 0"),
         ("algorithm.anchor.ema", 0 <= a.anchor.ema < 1, "must be in [0, 1)"),
@@ -441,8 +481,8 @@ def validate(cfg: Config) -> None:
         ("optim.grad_clip", cfg.optim.grad_clip > 0, "must be > 0"),
         ("trainer.total_steps", t.total_steps >= 1, "must be >= 1"),
         ("trainer.prompts_per_step", t.prompts_per_step >= 1, "must be >= 1"),
-        ("trainer.mini_batch_size", t.mini_batch_size >= 1, "must be >= 1"),
-        ("trainer.micro_batch_size", t.micro_batch_size >= 1, "must be >= 1"),
+        ("trainer.mini_batch_prompts", t.mini_batch_prompts >= 1, "must be >= 1"),
+        ("trainer.micro_batch_sequences", t.micro_batch_sequences >= 1, "must be >= 1"),
         ("trainer.epochs", t.epochs >= 1, "must be >= 1"),
         ("trainer.save_every", t.save_every >= 1, "must be >= 1"),
         ("trainer.keep_last", t.keep_last >= 1, "must be >= 1"),
@@ -461,16 +501,16 @@ def validate(cfg: Config) -> None:
     for key, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} {allowed}")
-    if t.prompts_per_step % t.mini_batch_size:
+    if t.prompts_per_step % t.mini_batch_prompts:
         raise ConfigError(
-            f"trainer.mini_batch_size: {t.mini_batch_size} must divide trainer.prompts_per_step "
+            f"trainer.mini_batch_prompts: {t.mini_batch_prompts} must divide trainer.prompts_per_step "
             f"({t.prompts_per_step})"
         )
-    seqs = t.mini_batch_size * r.n
-    if seqs % t.micro_batch_size:
+    seqs = t.mini_batch_prompts * r.n
+    if seqs % t.micro_batch_sequences:
         raise ConfigError(
-            f"trainer.micro_batch_size: {t.micro_batch_size} must divide the sequences per "
-            f"mini-batch, trainer.mini_batch_size * rollout.n = {seqs}"
+            f"trainer.micro_batch_sequences: {t.micro_batch_sequences} must divide the sequences per "
+            f"mini-batch, trainer.mini_batch_prompts * rollout.n = {seqs}"
         )
     if a.kl_in_reward > 0 and a.anchor.mode == "rollout":
         raise ConfigError(
@@ -502,3 +542,37 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) of every leaf field, in declaration order."""
+    obj = Config() if obj is None else obj
+    hints = get_type_hints(type(obj))
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+            continue
+        typ = getattr(hints[f.name], "__name__", None) if get_origin(hints[f.name]) is None else None
+        rows.append((prefix + f.name, typ or str(hints[f.name]).replace("typing.", ""),
+                     yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n..."),
+                     f.metadata.get("doc", "")))
+    return rows
+
+
+def help_text() -> str:
+    """``rpgrl train --help-config``: every key with its type, default and description."""
+    rows = describe()
+    allowed = choices()
+    wk = max(len(r[0]) for r in rows)
+    wt = max(len(r[1]) for r in rows)
+    wd = max(len(r[2]) for r in rows)
+    lines = [f"{'key':<{wk}}  {'type':<{wt}}  {'default':<{wd}}  description"]
+    for key, typ, default, doc in rows:
+        extra = f" [{', '.join(allowed[key])}]" if key in allowed and key != "algorithm.name" else ""
+        lines.append(f"{key:<{wk}}  {typ:<{wt}}  {default:<{wd}}  {doc}{extra}")
+    lines.append("")
+    lines.append("algorithm.name presets: " + ", ".join(PRESETS))
+    lines += [f"deprecated: {old} -> {new}" for old, new in DEPRECATED.items()]
+    return "\n".join(lines)

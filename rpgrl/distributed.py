@@ -11,6 +11,10 @@ before clipping, so one distributed optimizer step equals the single-process ste
 union of the shards (what DDP computes, done by hand because the trainer calls the
 decoder through ``sequence_logprobs`` rather than ``model.forward``).
 
+Dynamic sampling keeps a different number of groups per rank: the ranks agree on when to
+stop generating (a summed count) and exchange the kept groups (:func:`gather_rounds`) so
+that each trains on an equal block of them.
+
 A ``DistContext`` with ``world_size == 1`` turns every method into a no-op / identity, so
 the trainer has one code path and single-process runs are unchanged bit for bit.
 """
@@ -29,21 +33,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from rpgrl.advantages import compute_advantages
+from rpgrl.advantages import GROUP_LOCAL, compute_advantages
 from rpgrl.config import Config, ConfigError
 
 __all__ = [
-    "GROUP_LOCAL_ADVANTAGES",
     "DistContext",
     "check_world_size",
+    "gather_rounds",
     "global_advantages",
     "init_distributed",
     "rank_seed",
     "reduce_metrics",
 ]
 
-#: Estimators whose value for a sequence depends only on its own group (spec Sec. 5).
-GROUP_LOCAL_ADVANTAGES = ("grpo", "rpg", "rloo")
 #: Seconds a rank waits at a collective (rank 0 evaluates alone while the others wait).
 DEFAULT_TIMEOUT_S = 3600.0
 _BUCKET_ELEMS = 1 << 25  # gradient all-reduce bucket (32M elements)
@@ -237,18 +239,24 @@ def check_world_size(cfg: Config, world_size: int) -> None:
         return
     t = cfg.trainer
     for key, value in (("trainer.prompts_per_step", t.prompts_per_step),
-                       ("trainer.mini_batch_size", t.mini_batch_size)):
+                       ("trainer.mini_batch_prompts", t.mini_batch_prompts)):
         if value % world_size:
             raise ConfigError(
                 f"{key}: {value} is not divisible by the world size {world_size} (processes over all "
                 f"nodes); each process takes whole prompt groups, so use a multiple of {world_size}"
             )
-    if cfg.algorithm.dynamic_sampling.enabled:
-        raise ConfigError(
-            f"algorithm.dynamic_sampling.enabled: dynamic sampling is single-process only (this run "
-            f"has {world_size} processes); set algorithm.dynamic_sampling.enabled=false or run "
-            "without torchrun"
-        )
+
+
+def gather_rounds(ctx: DistContext, parts: list) -> list:
+    """Every rank's per-round ``parts`` (same number of rounds on every rank), flattened
+    round by round and, within a round, in rank order: the prompt order, since each round's
+    prompts are split into contiguous rank blocks (dynamic sampling, spec Sec. 7)."""
+    if not ctx.enabled:
+        return list(parts)
+    per_rank = ctx.all_gather_object(list(parts))
+    if len({len(p) for p in per_rank}) != 1:
+        raise RuntimeError(f"gather_rounds: ranks ran {[len(p) for p in per_rank]} rounds")
+    return [p[r] for r in range(len(parts)) for p in per_rank]
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -267,7 +275,7 @@ def global_advantages(
     gather rewards, masks padded to a common width, group ids made unique and ``token_kl``
     from every rank in rank order, compute once, and keep the local rows.
     """
-    if not ctx.enabled or name in GROUP_LOCAL_ADVANTAGES:
+    if not ctx.enabled or name in GROUP_LOCAL:
         return compute_advantages(name, rewards, group_ids, mask, token_kl=token_kl, kl_coef=kl_coef)
     local = (rewards.cpu(), group_ids.cpu(), mask.cpu(), None if token_kl is None else token_kl.cpu())
     parts = ctx.all_gather_object(local)

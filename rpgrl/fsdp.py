@@ -20,12 +20,6 @@ from rpgrl.logprobs import sequence_logprobs
 _LOGPROBS_METHOD = "rpgrl_sequence_logprobs"
 
 
-def is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def shard_policy(model: torch.nn.Module) -> None:
     """``fully_shard`` each decoder layer, then the root (embeddings, final norm and the
     tied lm_head stay in the root group). Gradients are *summed* over ranks, as in

@@ -54,7 +54,7 @@ def explain_text(cfg) -> str:
         f"  advantage A: {a.advantage}" + (f"; k1 KL folded into the reward x {a.kl_in_reward:g}"
                                            if a.kl_in_reward else ""),
         f"  beta = {a.beta:g}" + ("" if spec.uses_beta else f" (not used by {spec.name}: no KL term)")
-        + f"; clip (eps_low, eps_high) = {clip}; dual clip c = {a.clip_c}"
+        + f"; clip (eps_low, eps_high) = {clip}; dual clip c = {a.dual_clip}"
         + ("" if spec.uses_dual_clip else f" (not used by {spec.name})")
         + (f"; KL folded into the clipped advantage (Algorithm 1)" if a.kl_in_advantage else ""),
         f"  KL anchor: {anchor_words}",
@@ -66,7 +66,7 @@ def explain_text(cfg) -> str:
     ]
     if spec.note:
         lines.append(f"  caveat: {spec.note}")
-    rows = explain_rows(spec.name, a.beta, clip, a.clip_c, anchor, a.kl_in_advantage)
+    rows = explain_rows(spec.name, a.beta, clip, a.dual_clip, anchor, a.kl_in_advantage)
     sep = "" if anchor == "rollout" else " (separate anchor, v = 0.8: rho = w/0.8)"
     lines += ["", f"measured by autograd (one token per sequence){sep}:",
               f"{'w':>6} {'A':>5} {'g_t':>12} {'reward part':>12} {'KL part':>12}  clip region  w-gradient"]

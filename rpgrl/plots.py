@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rpgrl import metrics as M  # noqa: E402
 from rpgrl.tracking import is_finite_number, read_metrics  # noqa: E402
 
 __all__ = [
@@ -35,13 +36,13 @@ __all__ = [
     "plot_curves",
 ]
 
-STEP_KEY = "step"
-REWARD_KEY = "reward/mean"
-EVAL_ACCURACY_KEY = "eval/accuracy"
-ENTROPY_KEY = "actor/entropy"
-RESPONSE_LENGTH_KEY = "response_length/mean"
-KL_ANCHOR_KEY = "actor/kl_anchor_k3"
-CLIPFRAC_KEYS = ("actor/clipfrac_upper", "actor/clipfrac_lower", "actor/clipfrac_dual")
+STEP_KEY = M.STEP
+REWARD_KEY = M.REWARD
+EVAL_ACCURACY_KEY = M.EVAL_ACCURACY
+ENTROPY_KEY = M.ENTROPY
+RESPONSE_LENGTH_KEY = M.LENGTH_MEAN
+KL_ANCHOR_KEY = M.KL_ANCHOR
+CLIPFRAC_KEYS = M.CLIPFRACS
 
 
 @dataclass(frozen=True)

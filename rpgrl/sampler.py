@@ -1,44 +1,48 @@
-"""Resumable prompt order: a fresh seeded permutation per epoch, and a cursor into it."""
+"""The sampler: generate responses and score them into a ``RolloutBatch`` (spec Sec. 7).
+
+One object serves training and evaluation, so another rollout engine (e.g. vLLM) is one
+new class with the same three methods, not a branch in the trainer. ``sync(model)`` is
+where such an engine would load the trainer's weights; this one samples from the module
+itself, so it only records it.
+"""
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 
+from rpgrl.data.verl import Example
+from rpgrl.rewards import score_batch
+from rpgrl.rollout import RolloutBatch, generate
 
-class EpochSampler:
-    """Yields prompt indices without replacement; its whole state is (epoch, position)."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        if size < 1:
-            raise ValueError("EpochSampler: the training set is empty")
-        self.size, self.seed = size, seed
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
+class Sampler:
+    """rpgrl's KV-cached loop or HF ``generate`` (``engine``), then the scorer."""
 
-    def _permutation(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.size, generator=gen).tolist()
+    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu",
+                 engine: str = "auto", batch_size: int = 256, scorer: Callable | None = None,
+                 timeout_s: float = 10.0) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.engine, self.batch_size = engine, batch_size
+        self.scorer, self.timeout_s = scorer, timeout_s
 
-    def take(self, count: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < count:
-            if self.position >= self.size:
-                self.epoch += 1
-                self.position = 0
-                self._order = self._permutation(self.epoch)
-            step = min(count - len(out), self.size - self.position)
-            out.extend(self._order[self.position:self.position + step])
-            self.position += step
-        return out
+    def sync(self, model: torch.nn.Module) -> None:
+        """Sample from ``model``'s current weights from now on."""
+        self.model = model
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "size": self.size, "seed": self.seed}
+    def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int,
+                 temperature: float, top_p: float = 1.0) -> RolloutBatch:
+        """``n`` responses per prompt, grouped contiguously (temperature 0 = greedy)."""
+        return generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, batch_size=self.batch_size,
+                        device=self.device, engine=self.engine)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state["size"]) != self.size:
-            raise ValueError(
-                f"checkpoint was written for a training set of {int(state['size'])} prompts, "
-                f"this run has {self.size}: resume with the same data files"
-            )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation(self.epoch)
+    def score(self, examples: Sequence[Example], rollout: RolloutBatch, n: int,
+              details: list | None = None) -> tuple[list[float], dict]:
+        """Scores of the ``n`` responses of each example, and the scorer's counters
+        (``details``: see :func:`rpgrl.rewards.score_batch`)."""
+        rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
+        return score_batch(rep([e.data_source for e in examples]), rollout.responses,
+                           rep([e.ground_truth for e in examples]), rep([e.extra_info for e in examples]),
+                           scorer=self.scorer, timeout_s=self.timeout_s, details=details)

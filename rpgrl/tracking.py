@@ -200,3 +200,25 @@ def metrics_as_floats(metrics: dict[str, Any]) -> dict[str, float]:
         if isinstance(v, Number) and not isinstance(v, bool):
             out[k] = float(v)
     return out
+
+
+class NoTracker:
+    """Ranks other than 0 log nothing (metrics are reduced to rank 0 first)."""
+
+    def log(self, metrics, step): ...
+    def close(self): ...
+
+
+class _NoProgress:
+    def update(self, n): ...
+    def set_postfix(self, d): ...
+    def close(self): ...
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar over RL steps, or a silent stand-in."""
+    if not enabled:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="rpgrl train", dynamic_ncols=True)

@@ -13,7 +13,7 @@ TINY_OVERRIDES = [
     "model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
     "model.tiny.intermediate_size=64", "warmstart.steps=30", "warmstart.batch_size=32",
     "rollout.n=4", "rollout.max_new_tokens=6", "trainer.prompts_per_step=4",
-    "trainer.mini_batch_size=2", "trainer.micro_batch_size=4", "trainer.total_steps=2",
+    "trainer.mini_batch_prompts=2", "trainer.micro_batch_sequences=4", "trainer.total_steps=2",
     "trainer.eval_every=0", "trainer.save_every=1", "data.test_size=16", "eval.max_problems=8",
     "logging.progress=false", "logging.tensorboard=false",
 ]

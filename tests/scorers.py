@@ -1,5 +1,7 @@
 """User-style scorers (verl's compute_score signature) used by the tests."""
 
+import os
+
 
 def parity(data_source, solution_str, ground_truth, extra_info=None):
     """Non-constant within most groups, so every preset gets non-zero advantages."""
@@ -8,3 +10,9 @@ def parity(data_source, solution_str, ground_truth, extra_info=None):
 
 def always_raises(data_source, solution_str, ground_truth, extra_info=None):
     raise RuntimeError("scorer bug")
+
+
+def parity_on_rank0(data_source, solution_str, ground_truth, extra_info=None):
+    """``parity`` on torchrun rank 0, 0.0 elsewhere: under dynamic sampling only rank 0 keeps
+    groups of its own, so the ranks' local kept counts always differ."""
+    return parity(data_source, solution_str, ground_truth) if os.environ.get("RANK", "0") == "0" else 0.0

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from rpgrl.data.procedural import CHAT_DATA_SOURCE, addition_splits
-from rpgrl.eval_runner import secondary_metrics
+from rpgrl.evaluation import secondary_metrics
 from rpgrl.rewards import compute_score, score_batch
 from rpgrl.rewards.arith_chat import FORMAT_BONUS, score_arith_chat
 

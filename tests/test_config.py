@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from rpgrl.config import PRESETS, ConfigError, load_config, parse_overrides
+from rpgrl.distributed import check_world_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,11 +21,11 @@ def test_defaults_are_the_cpu_default():
 def test_overrides_are_typed_and_nested():
     cfg = load_config(overrides=["algorithm.beta=1e-3", "trainer.total_steps=7", "output_dir=x",
                                  "data.train_files=[a.parquet,b.parquet]", "model.path=foo",
-                                 "algorithm.clip_c=null"])
+                                 "algorithm.dual_clip=null"])
     assert cfg.algorithm.beta == 1e-3 and isinstance(cfg.algorithm.beta, float)
     assert cfg.trainer.total_steps == 7
     assert cfg.data.train_files == ["a.parquet", "b.parquet"]
-    assert cfg.algorithm.clip_c is None
+    assert cfg.algorithm.dual_clip is None
 
 
 def test_preset_then_yaml_then_override(tmp_path):
@@ -59,16 +60,22 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     if path.parent.parent.name == "paper":  # paper configs: the preset named by the file is applied
         assert cfg.algorithm.name == path.stem
+        check_world_size(cfg, 8)  # the paper's 8-GPU runs, dynamic sampling included
+    if path.stem.startswith("rpg_"):  # the paper trains RPG with DAPO's dynamic sampling and
+        # overlong shaping (its run scripts: enable_filter_groups, enable_overlong_buffer)
+        ds, ov = cfg.algorithm.dynamic_sampling, cfg.algorithm.overlong
+        assert ds.enabled and ds.max_gen_batches == 4
+        assert ov.enabled and 0 < ov.buffer_len < cfg.rollout.max_new_tokens
 
 
 BAD = [
-    (["algorithm.clip_c=1.0"], "algorithm.clip_c: 1.0 must be > 1 (dual clip) or null"),
+    (["algorithm.dual_clip=1.0"], "algorithm.dual_clip: 1.0 must be > 1 (dual clip) or null"),
     (["algorithm.beta=-0.1"], "algorithm.beta: -0.1 must be >= 0"),
-    (["trainer.prompts_per_step=10", "trainer.mini_batch_size=4"],
-     "trainer.mini_batch_size: 4 must divide trainer.prompts_per_step (10)"),
-    (["trainer.micro_batch_size=48"],
-     "trainer.micro_batch_size: 48 must divide the sequences per mini-batch, "
-     "trainer.mini_batch_size * rollout.n = 64"),
+    (["trainer.prompts_per_step=10", "trainer.mini_batch_prompts=4"],
+     "trainer.mini_batch_prompts: 4 must divide trainer.prompts_per_step (10)"),
+    (["trainer.micro_batch_sequences=48"],
+     "trainer.micro_batch_sequences: 48 must divide the sequences per mini-batch, "
+     "trainer.mini_batch_prompts * rollout.n = 64"),
     (["algorithm.betta=1"], "unknown config key 'algorithm.betta'. Did you mean algorithm.beta?"),
     (["trainer.total_steps=abc"], "trainer.total_steps: expected an integer, got 'abc'"),
     (["algorithm.name=ppo2"], "algorithm.name: unknown preset 'ppo2'; allowed:"),
@@ -110,3 +117,40 @@ def test_parse_overrides_nests():
 def test_demo_yaml_is_the_default():
     """configs/demo.yaml documents the CPU default; it must not drift from the code."""
     assert load_config(REPO / "configs" / "demo.yaml") == load_config(overrides=["output_dir=runs/demo"])
+
+
+@pytest.mark.parametrize("old,new,value", [
+    ("trainer.mini_batch_size", "mini_batch_prompts", 16),
+    ("trainer.micro_batch_size", "micro_batch_sequences", 16),
+    ("algorithm.clip_c", "dual_clip", 3.0),
+])
+def test_deprecated_names_still_work_and_warn(old, new, value):
+    """Renamed keys (names carry their unit) keep their old spelling, with a FutureWarning."""
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated"):
+        cfg = load_config(overrides=[f"{old}={value}"])
+    section = cfg.trainer if old.startswith("trainer") else cfg.algorithm
+    assert getattr(section, new) == value and getattr(section, old.split(".")[1]) == value
+    with pytest.raises(ConfigError, match="same key"):
+        load_config(overrides=[f"{old}={value}", f"{old.split('.')[0]}.{new}={value}"])
+
+
+def test_help_config_lists_every_key_with_a_description(capsys):
+    import dataclasses
+
+    from rpgrl.cli import main
+    from rpgrl.config import Config, describe
+
+    def leaves(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            yield from leaves(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [prefix + f.name]
+
+    keys = list(leaves(Config()))
+    rows = describe()
+    assert [r[0] for r in rows] == keys and len(keys) > 80
+    assert all(r[3].strip() for r in rows), [r[0] for r in rows if not r[3].strip()]
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    for key, typ, default, doc in rows:
+        assert any(line.split()[:2] == [key, typ.split()[0]] and line.rstrip().find(doc) > 0
+                   for line in out.splitlines()), key

@@ -58,18 +58,17 @@ def test_world_size_checks_name_the_key():
     from rpgrl.config import ConfigError, load_config
     from rpgrl.distributed import DistContext, check_world_size
 
-    cfg = load_config(overrides=["trainer.prompts_per_step=6", "trainer.mini_batch_size=3",
-                                 "algorithm.dynamic_sampling.enabled=false", "trainer.micro_batch_size=8"])
+    cfg = load_config(overrides=["trainer.prompts_per_step=6", "trainer.mini_batch_prompts=3",
+                                 "algorithm.dynamic_sampling.enabled=false", "trainer.micro_batch_sequences=8"])
     check_world_size(cfg, 1)
     check_world_size(cfg, 3)
     with pytest.raises(ConfigError, match=r"trainer.prompts_per_step: 6 is not divisible by the world size 4"):
         check_world_size(cfg, 4)
-    with pytest.raises(ConfigError, match=r"trainer.mini_batch_size: 3 is not divisible by the world size 2"):
+    with pytest.raises(ConfigError, match=r"trainer.mini_batch_prompts: 3 is not divisible by the world size 2"):
         check_world_size(cfg, 2)
-    dapo = load_config(overrides=["algorithm.name=dapo", "trainer.prompts_per_step=4", "trainer.mini_batch_size=2",
-                                  "trainer.micro_batch_size=8"])
-    with pytest.raises(ConfigError, match="algorithm.dynamic_sampling.enabled: .*2 processes"):
-        check_world_size(dapo, 2)
+    dapo = load_config(overrides=["algorithm.name=dapo", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2",
+                                  "trainer.micro_batch_sequences=8"])
+    check_world_size(dapo, 2)  # dynamic sampling runs under torchrun
     assert DistContext(rank=1, world_size=2).shard([10, 11, 12, 13]) == [12, 13]
 
 
@@ -155,9 +154,9 @@ def test_distributed_update_equals_one_process_update(tiny_overrides, tmp_path):
     from rpgrl.config import load_config
     from rpgrl.trainer import Trainer
 
-    # one mini-batch (prompts_per_step == mini_batch_size): both runs step on the same sequences;
+    # one mini-batch (prompts_per_step == mini_batch_prompts): both runs step on the same sequences;
     # reinforce_pp_baseline whitens over the whole batch, so the 2-process path must gather
-    extra = (PARITY, "trainer.prompts_per_step=4", "trainer.mini_batch_size=4", "trainer.micro_batch_size=4",
+    extra = (PARITY, "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=4", "trainer.micro_batch_sequences=4",
              "algorithm.advantage=reinforce_pp_baseline", "algorithm.anchor.mode=fixed",
              "algorithm.beta=0.05", "optim.lr=1e-3")
     t = Trainer(load_config(overrides=tiny_overrides(*extra, out=tmp_path / "one")), log=_quiet)
@@ -213,7 +212,7 @@ def test_fsdp_run_equals_replicated_run_and_resumes(tiny_overrides, tmp_path):
             torch.testing.assert_close(ob["state"][i][k], v, atol=1e-5, rtol=0, msg=f"{i}.{k}")
     la, lb = _train_rows(base), _train_rows(fsdp)
     assert [r["actor/loss"] for r in lb] == pytest.approx([r["actor/loss"] for r in la], abs=1e-6)
-    assert lb[-1]["anchor/refreshes"] == la[-1]["anchor/refreshes"] == 1
+    assert lb[-1]["anchor/refreshes"] == la[-1]["anchor/refreshes"] == 3  # after steps 1, 2, 3 of 4
 
     # resume the FSDP run from its step-1 checkpoint: step 2 is redone, on the same weights
     import shutil
@@ -224,9 +223,48 @@ def test_fsdp_run_equals_replicated_run_and_resumes(tiny_overrides, tmp_path):
     assert_same_weights(base / "final" / "model.safetensors", fsdp / "final" / "model.safetensors")
 
 
+@pytest.mark.medium
+def test_dynamic_sampling_ranks_agree_on_kept_groups(tiny_overrides, tmp_path):
+    """Dynamic sampling under torchrun: rank 1 scores everything 0.0, so only rank 0 keeps
+    groups of its own. The ranks still stop after the same generation round, split the kept
+    groups evenly (rank 1 trains on rank 0's responses, scores travelling with them) and take
+    the same number of optimizer steps."""
+    scorer = f"reward_fn={Path(__file__).resolve().parent / 'scorers.py'}:parity_on_rank0"
+    extra = (scorer, "algorithm.dynamic_sampling.enabled=true", "algorithm.dynamic_sampling.max_gen_batches=4")
+    _torchrun(__file__, "--collect", str(tmp_path / "ds.json"), *tiny_overrides(*extra, out=tmp_path / "ds"))
+    ranks = json.loads((tmp_path / "ds.json").read_text())
+    assert len(ranks) == 2 and ranks[0]["gen_batches"] == ranks[1]["gen_batches"]
+    n_groups = len(ranks[0]["scores"])
+    assert n_groups == len(ranks[1]["scores"]) >= 1
+    assert ranks[0]["kept"] + ranks[1]["kept"] == 2 * n_groups
+    assert ranks[0]["steps"] == ranks[1]["steps"] == min(2, n_groups)
+    for r in ranks:
+        assert all(max(g) > min(g) for g in r["scores"])  # only groups whose scores differ
+        flat = [x for g in r["scores"] for x in g]
+        assert flat == [float(len(t) % 2) for t in r["responses"]]  # rank 0's parity scores
+
+
+def _collect_worker(out_path: str, *overrides: str) -> None:
+    from rpgrl.config import load_config
+    from rpgrl.trainer import Trainer
+
+    t = Trainer(load_config(overrides=list(overrides)), log=_quiet)
+    batch, metrics = t.collect()
+    n = t.cfg.rollout.n
+    t.prepare(batch)
+    steps = t.update(batch)["actor/optimizer_steps"]
+    mine = {"scores": batch.scores.view(-1, n).tolist(), "responses": batch.rollout.responses,
+            "kept": metrics["batch/kept_groups"], "gen_batches": metrics["batch/gen_batches"], "steps": steps}
+    got = t.dist.all_gather_object(mine)
+    if t.dist.is_main:
+        Path(out_path).write_text(json.dumps(got))
+    t.dist.barrier()
+
+
 def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
     from rpgrl.config import load_config
-    from rpgrl.trainer import _MAX_METRICS, _SUM_METRICS, Batch, Trainer
+    from rpgrl.metrics import MAX_METRICS, SUM_METRICS
+    from rpgrl.trainer import Batch, Trainer
 
     t = Trainer(load_config(overrides=list(overrides)), log=_quiet)
     assert t.dist.world_size == 2
@@ -237,7 +275,7 @@ def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
     advantages = t.dist.all_gather_object(local.advantages)
     local.advantages = full.advantages[rows]
     local.anchor_logp = full.anchor_logp[rows]
-    metrics = t.dist.reduce_metrics(t.update(local), sum_prefixes=_SUM_METRICS, max_keys=_MAX_METRICS)
+    metrics = t.dist.reduce_metrics(t.update(local), sum_prefixes=SUM_METRICS, max_keys=MAX_METRICS)
     if t.dist.is_main:
         torch.save({"params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
                     "advantages": torch.cat(advantages), "metrics": metrics}, out_path)
@@ -245,4 +283,7 @@ def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
 
 
 if __name__ == "__main__":
-    _parity_worker(*sys.argv[1:])
+    if sys.argv[1] == "--collect":
+        _collect_worker(*sys.argv[2:])
+    else:
+        _parity_worker(*sys.argv[1:])

@@ -95,7 +95,7 @@ def test_two_rl_steps_of_rpgrl_train(tmp_path, smollm2_dir):
     recipe = Path(__file__).resolve().parents[1] / "configs" / "real" / "smollm2-135m.yaml"
     rc = main(["train", str(recipe), f"output_dir={out}",  # the recipe's own pkg: path
                "data.operand_max=9", "data.test_size=8", "rollout.n=4", "rollout.max_new_tokens=8",
-               "trainer.prompts_per_step=2", "trainer.mini_batch_size=1", "trainer.micro_batch_size=4",
+               "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1", "trainer.micro_batch_sequences=4",
                "trainer.total_steps=2", "trainer.eval_every=0", "trainer.save_every=2",
                "eval.max_problems=4", "eval.max_new_tokens=8", "logging.progress=false",
                "logging.tensorboard=false"])

@@ -115,6 +115,39 @@ def test_anchor_logprobs_are_what_the_mode_claims(mode, extra, refreshes, tiny_o
         torch.testing.assert_close(batch.anchor_logp[mask], from_initial[mask], atol=1e-6, rtol=0)
 
 
+def test_periodic_anchor_refreshes_every_k_optimizer_steps(tiny_overrides):
+    """K counts optimizer steps (spec 1.1), not batches: 4 optimizer steps per batch (one
+    prompt per mini-batch) and K = 2 give refreshes after steps 2, 4 and 6 of the first 8
+    (the one due after step 8, the batch's last, is taken before the next batch's anchor
+    log-probs). Refreshing only at batch boundaries gave 1."""
+    t = make_trainer(tiny_overrides("algorithm.anchor.mode=periodic", "algorithm.anchor.period=2",
+                                    "trainer.mini_batch_prompts=1", PARITY))
+    _run_steps(t, 2)
+    assert t.anchor.refreshes == 3 and t.anchor.due
+
+
+def test_mid_batch_refresh_recomputes_the_remaining_anchor_logprobs(tiny_overrides):
+    """K = 3 with 4 optimizer steps per batch: the refresh after step 3 re-scores the last
+    mini-batch (one prompt = 4 sequences) under the new anchor; the other 12 rows keep the
+    initial anchor's log-probs."""
+    t = make_trainer(tiny_overrides("algorithm.anchor.mode=periodic", "algorithm.anchor.period=3",
+                                    "trainer.mini_batch_prompts=1", "algorithm.beta=0.1",
+                                    "optim.lr=1e-2", PARITY))
+    initial = load_policy(t.data.model_path, device=torch.device("cpu"), dtype=torch.float32)
+    batch, _ = t.collect()
+    t.prepare(batch)
+    t.update(batch)
+    assert t.anchor.refreshes == 1 and not t.anchor.due
+    mask = batch.rollout.response_mask.bool()
+
+    def same_rows(model) -> torch.Tensor:
+        ref = _logp(model, batch, t)
+        return ((batch.anchor_logp - ref).abs() * mask).amax(1) < 1e-5
+
+    fresh, old = same_rows(t.anchor.model), same_rows(initial)
+    assert int(fresh.sum()) == 4 and bool((fresh ^ old).all())
+
+
 @pytest.mark.parametrize("optim", ["adamw", "schedulefree_adamw"])
 def test_resume_matches_uninterrupted(optim, tiny_overrides, tmp_path):
     full = tiny_overrides(f"optim.name={optim}", "trainer.total_steps=4", "trainer.save_every=2",
@@ -146,7 +179,7 @@ def test_old_logp_from_the_update_equals_a_separate_pass(tiny_overrides):
     # Padded forwards: their values do not depend on which rows share a micro-batch, so the
     # two updates below are bit-comparable (shared prompts are exact only to round-off, which
     # Adam's first step, lr * g / |g|, would amplify; tests/test_prefix.py covers sharing).
-    t = make_trainer(tiny_overrides("trainer.mini_batch_size=4", PARITY, "optim.lr=1e-2",
+    t = make_trainer(tiny_overrides("trainer.mini_batch_prompts=4", PARITY, "optim.lr=1e-2",
                                     "trainer.share_prompts=false"))
     batch, _ = t.collect()
     t.prepare(batch)

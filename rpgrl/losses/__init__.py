@@ -11,6 +11,7 @@ points / ``module:function`` paths), ``registry`` (name -> spec, ``policy_loss``
 """
 
 from rpgrl.losses.aggregate import AGG_MODES, aggregate, aggregation_count
+from rpgrl.losses.bound import BoundLoss
 from rpgrl.losses.divergences import DIVERGENCES, Divergence
 from rpgrl.losses.clip import TrustRegion, trust_region
 from rpgrl.losses.plugins import ENTRY_POINT_GROUP
@@ -20,6 +21,7 @@ from rpgrl.losses.surrogates import Ratios
 
 __all__ = [
     "AGG_MODES",
+    "BoundLoss",
     "DIVERGENCES",
     "Divergence",
     "ENTRY_POINT_GROUP",

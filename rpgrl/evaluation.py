@@ -12,9 +12,8 @@ from typing import Callable
 import torch
 
 from rpgrl.data.verl import Example
-from rpgrl.evaluate import summarize
-from rpgrl.rewards import score_batch
-from rpgrl.rollout import generate
+from rpgrl.eval_metrics import summarize
+from rpgrl.sampler import Sampler
 
 
 def distinct_problems(examples: list[Example], prompts: list[list[int]], max_problems: int = 0):
@@ -44,24 +43,28 @@ def evaluate_policy(
     device: torch.device | str = "cpu", scorer: Callable | None = None, timeout_s: float = 10.0,
     engine: str = "auto",
 ) -> dict:
+    """:func:`evaluate_with` a :class:`~rpgrl.sampler.Sampler` over ``model``."""
+    sampler = Sampler(model, tokenizer, device=device, engine=engine, batch_size=batch_size,
+                      scorer=scorer, timeout_s=timeout_s)
+    return evaluate_with(sampler, examples, prompts, k=k, temperature=temperature,
+                         max_new_tokens=max_new_tokens, max_problems=max_problems)
+
+
+@torch.no_grad()
+def evaluate_with(sampler: Sampler, examples: list[Example], prompts: list[list[int]], *, k: int = 1,
+                  temperature: float = 0.0, max_new_tokens: int, max_problems: int = 0) -> dict:
     """Returns {"accuracy": overall mean@k, "by_source": {...}, "overall": {...}, "secondary":
     {e.g. "strict_acc": mean}, "samples": [...] (first few)}."""
     if not examples:
         return {"accuracy": float("nan"), "by_source": {}, "overall": {}}
     examples, prompts = distinct_problems(examples, prompts, max_problems)
-    rollout = generate(model, tokenizer, prompts, n=k, max_new_tokens=max_new_tokens,
-                       temperature=temperature, batch_size=batch_size, device=device, engine=engine)
-    rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
+    rollout = sampler.generate(prompts, n=k, max_new_tokens=max_new_tokens, temperature=temperature)
     details: list = []
-    scores, stats = score_batch(
-        rep([e.data_source for e in examples]), rollout.responses,
-        rep([e.ground_truth for e in examples]), rep([e.extra_info for e in examples]),
-        scorer=scorer, timeout_s=timeout_s, details=details,
-    )
+    scores, stats = sampler.score(examples, rollout, k, details=details)
     records = [
         {"data_source": ex.data_source, "uid": ex.uid, "score": s,
          "acc": bool(d["acc"]) if d and isinstance(d.get("acc"), (bool, int)) else s > 0.5}
-        for ex, s, d in zip(rep(examples), scores, details)
+        for ex, s, d in zip([e for e in examples for _ in range(k)], scores, details)
     ]
     summary = summarize(records, k=k)
     return {

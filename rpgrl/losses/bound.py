@@ -1,0 +1,44 @@
+"""A registered loss with its hyperparameters fixed once (spec sections 3-6).
+
+The trainer binds the loss from the config at start-up, where the hyperparameters are
+validated once with a named error; each micro-batch then passes tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from rpgrl.losses.registry import LOSSES, LossSpec, _check_args, policy_loss
+
+
+@dataclass(frozen=True)
+class BoundLoss:
+    """``policy_loss(name, ...)`` with ``beta``, the trust region (``clip``, ``dual_clip``),
+    ``agg`` and ``kl_in_advantage`` fixed; see :func:`rpgrl.losses.policy_loss`."""
+
+    name: str
+    beta: float
+    clip: Optional[tuple[float, float]]
+    dual_clip: Optional[float]
+    agg: str
+    kl_in_advantage: bool = False
+
+    def __post_init__(self) -> None:
+        one = torch.zeros(1, 1)  # the hyperparameter checks of policy_loss, on a 1-token batch
+        _check_args(self.name, one, one, one[:, 0], one, None, self.beta, self.clip, self.dual_clip,
+                    self.agg, self.kl_in_advantage, None)
+
+    @property
+    def spec(self) -> LossSpec:
+        return LOSSES[self.name]
+
+    def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                 anchor_logp: Optional[Tensor] = None, *,
+                 norm: Optional[Union[float, Tensor]] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        return policy_loss(self.name, logp, old_logp, advantages, mask, anchor_logp=anchor_logp,
+                           beta=self.beta, clip=self.clip, dual_clip=self.dual_clip, agg=self.agg,
+                           kl_in_advantage=self.kl_in_advantage, norm=norm)
