@@ -66,6 +66,42 @@ class StepTimer:
         return out
 
 
+#: useful model FLOPs / (phase seconds x measured matmul peak), per phase (trainer.profile)
+MFU_PHASES = ("generation", "logprobs", "forward_backward")
+PEAK_GFLOPS = "mfu/matmul_peak_gflops"
+PEAK_RSS = "memory/peak_rss_mb"
+
+
+def token_counts(input_ids_mask, prompt_len: int, response_mask, n: int) -> tuple[int, int]:
+    """(prompt tokens of the distinct prompts, response tokens) of a rollout whose groups of
+    ``n`` share a prompt: the real tokens useful work is counted on (no padding)."""
+    return int(input_ids_mask[::n, :prompt_len].sum()), int(response_mask.sum())
+
+
+def mfu_metrics(flops, prompt_tokens: int, response_tokens: int, seconds: dict[str, float], *,
+                logprob_passes: int, epochs: int, peak_gflops: float) -> dict[str, float]:
+    """``mfu/<phase>`` = useful FLOPs (``rpgrl.flops.PhaseFlops``) / seconds / peak, for each
+    phase that ran; also the token counts and the peak they were divided by."""
+    useful = {"generation": flops.generation(prompt_tokens, response_tokens),
+              "logprobs": logprob_passes * flops.forward(prompt_tokens, response_tokens),
+              "forward_backward": epochs * flops.train(prompt_tokens, response_tokens)}
+    out = {"tokens/prompt_unique": prompt_tokens, "tokens/response": response_tokens, PEAK_GFLOPS: peak_gflops}
+    for phase in MFU_PHASES:
+        sec = seconds.get(phase, 0.0)
+        if sec > 0 and useful[phase] > 0:
+            out[f"mfu/{phase}"] = useful[phase] / sec / (peak_gflops * 1e9)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
 def profile_table(metrics_path: Path) -> str:
     """trainer.profile: mean seconds per phase over steps 2..N (step 1 carries warm-up costs)."""
     import numpy as np
@@ -81,4 +117,12 @@ def profile_table(metrics_path: Path) -> str:
     lines = [f"step-time breakdown (mean over steps 2..{rows[-1][STEP]}):"]
     lines += [f"  {k[7:]:<18}{v:8.4f} s {100 * v / step:5.1f} %" for k, v in sorted(means.items(), key=lambda kv: -kv[1])]
     lines.append(f"  {'step':<18}{step:8.4f} s")
+    mfu = {p: float(np.mean([r[f"mfu/{p}"] for r in rows if f"mfu/{p}" in r]))
+           for p in MFU_PHASES if any(f"mfu/{p}" in r for r in rows)}
+    if mfu:
+        peak = float(np.mean([r[PEAK_GFLOPS] for r in rows if PEAK_GFLOPS in r]))
+        lines.append(f"model FLOP utilisation (useful FLOPs on real tokens / matmul peak {peak:.0f} GFLOP/s):")
+        lines += [f"  {p:<18}{100 * v:7.1f} %  ({v * peak:.0f} GFLOP/s)" for p, v in mfu.items()]
+    if any(PEAK_RSS in r for r in rows):
+        lines.append(f"peak RSS: {max(r.get(PEAK_RSS, 0.0) for r in rows):.0f} MiB")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from rpgrl.distributed import check_world_size, global_advantages, init_distribu
 from rpgrl.evaluation import evaluate_with
 from rpgrl.eval_metrics import BestLastTracker, flatten
 from rpgrl.experience import Batch, collect
+from rpgrl.flops import PhaseFlops, matmul_peak_gflops
 from rpgrl.kl import kl_penalty
 from rpgrl.losses import METRIC_KEYS, BoundLoss, aggregation_count
 from rpgrl.metrics import StepTimer
@@ -78,6 +79,10 @@ class Trainer:
                                batch_size=cfg.rollout.batch_size, scorer=self.data.scorer,
                                timeout_s=cfg.reward_timeout_s)
         self.prompt_order = PromptOrder(len(self.data.train), cfg.seed)
+        self.flops = self.peak = None
+        if cfg.trainer.profile:  # model FLOP utilisation per phase (rpgrl.flops)
+            self.flops, self.peak = PhaseFlops(self.model), matmul_peak_gflops(device=self.device)
+            self.log(f"profile: matmul peak {self.peak:.0f} GFLOP/s (fp32 2048^2)")
         self.timer = StepTimer()
         self.step_count = self.consecutive_skips = self.skipped_total = 0
         self.eval_before: dict | None = None
@@ -120,6 +125,7 @@ class Trainer:
         """pi_old log-probs once per batch, anchor log-probs per anchor mode, advantages."""
         a = self.cfg.algorithm
         with self.timer.phase("logprobs"):
+            self._logprob_passes = int(not self._old_logp_from_update(batch)) + int(not self.anchor.uses_rollout)
             if not self._old_logp_from_update(batch):
                 batch.old_logp, batch.entropy = self._logprobs(self.model, batch.rollout, with_entropy=True)
             self.anchor.maybe_refresh(self.parallel.full_weights(self.model))
@@ -263,6 +269,11 @@ class Trainer:
             })
         self.step_count += 1
         metrics.update(self.timer.metrics(time.perf_counter() - start))
+        if self.flops is not None and batch is not None:
+            counts = M.token_counts(r.attention_mask, r.prompt_len, mask, self.cfg.rollout.n)
+            metrics.update(M.mfu_metrics(self.flops, *counts, self.timer.seconds, epochs=self.cfg.trainer.epochs,
+                                         logprob_passes=self._logprob_passes, peak_gflops=self.peak))
+            metrics[M.PEAK_RSS] = M.peak_rss_mb()
         metrics[M.LR] = float(self.optimizer.param_groups[0]["lr"])
         return self.dist.reduce_metrics(metrics, sum_prefixes=M.SUM_METRICS, max_keys=M.MAX_METRICS)
 

@@ -32,3 +32,24 @@ def test_phase_flops_arithmetic():
 def test_matmul_peak_is_measured():
     g = matmul_peak_gflops(size=256, seconds=0.05)
     assert 0.1 < g < 1e6
+
+
+def test_profile_reports_mfu_per_phase(tiny_overrides, capsys):
+    """trainer.profile=true: every step logs useful-token counts and a per-phase MFU in (0, 1]
+    against the peak measured at start-up; the profile table prints them."""
+    import json
+
+    from rpgrl.cli import main
+
+    over = tiny_overrides("trainer.profile=true", "trainer.total_steps=3", "trainer.save_every=3")
+    out = next(o.split("=", 1)[1] for o in over if o.startswith("output_dir="))
+    assert main(["train", *over]) == 0
+    rows = [json.loads(x) for x in open(f"{out}/metrics.jsonl") if '"mfu/' in x]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["tokens/response"] > 0 and r["tokens/prompt_unique"] > 0
+        assert r["mfu/matmul_peak_gflops"] > 0 and r["memory/peak_rss_mb"] > 50
+        for phase in ("generation", "forward_backward", "logprobs"):  # 2 mini-batches: pi_old needs a pass
+            assert 0 < r[f"mfu/{phase}"] <= 1.0, (phase, r[f"mfu/{phase}"])
+    printed = capsys.readouterr().out
+    assert "model FLOP utilisation" in printed and "forward_backward" in printed and "peak RSS" in printed
