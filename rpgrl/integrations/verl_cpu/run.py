@@ -158,9 +158,16 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def reap_session(sid: int, grace_s: float = 5.0) -> list[int]:
-    """SIGTERM, then SIGKILL, every process still in session ``sid``; returns those found."""
-    found = session_pids(sid)
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def reap_session(sid: int, grace_s: float = 5.0) -> list[str]:
+    """SIGTERM, then SIGKILL, every process still in session ``sid``; returns "pid cmdline" of those."""
+    found = [f"{pid} {_cmdline(pid)[:200]}" for pid in session_pids(sid)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in session_pids(sid):
             try:
@@ -179,7 +186,7 @@ class RunResult:
     seconds: float
     out: Path
     metrics: list[dict] = field(default_factory=list)
-    leftover_pids: list[int] = field(default_factory=list)  # alive after main_ppo exited (then killed)
+    leftover: list[str] = field(default_factory=list)  # "pid cmdline" alive after main_ppo exited (killed)
     remaining_pids: list[int] = field(default_factory=list)  # alive after the clean-up (must be empty)
 
     @property
@@ -232,8 +239,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     res = run(out, trainer=args.trainer, loss_mode=args.loss, steps=args.steps)
     keys = ("actor/rpg/clipfrac_upper", "actor/rpg/clipfrac_lower", "actor/rpg/w_mean", "actor/pg_loss",
             "critic/score/mean", "actor/grad_norm")
+    for line in res.leftover:
+        print(f"killed after main_ppo exited: {line}")
     for m in res.metrics:
         print(f"step {m['step']}: " + ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m))
     print(f"main_ppo exit code {res.returncode} in {res.seconds:.0f} s; log: {out / 'main_ppo.log'}; "
-          f"Ray processes left after exit: {len(res.leftover_pids)} (killed), now: {len(res.remaining_pids)}")
+          f"Ray processes left after exit: {len(res.leftover)} (killed), now: {len(res.remaining_pids)}")
     return res.returncode
