@@ -7,7 +7,7 @@ downloads), then runs ``python -m verl.trainer.main_ppo`` in its own session wit
 * ``VERL_USE_EXTERNAL_MODULES`` = :mod:`.plugin` (CPU platform, ``rpgrl_hf`` rollout, rpgrl
   losses), ``VERL_PLATFORM=cpu``; ``VERL_ENGINE_DEVICE=cuda`` because verl registers its
   FSDP engine for cuda/npu only (verl/workers/engine/fsdp/transformer_impl.py:1143,1594;
-  read at engine/base.py:404), with ``strategy=fsdp2`` (FSDP1 needs GPU parameters for
+  read at engine/base.py:405), with ``strategy=fsdp2`` (FSDP1 needs GPU parameters for
   ``sync_module_states``);
 * one logical Ray GPU and a few logical CPUs (verl's placement groups count GPUs only);
 * an off-policy update: 2 prompts x 4 samples per step, 2 mini-batches x ``ppo_epochs=2``,
@@ -115,7 +115,7 @@ def overrides(
         "trainer.val_before_train=false", "trainer.test_freq=-1",
         f"trainer.save_freq={steps}", f"trainer.default_local_dir={out / 'ckpt'}",
         "trainer.logger=[console,file]", "trainer.project_name=rpgrl_cpu", "trainer.experiment_name=smoke",
-        "+ray_kwargs.ray_init.num_gpus=1",
+        "+ray_kwargs.ray_init.num_gpus=1", "+ray_kwargs.ray_init.include_dashboard=false",
         f"ray_kwargs.ray_init.num_cpus={32 if trainer == 'v1' else 8}",
         f"trainer.use_v1={'true' if trainer == 'v1' else 'false'}",
     ]
