@@ -137,6 +137,8 @@ def run_env(out: Path) -> dict[str, str]:
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
         RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0", RAY_DISABLE_DOCKER_CPU_WARNING="1",
         HYDRA_FULL_ERROR="1", WANDB_MODE="disabled",
+        # Ray renices its workers (+15 by default): on a shared machine they then starve.
+        RAY_worker_niceness="0",
     )
     env.pop("RAY_ADDRESS", None)  # never join someone else's cluster
     return env
