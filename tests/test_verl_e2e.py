@@ -69,7 +69,7 @@ def _check_run(res: RunResult) -> None:
 
 @pytest.mark.parametrize("trainer", ["legacy"])
 def test_main_ppo_trains_rpg_on_cpu(tmp_path: Path, trainer: str) -> None:
-    res = run(tmp_path / trainer, trainer=trainer, loss_mode=LOSS_MODE, steps=STEPS, timeout_s=900)
+    res = run(tmp_path / trainer, trainer=trainer, loss_mode=LOSS_MODE, steps=STEPS, timeout_s=1800)
     _check_run(res)
 
 

@@ -205,7 +205,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def run(out: Path, *, trainer: str = "legacy", loss_mode: str = "rpg_ufkl", steps: int = 2,
-        timeout_s: float = 900.0, python: str = sys.executable) -> RunResult:
+        timeout_s: float = 1800.0, python: str = sys.executable) -> RunResult:
     """Build the assets under ``out`` and run ``main_ppo``; never leaves a process behind."""
     out.mkdir(parents=True, exist_ok=True)
     model_dir, data = build_assets(out)
@@ -239,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="rpgrl-verl-cpu-"))
     res = run(out, trainer=args.trainer, loss_mode=args.loss, steps=args.steps)
-    keys = ("actor/rpg/clipfrac_upper", "actor/rpg/clipfrac_lower", "actor/rpg/w_mean", "actor/pg_loss",
+    keys = ("actor/rpg/clipfrac_upper", "actor/rpg/clipfrac_lower", "actor/rpg/importance_weight_mean", "actor/pg_loss",
             "critic/score/mean", "actor/grad_norm")
     for line in res.leftover:
         print(f"killed after main_ppo exited: {line}")
