@@ -3,7 +3,8 @@
 Issue 16: Ray, verl's FSDP2 actor, the ``rpgrl_hf`` rollout, log-prob recomputation, the
 ``rpg`` advantage and an off-policy update (2 mini-batches x ppo_epochs=2) on a tiny local
 Llama, through verl's extension points only (``rpgrl.integrations.verl_cpu``). The run takes
-a few minutes on 2 shared cores, almost all of it Ray and verl start-up.
+~2.5 minutes on 2 idle cores (12.5 minutes at load average 15), almost all of it Ray and verl
+start-up. Only the legacy trainer is tested: the v1 trainer has not finished a run here yet.
 
 It fails if the rpgrl loss is replaced by verl's ``vanilla`` loss: the ``actor/rpg/*``
 metrics (and the clip fractions computed by rpgrl) are then absent.
