@@ -1,0 +1,5 @@
+import sys
+
+from rpgrl.integrations.verl_cpu.run import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""A ``cpu`` platform for verl 0.9 (``VERL_PLATFORM=cpu``), registered with verl's own
+``PlatformRegistry`` (verl/plugin/platform/platform_manager.py:28-79).
+
+verl 0.9.1 registers only nvidia / huawei / amd; with no accelerator it falls back to
+"nvidia" (platform_manager.py:114-117), and every ``get_torch_device()`` then means
+``torch.cuda``. This platform answers device "cpu", module :mod:`.device`, backend gloo,
+and counts the Ray "GPU" resource (Ray hands out logical GPUs that we declare with
+``ray_init.num_gpus``; verl's placement groups ask only for GPU/NPU bundles,
+single_controller/ray/base.py:146-149).
+
+One adjustment is not reachable through a registry: verl's ``initialize_global_process_group_ray``
+(verl/utils/distributed.py:89) builds ``"cpu:gloo,{device}:{backend}"``, which on CPU is
+``"cpu:gloo,cpu:gloo"`` and torch rejects ("Duplicate device type cpu"). :func:`install`
+wraps that one function so that on this platform it passes plain ``"gloo"``. It is applied
+on ``import verl`` (this module is loaded through ``VERL_USE_EXTERNAL_MODULES``, before any
+verl worker module binds the name), in the driver and in every Ray worker. The smallest
+upstream fix would be to build the string only from distinct device types.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any, Optional
+
+from verl.plugin.platform.platform_base import PlatformBase
+from verl.plugin.platform.platform_manager import PlatformRegistry, get_platform
+
+from rpgrl.integrations.verl_cpu import device as cpu_device
+
+#: ``VERL_PLATFORM`` value that selects this platform.
+PLATFORM_NAME = "cpu"
+
+
+@PlatformRegistry.register(platform=PLATFORM_NAME)
+class PlatformCPU(PlatformBase):
+    """verl platform for CPU-only hosts: device "cpu", gloo, no IPC, no profiler."""
+
+    @property
+    def device_name(self) -> str:
+        return "cpu"
+
+    @property
+    def vendor_name(self) -> str:
+        return "cpu"
+
+    @property
+    def device_module(self) -> ModuleType:
+        return cpu_device
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_platform_available(self, use_smi_check: bool = False) -> bool:
+        # Never auto-detected: a CPU run is asked for explicitly with VERL_PLATFORM=cpu.
+        return os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME
+
+    def current_device(self) -> str:  # type: ignore[override]
+        # verl passes it straight to ``.to(...)`` (e.g. fsdp_utils.py:507); an int would mean cuda:N.
+        return "cpu"
+
+    def device_count(self) -> int:
+        return 1
+
+    def set_device(self, device_index: int) -> None:
+        pass
+
+    def synchronize(self, device_index: Optional[int] = None) -> None:
+        pass
+
+    def manual_seed(self, seed: int) -> None:
+        cpu_device.manual_seed(seed)
+
+    def manual_seed_all(self, seed: int) -> None:
+        cpu_device.manual_seed(seed)
+
+    def set_allocator_settings(self, settings: str) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        pass
+
+    def get_device_capability(self, device_index: int = 0) -> tuple[Optional[int], Optional[int]]:
+        return None, None
+
+    def communication_backend_name(self) -> str:
+        return "gloo"
+
+    def visible_devices_envvar(self) -> str:
+        # Ray sets it for the logical GPUs; harmless for a CPU build of torch.
+        return "CUDA_VISIBLE_DEVICES"
+
+    @contextmanager
+    def nvtx_range(self, msg: str):
+        yield
+
+    def profiler_start(self) -> None:
+        pass
+
+    def profiler_stop(self) -> None:
+        pass
+
+    def ray_resource_name(self) -> str:
+        return "GPU"
+
+    def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
+        return {"num_gpus": num_gpus}
+
+    def ray_noset_envvars(self) -> list[str]:
+        return ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"]
+
+    def is_ipc_supported(self) -> bool:
+        return False
+
+    def cudart(self) -> Any:
+        return None
+
+
+def _is_cpu_platform() -> bool:
+    return get_platform().device_name == "cpu"
+
+
+def install() -> None:
+    """Make verl's Ray process-group initialisation use plain gloo on this platform
+    (module docstring: verl/utils/distributed.py:89 yields ``cpu:gloo,cpu:gloo``). Idempotent."""
+    import verl.utils.distributed as dist
+
+    original = dist.initialize_global_process_group_ray
+    if getattr(original, "_rpgrl_cpu", False):
+        return
+
+    @functools.wraps(original)
+    def initialize_global_process_group_ray(timeout_second=None, backend=None):
+        if _is_cpu_platform() and (backend is None or backend == "cpu:gloo,cpu:gloo"):
+            backend = "gloo"
+        return original(timeout_second=timeout_second, backend=backend)
+
+    initialize_global_process_group_ray._rpgrl_cpu = True  # type: ignore[attr-defined]
+    dist.initialize_global_process_group_ray = initialize_global_process_group_ray
