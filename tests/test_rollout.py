@@ -175,3 +175,15 @@ def test_sample_tokens_mixes_top_k_and_full_sort_rows():
         se = torch.sqrt(want * (1 - want) / n).clamp(min=1e-12)
         assert ((freq - want).abs() <= 5 * se + 1e-12).all(), (col, freq, want)
     assert (draws[:, 0] < 2).all() and (draws[:, 1] == 5).any()
+
+
+def test_generation_never_forms_logits_beyond_the_last_position():
+    """Memory (issue 12): the prefill asks the LM head for the last position only and every
+    decode step feeds one token, so no [batch, length, vocab] logits exist during sampling."""
+    model = _model("qwen2")
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    out = generate(model, TOK, PROMPTS, n=3, max_new_tokens=6, temperature=1.0, engine="rpgrl")
+    handle.remove()
+    assert len(shapes) >= 2 and out.response_mask.shape[1] >= 2
+    assert all(s[1] == 1 for s in shapes), shapes  # [rows, 1, V] only
