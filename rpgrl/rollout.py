@@ -100,9 +100,8 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float = 1.0, *, nuc
     Qwen-Instruct's repetition_penalty / top_k -- so the sampler is the policy the loss scores.
 
     Cost at real vocabulary sizes (49k-150k logits per row, every decode step): the full
-    softmax draw is an exponential race, ``argmax(exp(z - max z) / E)`` with E ~ Exp(1) iid
-    (exactly softmax(z); torch.multinomial's own one-sample path, minus its normalisation and
-    validity passes); top-p sorts only the top ``nucleus_k`` when they already hold top_p of
+    softmax draw inverts the float64 CDF of exp(z - max z) with one uniform per row
+    (:func:`_race`); top-p sorts only the top ``nucleus_k`` when they already hold top_p of
     the mass (the nucleus is then the same set), else that row is fully sorted.
     """
     if temperature <= 0:
@@ -111,7 +110,7 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float = 1.0, *, nuc
     if temperature != 1.0:
         z = z / temperature
     if top_p >= 1.0:
-        return _race(z)
+        return _draw_softmax(z)
     k = min(int(nucleus_k), z.shape[-1])
     top, order = z.topk(k, dim=-1)  # sorted, descending
     top_p_mass = (top - torch.logsumexp(z, -1, keepdim=True)).exp_()  # softmax(z) of the top k
@@ -129,11 +128,15 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float = 1.0, *, nuc
     return out
 
 
-def _race(z: Tensor) -> Tensor:
-    """argmax_i p_i / E_i with p = exp(z - max z), E_i ~ Exp(1): index i wins with probability
-    p_i / sum(p) (E_i / p_i ~ Exp(p_i), the smallest of independent exponentials)."""
-    p = (z - z.amax(-1, keepdim=True)).exp_()
-    return p.div_(torch.empty_like(p).exponential_()).argmax(-1)
+def _draw_softmax(z: Tensor) -> Tensor:
+    """One draw from softmax(z) per row by inverting its CDF with one uniform per row: the
+    unnormalised p = exp(z - max z) is summed in float64 (each token's interval is its p to
+    ~1e-16), so the cost is one exp and one cumsum over the vocabulary -- no per-token random
+    numbers (torch.multinomial draws an Exp(1) per token) and no normalisation pass.
+    Zero-probability tokens have empty intervals and are never drawn."""
+    cdf = (z - z.amax(-1, keepdim=True)).exp_().to(torch.float64).cumsum_(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=z.device) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=z.shape[-1] - 1).squeeze(-1)
 
 
 def _nucleus_draw(sorted_p: Tensor, cum: Tensor, order: Tensor, top_p: float) -> Tensor:
