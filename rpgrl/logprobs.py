@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rpgrl.prefix import can_share, last_hidden, positions, shared_prompt_hidden, unwrap
+from rpgrl.prefix import can_share, encode_prompts, last_hidden, positions, response_hidden, unwrap
 
-__all__ = ["token_logprobs_from_hidden", "sequence_logprobs"]
+__all__ = ["token_logprobs_from_hidden", "sequence_logprobs", "plan_buckets"]
 
 # Config attributes that transform logits after lm_head; the chunked path does not
 # replicate them, so refusing is safer than returning silently wrong log-probs.
@@ -197,6 +197,44 @@ def _unwrap_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
+def plan_buckets(widths: Tensor, overhead_tokens: float) -> list[Tensor]:
+    """Split rows into buckets of similar response width, minimising padded work.
+
+    Rows sorted by ``widths`` (the response columns each row needs); a bucket of rows i..j
+    costs ``(j - i + 1) * widths[j] + overhead_tokens`` (its padded tokens plus one extra
+    decoder call, in token units); exact dynamic programming over the split points. Rows of
+    width 0 (nothing to score) are left out. Returns the row indices of each bucket.
+    """
+    order = torch.argsort(widths, stable=True)
+    w = widths[order].tolist()
+    first = next((i for i, x in enumerate(w) if x > 0), len(w))
+    w, order = w[first:], order[first:]
+    n = len(w)
+    if n == 0:
+        return []
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * w[j - 1] + overhead_tokens
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    bounds, j = [], n
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    return [order[i:j] for i, j in reversed(bounds)]
+
+
+def _fsdp_sharded(model: nn.Module) -> bool:
+    """FSDP ranks must make the same decoder calls (each all-gathers): no data-dependent buckets."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def sequence_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -207,6 +245,7 @@ def sequence_logprobs(
     with_entropy: bool = False,
     temperature: float = 1.0,
     share_prompts: bool = True,
+    bucket_overhead_tokens: float = 32.0,
 ) -> tuple[Tensor, Tensor | None]:
     """Response-token log-probs of a HF causal LM (``lp_t`` / ``lp_old_t``, spec Sec. 1).
 
@@ -222,9 +261,18 @@ def sequence_logprobs(
     ``response_start`` may be an int, a 0-d tensor, or a [B] tensor of per-row starts
     (then R = L - min(start) and slots past a row's end are masked to 0).
 
+    No work on padding (one shared start): the decoder never runs a row's columns past its
+    last real response token, nor prompt columns that are padding in every row, and the
+    LM head only sees real response tokens. Rows are grouped into buckets of similar
+    response length (:func:`plan_buckets`; ``bucket_overhead_tokens`` prices one extra
+    decoder call, ``float("inf")`` = one bucket), each run at its own width. Under causal
+    attention the dropped columns cannot change the kept ones, so values and gradients are
+    the padded forward's (tests/test_prefix.py, tests/test_logprobs.py).
+
     ``share_prompts``: rows with the same prompt (a GRPO group) run that prompt through the
-    decoder once (``rpgrl.prefix``; same values and gradients, fewer FLOPs). Used when all
-    rows share one ``response_start`` and the model supports it; else the padded forward.
+    decoder once (``rpgrl.prefix``; same values and gradients, fewer FLOPs) and every bucket
+    continues its KV cache. Used when all rows share one ``response_start`` and the model
+    supports it; else each bucket runs the padded forward over its own columns.
     """
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -245,8 +293,9 @@ def sequence_logprobs(
         )
     resp_len = length - int(start.min()) if bsz else 0
     decoder, head = _unwrap_causal_lm(model)
+    out_dtype = torch.promote_types(head.weight.dtype, torch.float32)
     if resp_len == 0:  # nothing to score (and nothing to run)
-        empty = torch.zeros(bsz, 0, device=device, dtype=torch.promote_types(head.weight.dtype, torch.float32))
+        empty = torch.zeros(bsz, 0, device=device, dtype=out_dtype)
         return empty, (empty.clone() if with_entropy else None)
 
     # Token at column c = start + j is predicted by the hidden state at column c - 1.
@@ -255,24 +304,69 @@ def sequence_logprobs(
     cols = cols.clamp(max=length - 1)
     targets = input_ids.gather(1, cols)
     valid &= attention_mask.gather(1, cols).bool()
-    one_start = bsz > 0 and bool((start == start[0]).all())
-    h_sel = None
-    if share_prompts and one_start and can_share(model):
-        h_sel = shared_prompt_hidden(decoder, input_ids, attention_mask, int(start[0]))
-    if h_sel is None:
-        # Column L - 1's output would predict the token after the sequence: never run it.
+    one_start = bool((start == start[0]).all())
+    # Each row needs its response columns up to its last real token, no further.
+    widths = torch.where(valid, torch.arange(1, resp_len + 1, device=device), 0).amax(1)
+    if one_start:
+        P = int(start[0])
+        overhead = float("inf") if _fsdp_sharded(model) else float(bucket_overhead_tokens)
+        buckets = plan_buckets(widths.cpu(), overhead)
+        buckets = [b.to(device) for b in buckets]
+        shared = None
+        if share_prompts and can_share(model) and buckets:
+            if len(buckets) > 1 or _has_repeats(input_ids[:, :P], attention_mask[:, :P]):
+                shared = encode_prompts(decoder, input_ids[:, :P], attention_mask[:, :P])
+        parts = []
+        for rows in buckets:
+            width = int(widths[rows].max())
+            if shared is not None:
+                h = response_hidden(decoder, shared, rows, input_ids, attention_mask, P, width)
+            else:
+                h = _padded_hidden(decoder, input_ids.index_select(0, rows),
+                                   attention_mask.index_select(0, rows), P, width)
+            parts.append((rows, width, h))
+    else:
+        # Per-row starts: one padded forward; column L - 1's output would predict the token
+        # after the sequence, so it never runs.
         out = decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                       position_ids=positions(attention_mask[:, :-1]), use_cache=False)
         hidden = last_hidden(out)
-        if one_start:
-            h_sel = hidden[:, int(start[0]) - 1 : int(start[0]) - 1 + resp_len]  # a view, no gather copy
-        else:
-            h_sel = hidden.gather(1, (cols - 1)[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        h = hidden.gather(1, (cols - 1)[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        parts = [(torch.arange(bsz, device=device), resp_len, h)]
+    # Only real response tokens go through the LM head; outputs are scattered back to [B, R].
+    flat_h, dest = [], []
+    for rows, width, h in parts:
+        keep = valid.index_select(0, rows)[:, :width]
+        flat_h.append(h[keep])
+        dest.append((rows[:, None] * resp_len + torch.arange(width, device=device))[keep])
+    flat_h, dest = torch.cat(flat_h), torch.cat(dest)
+    zeros = torch.zeros(bsz * resp_len, device=device, dtype=out_dtype)
+    if dest.numel() == 0:
+        lp0 = zeros.view(bsz, resp_len)
+        return lp0, (lp0.clone() if with_entropy else None)
     logp, entropy = token_logprobs_from_hidden(
-        h_sel, head.weight, targets, lm_head_bias=getattr(head, "bias", None),
-        chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature,
+        flat_h[None], head.weight, targets.reshape(-1).index_select(0, dest)[None],
+        lm_head_bias=getattr(head, "bias", None), chunk_size=chunk_size, with_entropy=with_entropy,
+        temperature=temperature,
     )
-    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    logp = zeros.index_copy(0, dest, logp[0].to(out_dtype)).view(bsz, resp_len)
     if entropy is not None:
-        entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+        entropy = zeros.index_copy(0, dest, entropy[0].to(out_dtype)).view(bsz, resp_len)
     return logp, entropy
+
+
+def _has_repeats(prompt_ids: Tensor, prompt_mask: Tensor) -> bool:
+    rows = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    return torch.unique(rows, dim=0).shape[0] < rows.shape[0]
+
+
+def _padded_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor, P: int, width: int) -> Tensor:
+    """[b, width, H] hidden states predicting response columns 0..width-1, from one padded
+    forward over only the columns they need: from the first prompt column that is real in
+    some row to P + width - 2 (later columns cannot change them under causal attention;
+    all-pad left columns are masked keys and do not move ``cumsum(mask) - 1`` positions)."""
+    real = attention_mask[:, :P].bool().any(0).nonzero()
+    lo = min(int(real[0]) if real.numel() else P - 1, P - 1)
+    ids, mask = input_ids[:, lo:P + width - 1], attention_mask[:, lo:P + width - 1]
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+    return last_hidden(out)[:, P - 1 - lo:]

@@ -17,14 +17,16 @@ whenever :func:`can_share` says no or a batch has no repeated prompt.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["unwrap", "can_share", "dedupe_rows", "new_cache", "positions", "call_with_cache", "last_hidden",
-           "shared_prompt_hidden"]
+           "SharedPrompts", "encode_prompts", "fork_cache", "response_hidden"]
 
 
 def positions(mask: Tensor) -> Tensor:
@@ -108,41 +110,73 @@ def _index_cache(cache, index: Tensor) -> None:
             layer.values = layer.values.index_select(0, index)
 
 
+def fork_cache(cache, index: Tensor):
+    """A new cache holding rows ``index`` of ``cache`` (which is left untouched), for one of
+    several response buckets that continue the same prompts (``index_select``: see
+    :func:`_index_cache`; autograd sums every bucket's gradient into the shared prompt KV)."""
+    fork = copy.copy(cache)
+    fork.layers = [copy.copy(layer) for layer in cache.layers]
+    _index_cache(fork, index)
+    return fork
+
+
 def last_hidden(out) -> Tensor:
     """The final hidden states of a decoder's output (ModelOutput or tuple)."""
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def shared_prompt_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                         prompt_len: int) -> Tensor | None:
-    """Final hidden states that predict each response token, computing each prompt once.
+@dataclass
+class SharedPrompts:
+    """The distinct prompts of a batch, run once: their KV cache, the hidden state of each
+    prompt's last column (it predicts the first response token) and each row's prompt."""
 
-    Layout as in ``rpgrl.logprobs.sequence_logprobs``: ``input_ids`` [B, P + R] is a
-    left-padded prompt then a right-padded response. Returns [B, R, H] whose column j
-    predicts ``input_ids[:, P + j]`` -- identical to slicing the padded forward's hidden
-    states at columns P - 1 .. P + R - 2 -- or None when no prompt repeats or the decoder
-    did not fill the cache (then the caller runs the padded forward).
+    cache: object  # DynamicCache over the U distinct prompts, width ``width``
+    last: Tensor  # [U, H]
+    inverse: Tensor  # [B] row -> distinct prompt
+    offset: int  # all-pad left columns dropped: the cache covers prompt columns offset..P-1
+
+
+def encode_prompts(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> SharedPrompts | None:
+    """Run each distinct row of a left-padded prompt block [B, P] through ``decoder`` once.
+
+    Columns that are padding in every row are dropped first (positions are ``cumsum(mask) - 1``
+    and pads are masked keys, so nothing else changes). Returns None when the decoder kept no
+    KV (a cache-less variant): the caller then runs the padded forward.
     """
-    P = prompt_len
-    if P < 1 or input_ids.shape[1] <= P:
-        return None
-    prompt_mask = attention_mask[:, :P]
-    found = dedupe_rows(input_ids[:, :P], prompt_mask)
+    width = prompt_ids.shape[1]
+    real = prompt_mask.bool().any(0).nonzero()
+    offset = min(int(real[0]) if real.numel() else width - 1, width - 1)
+    ids, mask = prompt_ids[:, offset:], prompt_mask[:, offset:]
+    found = dedupe_rows(ids, mask)
     if found is None:
-        return None
-    uniq_ids, uniq_mask, inverse = found
+        uniq_ids, uniq_mask, inverse = ids, mask, torch.arange(ids.shape[0], device=ids.device)
+    else:
+        uniq_ids, uniq_mask, inverse = found
     cache = new_cache(decoder)
     out = call_with_cache(decoder, cache, input_ids=uniq_ids, attention_mask=uniq_mask,
                           position_ids=positions(uniq_mask))
-    if cache.get_seq_length() != P:  # the model kept no KV (e.g. a cache-less variant)
+    if cache.get_seq_length() != ids.shape[1]:
         return None
-    last = last_hidden(out)[:, -1:].index_select(0, inverse)  # [B, 1, H]: predicts the first response token
-    if input_ids.shape[1] == P + 1:
-        return last
-    _index_cache(cache, inverse)  # [U, ...] -> [B, ...]
-    # The last column's output would predict the token after the response: never run it.
-    response_mask = attention_mask[:, P:-1]
+    return SharedPrompts(cache, last_hidden(out)[:, -1], inverse, offset)
+
+
+def response_hidden(decoder: nn.Module, shared: SharedPrompts, rows: Tensor, input_ids: Tensor,
+                    attention_mask: Tensor, prompt_len: int, width: int) -> Tensor:
+    """[len(rows), width, H]: the hidden states that predict response columns 0..width-1 of
+    ``rows`` (layout of ``rpgrl.logprobs.sequence_logprobs``), continuing the shared prompts'
+    cache -- equal to the padded forward's columns P-1 .. P+width-2 of those rows. Columns
+    past ``width`` are never run: under causal attention they cannot change these."""
+    P = prompt_len
+    which = shared.inverse.index_select(0, rows)
+    first = shared.last.index_select(0, which)[:, None]  # predicts response column 0
+    if width == 1:
+        return first
+    cache = fork_cache(shared.cache, which)
+    ids = input_ids.index_select(0, rows)
+    mask = attention_mask.index_select(0, rows)
+    prompt_mask, response_mask = mask[:, shared.offset:P], mask[:, P:P + width - 1]
     response_pos = prompt_mask.long().sum(1, keepdim=True) + response_mask.long().cumsum(-1) - 1
-    out = call_with_cache(decoder, cache, input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+    out = call_with_cache(decoder, cache, input_ids=ids[:, P:P + width - 1],
+                          attention_mask=mask[:, shared.offset:P + width - 1],
                           position_ids=response_pos.clamp_(min=0))
-    return torch.cat([last, last_hidden(out)], dim=1)
+    return torch.cat([first, last_hidden(out)], dim=1)

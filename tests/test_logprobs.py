@@ -300,3 +300,16 @@ def test_memory_bar_b8_t2048_v32000():
     assert fwdbwd < bar, f"forward+backward peak +{fwdbwd / 1e6:.0f} MB >= {bar / 1e6:.0f} MB"
     # Control: the same measurement does see a too-large chunk (4 x 1024 tokens of logits).
     assert _peak_increase("fwd", 4096) > bar
+
+
+def test_no_full_vocabulary_logits_in_logprob_passes():
+    """Memory (issue 12): log-probs, entropy and their backward never call the LM-head module
+    (no [B, L, V] logits); the chunked head sees at most chunk_size real tokens at a time."""
+    model = _tiny("qwen2")
+    ids, mask = _batch()
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape)))
+    lp, ent = sequence_logprobs(model, ids, mask, P, chunk_size=2, with_entropy=True)
+    lp.sum().backward()
+    handle.remove()
+    assert calls == [] and ent is not None and model.get_output_embeddings().weight.grad is not None

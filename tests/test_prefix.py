@@ -173,3 +173,73 @@ def test_one_response_column_needs_only_the_prompt_pass():
     torch.testing.assert_close(lp, sequence_logprobs(model, ids, mask, P, share_prompts=False)[0], rtol=0, atol=1e-10)
     full, _ = sequence_logprobs(model, *_group_batch(), P)
     torch.testing.assert_close(lp[:, 0], full[:, 0], rtol=0, atol=1e-10)
+
+
+def _ragged_batch():
+    """_group_batch with one more all-pad prompt column and two all-pad response columns."""
+    ids, mask = _group_batch()
+    zeros = torch.zeros(ids.shape[0], 1, dtype=ids.dtype)
+    ids = torch.cat([zeros, ids, zeros, zeros], 1)
+    mask = torch.cat([zeros, mask, zeros, zeros], 1)
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("share", [True, False])
+def test_length_buckets_equal_the_padded_forward_values_and_gradients(arch, share):
+    """One decoder call per response-length bucket (each at its own width), pad columns never
+    run: the same log-probs, entropies and gradients as one untrimmed padded forward."""
+    model = tiny_causal_lm(arch).double()
+    ids, mask = _ragged_batch()
+    p = P + 1
+    widths = []
+    decoder = model.get_decoder()
+    handle = decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    lp, ent = sequence_logprobs(model, ids, mask, p, with_entropy=True, chunk_size=4, share_prompts=share,
+                                bucket_overhead_tokens=0)
+    handle.remove()
+    # buckets of response widths 2, 3, 4 and 5 (+ the shared prompt pass); never the 2 all-pad
+    # response columns, the last column, nor the all-pad first prompt column
+    assert len(widths) == 4 + share and max(w[1] for w in widths) <= ids.shape[1] - 4
+    assert sum(w[0] for w in widths[share:]) == ids.shape[0]
+    ref, ref_ent = _untrimmed(model, ids, mask, p, with_entropy=True)
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-10)
+    assert lp.shape == (ids.shape[0], ids.shape[1] - p) and (lp[mask[:, p:] == 0] == 0).all()
+    assert lp.std() > 0.3
+
+    params = list(model.parameters())
+    up = torch.randn(lp.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad((sequence_logprobs(model, ids, mask, p, share_prompts=share,
+                                                 bucket_overhead_tokens=0)[0] * up).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((_untrimmed(model, ids, mask, p)[0] * up).sum(), params, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+            continue
+        atol = 1e-10 if arch == "gpt2" else 1e-6 * float(w.abs().max())  # module doc: float32 RMSNorm
+        torch.testing.assert_close(g, w, rtol=0, atol=atol)
+
+
+def _untrimmed(model, ids, mask, p, with_entropy=False):
+    """The reference: every column of every row through one decoder call, full logits."""
+    pos = prefix.positions(mask)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, p - 1:-1]
+    logsm = logits.log_softmax(-1)
+    keep = mask[:, p:].to(logsm.dtype)
+    lp = logsm.gather(-1, ids[:, p:, None]).squeeze(-1) * keep
+    ent = -(logsm.exp() * logsm).sum(-1).detach() * keep if with_entropy else None
+    return lp, ent
+
+
+def test_plan_buckets_minimises_padded_work():
+    from rpgrl.logprobs import plan_buckets
+
+    widths = torch.tensor([5, 0, 2, 5, 2, 3, 64, 60])
+    one = plan_buckets(widths, float("inf"))
+    assert len(one) == 1 and sorted(one[0].tolist()) == [0, 2, 3, 4, 5, 6, 7]  # width 0: nothing to run
+    many = plan_buckets(widths, 0.0)
+    assert [sorted(b.tolist()) for b in many] == [[2, 4], [5], [0, 3], [7], [6]]
+    # one call costs 10 tokens: {2,2,3,5,5} at width 5 (25) + {60,64} at 64 (128) + 2 calls = 173 is best
+    assert [sorted(b.tolist()) for b in plan_buckets(widths, 10.0)] == [[0, 2, 3, 4, 5], [6, 7]]

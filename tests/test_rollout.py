@@ -82,12 +82,14 @@ def _expected(logits: torch.Tensor, temperature: float, top_p: float) -> torch.T
     return q / q.sum()
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.6)])
-def test_sample_tokens_draws_from_the_tempered_nucleus(temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,nucleus_k", [(1.0, 1.0, 1024), (0.7, 1.0, 1024), (1.3, 0.6, 1024),
+                                                         (1.3, 0.6, 3), (1.3, 0.6, 1)])
+def test_sample_tokens_draws_from_the_tempered_nucleus(temperature, top_p, nucleus_k):
+    """nucleus_k 3: the top 3 hold the 0.6 nucleus (top-k path); 1: they do not (full sort)."""
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     n = 200_000
-    draws = sample_tokens(logits.expand(n, -1), temperature, top_p)
+    draws = sample_tokens(logits.expand(n, -1), temperature, top_p, nucleus_k=nucleus_k)
     freq = torch.bincount(draws, minlength=6).double() / n
     want = _expected(logits, temperature, top_p)
     se = torch.sqrt(want * (1 - want) / n).clamp(min=1e-12)
@@ -158,3 +160,30 @@ def test_lora_model_samples_with_its_adapters():
 def test_engine_is_validated():
     with pytest.raises(ValueError, match="engine"):
         generate(_model("qwen2"), TOK, PROMPTS, max_new_tokens=2, engine="vllm")
+
+
+def test_sample_tokens_mixes_top_k_and_full_sort_rows():
+    """Rows whose nucleus fits in the top k and rows that need the full sort, in one batch."""
+    torch.manual_seed(4)
+    peaked = torch.tensor([4.0, 3.0, 0.0, -1.0, -2.0, -3.0])  # top 2 hold > 0.9
+    flat = torch.tensor([0.3, 0.2, 0.1, 0.0, -0.1, -0.2])  # the 0.9 nucleus needs 6
+    n = 100_000
+    draws = sample_tokens(torch.stack([peaked, flat]).repeat(n, 1), 1.0, 0.9, nucleus_k=2).view(n, 2)
+    for col, logits in enumerate((peaked, flat)):
+        freq = torch.bincount(draws[:, col], minlength=6).double() / n
+        want = _expected(logits, 1.0, 0.9)
+        se = torch.sqrt(want * (1 - want) / n).clamp(min=1e-12)
+        assert ((freq - want).abs() <= 5 * se + 1e-12).all(), (col, freq, want)
+    assert (draws[:, 0] < 2).all() and (draws[:, 1] == 5).any()
+
+
+def test_generation_never_forms_logits_beyond_the_last_position():
+    """Memory (issue 12): the prefill asks the LM head for the last position only and every
+    decode step feeds one token, so no [batch, length, vocab] logits exist during sampling."""
+    model = _model("qwen2")
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    out = generate(model, TOK, PROMPTS, n=3, max_new_tokens=6, temperature=1.0, engine="rpgrl")
+    handle.remove()
+    assert len(shapes) >= 2 and out.response_mask.shape[1] >= 2
+    assert all(s[1] == 1 for s in shapes), shapes  # [rows, 1, V] only
