@@ -20,7 +20,7 @@ from datasets import Dataset  # noqa: E402
 
 from rpgrl.integrations.trl import RPGConfig, RPGTrainer, rpg_norm  # noqa: E402
 from rpgrl.losses import policy_loss  # noqa: E402
-from rpgrl.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from rpgrl.tiny import build_tiny_tokenizer  # noqa: E402
 
 try:
     from rpgrl.rewards import compute_score
@@ -48,16 +48,6 @@ def correct(completions, answer, **_):
 def digits(completions, **_):
     """Dense shaping so a random tiny model gets non-zero advantages: share of digit chars."""
     return [sum(ch.isdigit() for ch in _text(c)) / max(len(_text(c)), 1) for c in completions]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _dataset() -> Dataset:

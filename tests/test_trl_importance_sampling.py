@@ -26,7 +26,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rpgrl.integrations.trl import RPGConfig, RPGTrainer, token_weights  # noqa: E402
 from rpgrl.losses import LOSSES, policy_loss  # noqa: E402
-from rpgrl.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from rpgrl.tiny import build_tiny_tokenizer  # noqa: E402
 
 B, P, T = 4, 3, 5  # sequences, prompt tokens, completion tokens
 ADV = [1.0, 1.0, -1.0, -1.0]
@@ -38,16 +38,6 @@ W_OFF = [1.35, 1.1, 0.9, 0.7]
 
 def reward(completions, **_):
     return [0.0] * len(completions)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
-    path = tmp_path_factory.mktemp("tiny-is")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _kw(tmp_path, **overrides):
