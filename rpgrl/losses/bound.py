@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
 
-from rpgrl.losses.registry import LOSSES, LossSpec, _check_args, policy_loss
+from rpgrl.losses.registry import LossSpec, apply_loss, check_hyperparameters
 
 
 @dataclass(frozen=True)
@@ -27,18 +26,17 @@ class BoundLoss:
     agg: str
     kl_in_advantage: bool = False
 
-    def __post_init__(self) -> None:
-        one = torch.zeros(1, 1)  # the hyperparameter checks of policy_loss, on a 1-token batch
-        _check_args(self.name, one, one, one[:, 0], one, None, self.beta, self.clip, self.dual_clip,
-                    self.agg, self.kl_in_advantage, None)
+    def __post_init__(self) -> None:  # resolved and validated once, here
+        spec = check_hyperparameters(self.name, self.beta, self.clip, self.dual_clip, self.agg,
+                                     self.kl_in_advantage)
+        object.__setattr__(self, "_spec", spec)
 
     @property
     def spec(self) -> LossSpec:
-        return LOSSES[self.name]
+        return self._spec
 
     def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                  anchor_logp: Optional[Tensor] = None, *,
                  norm: Optional[Union[float, Tensor]] = None) -> tuple[Tensor, dict[str, Tensor]]:
-        return policy_loss(self.name, logp, old_logp, advantages, mask, anchor_logp=anchor_logp,
-                           beta=self.beta, clip=self.clip, dual_clip=self.dual_clip, agg=self.agg,
-                           kl_in_advantage=self.kl_in_advantage, norm=norm)
+        return apply_loss(self._spec, logp, old_logp, advantages, mask, anchor_logp, self.beta, self.clip,
+                          self.dual_clip, self.agg, kl_in_advantage=self.kl_in_advantage, norm=norm)

@@ -201,21 +201,10 @@ def resolve_loss(name: str) -> LossSpec:
     return LOSSES.resolve(name)
 
 
-def _check_args(
-    name: str,
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    anchor_logp: Optional[Tensor],
-    beta: float,
-    clip: Optional[tuple[float, float]],
-    dual_clip: Optional[float],
-    agg: str,
-    kl_in_advantage: bool,
-    norm: Optional[Union[float, Tensor]],
-) -> LossSpec:
-    spec = LOSSES.resolve(name)
+def _check_tensors(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                   anchor_logp: Optional[Tensor]) -> None:
+    """Shapes and dtypes of one call's tensors (checked on every call: cheap, and a wrong
+    shape would otherwise broadcast silently)."""
     if logp.dim() != 2:
         raise ValueError(f"policy_loss: logp must be [B, T], got shape {tuple(logp.shape)}")
     if not logp.is_floating_point():
@@ -229,6 +218,12 @@ def _check_args(
             f"policy_loss: advantages shape {tuple(advantages.shape)} must be [B]={shape[:1]} "
             f"or [B, T]={shape}"
         )
+
+
+def check_hyperparameters(name: str, beta: float, clip: Optional[tuple[float, float]],
+                          dual_clip: Optional[float], agg: str, kl_in_advantage: bool) -> LossSpec:
+    """Resolve ``name`` and validate the hyperparameters (once per run for a BoundLoss)."""
+    spec = LOSSES.resolve(name)
     try:
         beta_ok = math.isfinite(float(beta)) and float(beta) >= 0
     except (TypeError, ValueError):
@@ -247,8 +242,6 @@ def _check_args(
         raise ValueError(f"policy_loss: dual_clip must be > 1 (or None to disable), got {dual_clip!r}")
     if agg not in AGG_MODES:
         raise ValueError(f"policy_loss: unknown agg={agg!r}; expected one of {AGG_MODES}")
-    if norm is not None and not float(norm) > 0:  # also rejects nan
-        raise ValueError(f"policy_loss: norm must be > 0 (the mini-batch's count) or None, got {norm!r}")
     if kl_in_advantage and not spec.supports_kl_in_advantage:
         ok = [n for n, s in LOSSES.builtins.items() if s.supports_kl_in_advantage]
         raise ValueError(
@@ -320,10 +313,21 @@ def policy_loss(
     token gradient is -g_t * grad logp_t / count (spec 2-4). Masked tokens get exactly zero
     gradient whatever they contain.
     """
-    spec = _check_args(
-        name, logp, old_logp, advantages, mask, anchor_logp, beta, clip, dual_clip, agg,
-        kl_in_advantage, norm,
-    )
+    spec = check_hyperparameters(name, beta, clip, dual_clip, agg, kl_in_advantage)
+    return apply_loss(spec, logp, old_logp, advantages, mask, anchor_logp, beta, clip, dual_clip, agg,
+                      kl_in_advantage=kl_in_advantage, norm=norm, weights=weights)
+
+
+def apply_loss(spec: LossSpec, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+               anchor_logp: Optional[Tensor], beta: float, clip: Optional[tuple[float, float]],
+               dual_clip: Optional[float], agg: str, *, kl_in_advantage: bool = False,
+               norm: Optional[Union[float, Tensor]] = None,
+               weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`policy_loss` for a resolved ``spec`` whose hyperparameters were already checked
+    (:func:`check_hyperparameters`); only the tensors are checked here."""
+    _check_tensors(logp, old_logp, advantages, mask, anchor_logp)
+    if norm is not None and not float(norm) > 0:  # also rejects nan
+        raise ValueError(f"policy_loss: norm must be > 0 (the mini-batch's count) or None, got {norm!r}")
     valid = mask if mask.dtype == torch.bool else mask != 0
     adv = advantages.detach().to(logp.dtype)
     if adv.dim() == 1:
