@@ -168,16 +168,24 @@ def test_distributed_update_equals_one_process_update(tiny_overrides, tmp_path):
     start = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
     one = t.update(batch)
     p1 = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+    g1 = {k: p.grad.detach().clone() for k, p in t.model.named_parameters() if p.grad is not None}
 
     _torchrun(__file__, str(tmp_path / "batch.pt"), str(tmp_path / "two.pt"),
               *tiny_overrides(*extra, out=tmp_path / "two"))
     two = torch.load(tmp_path / "two.pt", weights_only=False)
     # the gathered whitening equals the 1-process whitening, row for row
     torch.testing.assert_close(two["advantages"], batch.advantages, atol=1e-6, rtol=0)
-    moved = 0.0
+    moved, ill = 0.0, 0
     for k, v in p1.items():
-        torch.testing.assert_close(two["params"][k], v, atol=1e-6, rtol=0, msg=k)
+        # Adam's first step is lr * g / (|g| + eps): where |g| is at round-off level its sign (and so
+        # the step) depends on the summation order, which length bucketing makes depend on which rows
+        # share a micro-batch. Compare every entry whose gradient is clearly non-zero.
+        g = g1.get(k)
+        sure = torch.ones_like(v, dtype=torch.bool) if g is None else g.abs() > 1e-5 * float(g.abs().max())
+        ill += int((~sure).sum())
+        torch.testing.assert_close(two["params"][k][sure], v[sure], atol=1e-6, rtol=0, msg=k)
         moved = max(moved, float((v - start[k]).abs().max()))
+    assert ill < 0.01 * sum(v.numel() for v in p1.values())  # only a few entries are that close to 0
     assert moved > 1e-4  # the step did move the parameters
     assert two["metrics"]["actor/loss"] == pytest.approx(one["actor/loss"], abs=1e-6)
     assert two["metrics"]["actor/grad_norm"] == pytest.approx(one["actor/grad_norm"], rel=1e-5)
