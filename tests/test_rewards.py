@@ -409,11 +409,11 @@ def test_bad_return_values_give_zero_and_a_count() -> None:
     assert stats["scorer_bad_return"] == 3
 
 
-def _exits_before_ready(scorer, conn) -> None:
+def _exits_before_ready(scorer, conn, inherited=None) -> None:
     os._exit(1)  # like a scorer module whose import calls os._exit(1) in a spawned worker
 
 
-def _never_ready(scorer, conn) -> None:
+def _never_ready(scorer, conn, inherited=None) -> None:
     time.sleep(30)
 
 
@@ -506,3 +506,40 @@ def test_overlong_penalty_hand_computed() -> None:
     assert torch.equal(overlong_penalty([25], 20, 0), torch.zeros(1))  # buffer 0: off
     with pytest.raises(ValueError, match="buffer_len"):
         overlong_penalty([1], 20, 30)
+
+
+def test_scorer_worker_exits_when_its_parent_is_killed(tmp_path):
+    """A run killed by SIGKILL must not leave its scorer worker behind (it used to hold its own
+    copy of the parent's pipe end, so it never saw EOF and lived on, re-parented to PID 1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from rpgrl.rewards.safe import _worker_for\n"
+        "from rpgrl.rewards import load_scorer\n"
+        "w = _worker_for(load_scorer('rpgrl.rewards.router:compute_score'))\n"
+        "assert w.call(dict(data_source='x', solution_str='Answer: 1', ground_truth='1', extra_info=None), 30)[0] == 'ok'\n"
+        "print(w.proc.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{worker}/stat") as f:  # a zombie already exited
+            if f.read().split(")")[-1].split()[0] == "Z":
+                return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the scorer worker outlived its killed parent")

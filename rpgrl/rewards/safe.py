@@ -55,8 +55,15 @@ def to_reward(value: Any) -> float | None:
     return None
 
 
-def _worker_main(scorer: Callable, conn) -> None:
-    """Loop of the worker process: receive kwargs, call the scorer, send the result."""
+def _worker_main(scorer: Callable, conn, inherited=None) -> None:
+    """Loop of the worker process: receive kwargs, call the scorer, send the result.
+
+    ``inherited``: the parent's end of the pipe, which a forked child holds a copy of; it is
+    closed first, so that ``recv`` sees EOF (and the worker exits) when the parent dies,
+    even by SIGKILL, instead of living on as an orphan.
+    """
+    if inherited is not None:
+        inherited.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     conn.send(("ready", None))
     while True:
@@ -96,7 +103,8 @@ class _Worker:
         """
         ctx = mp.get_context(_START_METHOD)
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker_main, args=(self.scorer, child), daemon=True,
+        inherited = parent if _START_METHOD == "fork" else None  # spawn children get only what is passed
+        proc = ctx.Process(target=_worker_main, args=(self.scorer, child, inherited), daemon=True,
                            name="rpgrl-scorer")
         try:
             try:
