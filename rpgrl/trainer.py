@@ -125,8 +125,9 @@ class Trainer:
         """pi_old log-probs once per batch, anchor log-probs per anchor mode, advantages."""
         a = self.cfg.algorithm
         with self.timer.phase("logprobs"):
-            self._logprob_passes = int(not self._old_logp_from_update(batch)) + int(not self.anchor.uses_rollout)
-            if not self._old_logp_from_update(batch):
+            old_pass = not self._old_logp_from_update(batch)
+            self._logprob_passes = int(old_pass) + int(not self.anchor.uses_rollout)
+            if old_pass:
                 batch.old_logp, batch.entropy = self._logprobs(self.model, batch.rollout, with_entropy=True)
             self.anchor.maybe_refresh(self.parallel.full_weights(self.model))
             if not self.anchor.uses_rollout:

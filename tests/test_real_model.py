@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,7 @@ def test_logprobs_and_scorer_on_the_models_own_output(model_and_tokenizer):
     greedy = generate(model, tok, prompts, n=1, max_new_tokens=16, temperature=0.0, device=CPU)
     verdicts = [compute_score(e.data_source, text, e.ground_truth) for e, text in zip(test, greedy.responses)]
     for e, text, v in zip(test, greedy.responses, verdicts):
-        numbers = [int(x) for x in __import__("re").findall(r"-?\d+", text.replace(",", ""))]
+        numbers = [int(x) for x in re.findall(r"-?\d+", text.replace(",", ""))]
         assert v["acc"] == (bool(numbers) and numbers[-1] == int(e.ground_truth)), text
     assert sum(v["acc"] for v in verdicts) >= 8, greedy.responses  # a real, partly able model
 
