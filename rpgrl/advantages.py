@@ -1,4 +1,4 @@
-"""Advantage estimators (spec section 5): one entry point ``compute_advantages``.
+"""Advantage estimators (docs/math.md §5): one entry point ``compute_advantages``.
 
 All estimators are vectorized over groups (no Python loop over prompts). Conventions, as in
 verl's ``core_algos`` so that runs are comparable:
@@ -11,7 +11,7 @@ verl's ``core_algos`` so that runs are comparable:
 * Global whitening (REINFORCE++ variants) uses the mean and unbiased variance over all valid
   tokens of the batch: (x - mean) / sqrt(var + 1e-8).
 * KL in the reward (``token_kl``, ``kl_coef``): REINFORCE++ subtracts ``kl_coef * token_kl``
-  from every token reward before the return (spec 5). The outcome estimators (grpo, rpg,
+  from every token reward before the return (docs/math.md §5). The outcome estimators (grpo, rpg,
   batch_mean, rloo, reinforce_pp_baseline) fold it at the sequence level,
   R_i <- R_i - kl_coef * sum_t token_kl_it (the t=0 return of the same token reward),
   before the baseline. With ``kl_coef = 0`` (the default) ``token_kl`` is ignored.
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 ADVANTAGES = ("grpo", "rpg", "batch_mean", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-#: Estimators whose value for a sequence depends only on its own group (spec Sec. 5), so a
+#: Estimators whose value for a sequence depends only on its own group (docs/math.md §5), so a
 #: process holding whole groups computes them exactly (rpgrl.distributed).
 GROUP_LOCAL = ("grpo", "rpg", "rloo")
 
@@ -112,7 +112,7 @@ def compute_advantages(
     kl_coef: float = 0.0,
     eps: float = 1e-6,
 ) -> Tensor:
-    """Token advantages [N, T] of estimator ``name`` (one of ``ADVANTAGES``), spec section 5.
+    """Token advantages [N, T] of estimator ``name`` (one of ``ADVANTAGES``), docs/math.md §5.
 
     grpo: (R - mean_g) / (std_g + eps); rpg: R - mean_g (RPG's reference estimator);
     batch_mean: R - mean over the batch; rloo: R_i - mean of the other members of its group;

@@ -1,10 +1,10 @@
-"""KL anchors and the iterative reference (spec section 1.1).
+"""KL anchors and the iterative reference (docs/math.md §1.1).
 
 ``rollout``: the anchor is pi_old of the current batch, so its log-probs are the stored
 rollout log-probs and no second model exists (the reference code's default).
 ``periodic``/``adaptive``: a frozen snapshot refreshed every K optimizer steps, or when a
 moving average of the token KL to the anchor exceeds kappa. ``fixed``: the initial policy,
-never refreshed (GRPO's reference model). K counts optimizer steps, as in the spec: when a
+never refreshed (GRPO's reference model). K counts optimizer steps, as in docs/math.md §1.1: when a
 refresh falls due inside a batch (several mini-batches per batch), the trainer refreshes
 right after that optimizer step and recomputes the anchor log-probs of the mini-batches still
 to come; one due after a batch's last step is taken at the next batch, before its anchor
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-#: The anchor modes of spec 1.1.
+#: The anchor modes of docs/math.md §1.1.
 ANCHOR_MODES = ("rollout", "periodic", "adaptive", "fixed")
 
 

@@ -1,6 +1,6 @@
 """Kill-safe checkpoints: atomic save, verified load, keep-last-N retention, RNG state.
 
-A run of Algorithm 2 (spec Sec. 7: 400 steps of generate + 16 off-policy updates) is long
+A run of Algorithm 2 (docs/math.md §7: 400 steps of generate + 16 off-policy updates) is long
 enough to be killed; resuming must continue *exactly* where it stopped and must never
 lose the last good checkpoint. Layout::
 

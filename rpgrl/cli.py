@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rpgrl.compare import add_subcommands
 
     add_subcommands(sub)
-    __import__("rpgrl.loss_cli").loss_cli.add_subcommands(sub)  # check-loss, explain (issue 15)
+    __import__("rpgrl.loss_cli").loss_cli.add_subcommands(sub)  # check-loss, explain (user losses)
     return p
 
 

@@ -2,8 +2,8 @@
 
 ``compare`` trains every (algorithm, seed) pair one after another through the same
 ``Trainer`` as ``rpgrl train`` (only ``algorithm.name``, ``seed`` and ``output_dir`` differ),
-then writes the paper's table layout (spec section 8: held-out accuracy "last" and "best",
-mean ± std over seeds) to ``comparison.md`` and the training curves of spec section 7
+then writes the paper's table layout (docs/math.md §8: held-out accuracy "last" and "best",
+mean ± std over seeds) to ``comparison.md`` and the training curves of docs/math.md §7
 (one line per algorithm, a band over seeds) to ``comparison.png``.
 
 Seeds and the warm start: the tiny model's warm start is keyed by ``seed``

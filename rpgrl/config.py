@@ -97,9 +97,9 @@ class RolloutConfig:
 
 @dataclass
 class AnchorConfig:
-    """KL anchor (spec 1.1): rollout | periodic | adaptive | fixed."""
+    """KL anchor (docs/math.md §1.1): rollout | periodic | adaptive | fixed."""
 
-    mode: str = _f("rollout", "KL anchor (spec 1.1): rollout | periodic | adaptive | fixed")
+    mode: str = _f("rollout", "KL anchor (docs/math.md §1.1): rollout | periodic | adaptive | fixed")
     period: int = _f(20, "periodic: refresh every K optimizer steps (also mid-batch)")
     kappa: float = _f(0.05, "adaptive: refresh when the KL moving average exceeds kappa")
     ema: float = _f(0.9, "adaptive: moving-average factor of the KL")
@@ -127,7 +127,7 @@ class AlgorithmConfig:
     clip_low: float = _f(0.2, "trust region: ratio clipped below 1 - clip_low")
     clip_high: float = _f(0.28, "trust region: ratio clipped above 1 + clip_high")
     dual_clip: float | None = _f(10.0, "dual clip c > 1 for negative advantages; null = off")
-    agg: str = _f("token-mean", "loss aggregation (spec 6)")
+    agg: str = _f("token-mean", "loss aggregation (docs/math.md §6)")
     kl_in_advantage: bool = _f(False, "Algorithm 1's KL-in-advantage option (differentiable RPG losses)")
     kl_in_reward: float = _f(0.0, "REINFORCE++: coefficient of the k1 KL folded into the reward")
     anchor: AnchorConfig = _f(AnchorConfig, "KL anchor")
@@ -225,7 +225,7 @@ DEPRECATED: dict[str, str] = {
 
 _RPG = dict(advantage="rpg", beta=1e-4, clip_low=0.2, clip_high=0.28, dual_clip=10.0,
             kl_in_reward=0.0, dynamic_sampling={"enabled": False})
-#: One word sets the paper's hyperparameters (spec sections 5 and 7); any field stays overridable.
+#: One word sets the paper's hyperparameters (docs/math.md §5 and §7); any field stays overridable.
 PRESETS: dict[str, dict[str, Any]] = {
     "grpo": dict(loss="grpo", advantage="grpo", beta=1e-3, clip_low=0.2, clip_high=0.2,
                  dual_clip=None, kl_in_reward=0.0, anchor={"mode": "fixed"},
@@ -244,7 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                   anchor={"mode": "fixed"}, dynamic_sampling={"enabled": False}),
     "ppo": dict(loss="ppo", advantage="grpo", beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=10.0),
 }
-# The field's other baselines (issue 15; rpgrl.losses.baselines), as their papers set them.
+# The field's other baselines (rpgrl.losses.baselines), as their papers set them.
 # Dr. GRPO [arXiv 2503.20783]: PPO clip, A = R - mean_group (no std), no length normalization
 # (token sums / sequences; the paper's extra constant 1/L_max only rescales the step).
 PRESETS["dr_grpo"] = dict(loss="ppo", advantage="rpg", beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None,

@@ -1,12 +1,12 @@
 """Data-parallel training under ``torchrun`` (one node or several): the few collectives
-the online loop of spec Sec. 7 needs, and nothing when there is one process.
+the online loop of docs/math.md §7 needs, and nothing when there is one process.
 
 Layout: every rank holds a full replica of the policy (and anchor); each rank generates,
 scores and back-propagates its own contiguous block of ``prompts_per_step / world``
 prompts. Groups are never split across ranks, so group-based advantages (grpo, rpg, rloo)
-are exact per rank; batch-level ones (batch_mean and the REINFORCE++ whitening of spec
-Sec. 5) are computed on the gathered global batch. The loss of each mini-batch is divided
-by the *global* aggregation count (spec Sec. 6) and gradients are summed across ranks
+are exact per rank; batch-level ones (batch_mean and the REINFORCE++ whitening of docs/math.md
+§5) are computed on the gathered global batch. The loss of each mini-batch is divided
+by the *global* aggregation count (docs/math.md §6) and gradients are summed across ranks
 before clipping, so one distributed optimizer step equals the single-process step on the
 union of the shards (what DDP computes, done by hand because the trainer calls the
 decoder through ``sequence_logprobs`` rather than ``model.forward``).
@@ -250,7 +250,7 @@ def check_world_size(cfg: Config, world_size: int) -> None:
 def gather_rounds(ctx: DistContext, parts: list) -> list:
     """Every rank's per-round ``parts`` (same number of rounds on every rank), flattened
     round by round and, within a round, in rank order: the prompt order, since each round's
-    prompts are split into contiguous rank blocks (dynamic sampling, spec Sec. 7)."""
+    prompts are split into contiguous rank blocks (dynamic sampling, docs/math.md §7)."""
     if not ctx.enabled:
         return list(parts)
     per_rank = ctx.all_gather_object(list(parts))

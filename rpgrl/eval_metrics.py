@@ -1,5 +1,5 @@
 """Evaluation metrics: Mean@k, unbiased pass@k, per-source tables, last/best tracking
-(spec sections 7-8: the paper reports Mean@32 on AIME24/AIME25/AMC23, "last / best").
+(docs/math.md §7-8: the paper reports Mean@32 on AIME24/AIME25/AMC23, "last / best").
 
 Pure functions over per-sample records ``{"data_source", "uid", "acc" or "score"}``;
 generating the samples is the rollout's job.
@@ -106,7 +106,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 class BestLastTracker:
     """Keeps the last value and the best value (with its step) of every metric across the
-    evaluations of a run — the paper's "last / best" columns (spec section 8).
+    evaluations of a run — the paper's "last / best" columns (docs/math.md §8).
 
     Higher is better unless the metric name is in ``lower_is_better``; counts
     (``n_problems``, ``n_samples``) only track "last".

@@ -1,6 +1,6 @@
 """Evaluate a policy on held-out problems: k samples per distinct problem, scored, summarized.
 
-Mean@k files (spec section 9) repeat each problem k times; problems are de-duplicated by
+Mean@k files (docs/math.md §9) repeat each problem k times; problems are de-duplicated by
 ``Example.uid`` and sampled ``k`` times here, so ``--k 32`` on AIME gives Mean@32 over the
 30 distinct problems whether or not the file already repeats them.
 """

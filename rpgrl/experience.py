@@ -1,4 +1,4 @@
-"""One step's experience (spec Sec. 7): prompts -> G responses each -> scores, with DAPO's
+"""One step's experience (docs/math.md §7): prompts -> G responses each -> scores, with DAPO's
 dynamic sampling (keep groups whose scores differ, generating more rounds if needed) and
 overlong shaping. The log-probs and advantages are filled in later by the trainer.
 """

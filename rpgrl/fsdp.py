@@ -24,7 +24,7 @@ def shard_policy(model: torch.nn.Module) -> None:
     """``fully_shard`` each decoder layer, then the root (embeddings, final norm and the
     tied lm_head stay in the root group). Gradients are *summed* over ranks, as in
     :meth:`rpgrl.distributed.DistContext.all_reduce_grads` (the loss already has the global denominator of
-    spec Sec. 6); ``force_sum`` keeps the reduce-scatter a plain SUM, which gloo supports.
+    docs/math.md §6); ``force_sum`` keeps the reduce-scatter a plain SUM, which gloo supports.
 
     ``sequence_logprobs`` calls the decoder and the LM-head weight directly, never the
     root ``forward``, so it is registered as an FSDP forward method on the root: the root

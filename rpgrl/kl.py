@@ -1,4 +1,4 @@
-"""Per-token KL estimators k1, k2, k3 (spec section 2 and App. D of the paper).
+"""Per-token KL estimators k1, k2, k3 (docs/math.md §2 and App. D of the paper).
 
 Every estimator is a pure function of ``(logp, ref_logp)`` in log space and estimates
 KL(pi || pi_ref) for tokens sampled from pi (Schulman's convention), with
@@ -8,7 +8,7 @@ KL(pi || pi_ref) for tokens sampled from pi (Schulman's convention), with
 * k2 = (log r)^2 / 2             (biased, low variance, >= 0)
 * k3 = r - 1 - log r             (>= 0; E_pi[k3] = UKL(pi || pi_ref), App. D)
 
-k3 is what GRPO adds to its loss (spec section 5) and what REINFORCE++ folds into the
+k3 is what GRPO adds to its loss (docs/math.md §5) and what REINFORCE++ folds into the
 token reward with ``kl_penalty``. The log ratio is clamped to +-``LOG_RATIO_MAX`` so that
 ``exp`` never overflows (float32 overflows at exp(88)); inside that range the values and
 gradients are exact.
@@ -61,7 +61,7 @@ _ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
     """Per-token KL estimate of ``kind`` ("k1", "k2" or "k3"), e.g. to fold into the reward.
 
-    REINFORCE++ (spec section 5) uses ``kind="k1"`` on the token reward:
+    REINFORCE++ (docs/math.md §5) uses ``kind="k1"`` on the token reward:
     ``r_t -= kl_coef * kl_penalty(logp, ref_logp)`` (see ``rpgrl.advantages``).
     """
     try:

@@ -1,6 +1,6 @@
 """Memory-bounded token log-probs (and entropy) for causal LMs.
 
-Every RPG loss (spec Sec. 1: ``lp_t``, ``lp_old_t``, ``lp_anc_t``) needs
+Every RPG loss (docs/math.md §1: ``lp_t``, ``lp_old_t``, ``lp_anc_t``) needs
 ``log pi(y_t | h_t)`` only at the sampled token, yet the naive route materialises
 ``[B, T, V]`` float32 logits — 2.1 GB for B=8, T=2048, V=32k, ~10 GB at V=150k — and
 autograd keeps that tensor (plus its softmax) alive for backward. Here the LM head is
@@ -9,11 +9,11 @@ backward recomputes each chunk's logits. Peak extra memory is O(chunk_size * V)
 in both passes, independent of B * T.
 
 Temperature: a rollout sampled at temperature tau draws from ``softmax(logits / tau)``,
-so the behaviour policy ``pi_old`` of the importance weight ``w_t`` (spec Sec. 1) is the
+so the behaviour policy ``pi_old`` of the importance weight ``w_t`` (docs/math.md §1) is the
 tempered one. The log-probs fed to the loss must use the same tau as generation,
 otherwise ``w_t != 1`` on-policy and the KL terms measure the wrong distribution. Pass
 the generation temperature here for ``lp``, ``lp_old`` and ``lp_anc`` alike (the paper
-uses tau = 1.0, spec Sec. 7).
+uses tau = 1.0, docs/math.md §7).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def token_logprobs_from_hidden(
         lm_head_bias: optional [V] bias (e.g. some GPT-style heads).
         chunk_size: tokens per chunk; peak extra memory ~ 2-3 * chunk_size * V * 4 bytes.
         with_entropy: also return the per-token entropy of the tempered policy (for the
-            "actor entropy" metric, spec Sec. 7); it is detached (logging only).
+            "actor entropy" metric, docs/math.md §7); it is detached (logging only).
         temperature: the sampling temperature of the rollout; must match generation so
             that the loss sees the behaviour policy softmax(logits / tau) (module doc).
 
@@ -247,7 +247,7 @@ def sequence_logprobs(
     share_prompts: bool = True,
     bucket_overhead_tokens: float = 32.0,
 ) -> tuple[Tensor, Tensor | None]:
-    """Response-token log-probs of a HF causal LM (``lp_t`` / ``lp_old_t``, spec Sec. 1).
+    """Response-token log-probs of a HF causal LM (``lp_t`` / ``lp_old_t``, docs/math.md §1).
 
     Layout: ``input_ids`` is [B, L] = left-padded prompt of length P then right-padded
     response of length R = L - P, ``response_start = P``. Returns ``logp[:, j] =

@@ -40,7 +40,7 @@ def explain_text(cfg) -> str:
     clip = (a.clip_low, a.clip_high)
     anchor = "rollout" if a.anchor.mode == "rollout" else "separate"
     anchor_words = {
-        "rollout": "rollout policy (pi_anc = pi_old: rho = w, v = 1; spec 1.1 mode 1)",
+        "rollout": "rollout policy (pi_anc = pi_old: rho = w, v = 1; docs/math.md §1.1, mode 1)",
         "periodic": f"snapshot refreshed every {a.anchor.period} optimizer steps (rho != w)",
         "adaptive": f"snapshot refreshed when the KL moving average exceeds {a.anchor.kappa:g} (rho != w)",
         "fixed": "the initial policy, frozen (GRPO's reference; rho != w)",

@@ -1,7 +1,7 @@
 """The names of the logged metrics (one place for the trainer, ``rpgrl.plots`` and
 ``rpgrl.compare``), how they combine over ranks, and the step-time breakdown.
 
-Loss metrics are prefixed ``actor/`` + the loss's own ``METRIC_KEYS`` (spec Sec. 8: clip
+Loss metrics are prefixed ``actor/`` + the loss's own ``METRIC_KEYS`` (docs/math.md §7: clip
 fractions, KL to the anchor, importance weights).
 """
 

@@ -1,4 +1,4 @@
-"""Optimizers of the paper's recipe (spec Sec. 7): AdamW with linear warm-up then constant
+"""Optimizers of the paper's recipe (docs/math.md §7): AdamW with linear warm-up then constant
 LR, or Schedule-Free AdamW; grad-norm clipping that reports non-finite norms so the
 trainer can skip that step instead of corrupting the weights.
 """
@@ -31,7 +31,7 @@ class LinearWarmup:
 
     The k-th optimizer step (1-based) runs at ``lr * min(1, k / warmup_steps)``: full LR
     is reached at step ``warmup_steps`` and no step runs at LR 0 (the "10 warm-up steps
-    then constant" of spec Sec. 7). A class, not a lambda, so the scheduler's state_dict
+    then constant" of docs/math.md §7). A class, not a lambda, so the scheduler's state_dict
     stays plain data.
     """
 
@@ -128,8 +128,8 @@ def clip_and_check(model_params: Iterable[torch.Tensor], max_norm: float) -> tup
     """Clip the global grad norm to ``max_norm``; return ``(total_norm, is_finite)``.
 
     ``total_norm`` is the norm *before* clipping (what the paper logs). If it is not
-    finite the grads are zeroed and the caller must skip ``optimizer.step()`` (spec
-    Sec. 7: a non-finite grad norm skips the step). ``max_norm=inf`` measures only.
+    finite the grads are zeroed and the caller must skip ``optimizer.step()`` (docs/math.md
+    §7: a non-finite grad norm skips the step). ``max_norm=inf`` measures only.
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")

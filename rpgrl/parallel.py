@@ -1,4 +1,4 @@
-"""How the policy is laid out over processes (spec Sec. 7, docs/scaling.md), as one strategy
+"""How the policy is laid out over processes (docs/math.md §7, docs/scaling.md), as one strategy
 object: wrapping, log-probs, gradient reduction, full state dicts and the weights that
 sample/evaluate (Schedule-Free's averaged iterate, FSDP's gathered shards). The trainer
 calls these and holds no per-strategy branch.

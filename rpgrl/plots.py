@@ -1,6 +1,6 @@
 """Training-curve figures: ``curves.png`` for one run, ``comparison.png`` across algorithms.
 
-The panels are the metrics the paper reports (spec Sec. 7: reward, entropy, response
+The panels are the metrics the paper reports (docs/math.md §7: reward, entropy, response
 length, clip fractions, KL to the anchor) plus held-out accuracy. The metric names are
 module constants so the trainer logs under exactly the names plotted here.
 """

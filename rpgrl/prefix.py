@@ -1,6 +1,6 @@
 """Shared prompts: each distinct prompt of a batch goes through the decoder once.
 
-GRPO-style rollouts hold ``n`` responses per prompt (spec Sec. 7: G = 8), so a plain padded
+GRPO-style rollouts hold ``n`` responses per prompt (the paper's G = 16, docs/math.md §7; 8 by default), so a plain padded
 forward recomputes every prompt ``n`` times -- in generation and again in every log-prob /
 training pass. Under causal attention a prompt's keys and values do not depend on what
 follows it, so running the distinct prompts once, keeping their KV cache, and indexing that

@@ -4,7 +4,7 @@ Layout of the returned batch, shared with ``rpgrl.logprobs.sequence_logprobs``:
 ``input_ids = [left-padded prompt (P) | right-padded response (R)]``. The response mask
 covers generated tokens up to and including the first EOS.
 
-The sampler must be the policy whose log-probs the loss uses (pi_old, spec Sec. 1): tokens
+The sampler must be the policy whose log-probs the loss uses (pi_old, docs/math.md §1): tokens
 are drawn from plain softmax(logits / temperature) -- no top-k (HF's default top_k=50) and
 none of a model's ``generation_config`` extras (e.g. Qwen-Instruct's repetition_penalty).
 ``top_p < 1`` truncates the sampler; like verl we then still score with the full softmax,

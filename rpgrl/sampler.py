@@ -1,4 +1,4 @@
-"""The sampler: generate responses and score them into a ``RolloutBatch`` (spec Sec. 7).
+"""The sampler: generate responses and score them into a ``RolloutBatch`` (docs/math.md §7).
 
 One object serves training and evaluation, so another rollout engine (e.g. vLLM) is one
 new class with the same three methods, not a branch in the trainer. ``sync(model)`` is

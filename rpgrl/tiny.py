@@ -2,9 +2,9 @@
 
 They are ordinary Hugging Face objects (``Qwen2ForCausalLM`` + ``PreTrainedTokenizerFast``),
 saved with ``save_pretrained`` and reloaded through ``AutoModelForCausalLM`` like any hub
-model, so the CPU default exercises exactly the code path a real run uses. Sizes follow
-``../shared/notes/cpu-default-calibration.md`` (~1M parameters learn 2-digit addition by RL
-in minutes on 2 CPU cores).
+model, so the CPU default exercises exactly the code path a real run uses. Sizes were
+chosen by measurement (README, "What the CPU default is"): ~1M parameters learn 2-digit
+addition by RL in minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The online RL loop (spec sections 1 and 7), one pass down the data flow per step:
+"""The online RL loop (docs/math.md §1 and §7), one pass down the data flow per step:
 
     prompts -> generate G each -> score (+ dynamic sampling, overlong shaping)   rpgrl.experience
             -> advantages -> log-probs of pi_old (once, no grad) and of the anchor
@@ -174,7 +174,7 @@ class Trainer:
         logprobs = self.parallel.logprobs(self.model)
         for i_mb, mb in enumerate(schedule):
             mask_mb = r.response_mask[mb]
-            # spec Sec. 6: the loss is normalised by the global mini-batch's count
+            # docs/math.md §6: the loss is normalised by the global mini-batch's count
             norm = self.dist.all_reduce_sum(float(aggregation_count(mask_mb, self.loss.agg)))
             self.optimizer.zero_grad(set_to_none=True)
             kl_mb = 0.0
@@ -216,7 +216,7 @@ class Trainer:
 
     def _refresh_anchor_mid_batch(self, batch: Batch, rows: torch.Tensor) -> None:
         """A refresh due after an optimizer step that is not the batch's last (K counts
-        optimizer steps, spec 1.1): snapshot the policy now and recompute the anchor
+        optimizer steps, docs/math.md §1.1): snapshot the policy now and recompute the anchor
         log-probs of the ``rows`` the remaining mini-batches use. The advantages (and a KL
         folded into the reward) keep the anchor of the batch start."""
         with self.timer.phase("logprobs"), eval_mode(self.optimizer):
@@ -224,7 +224,7 @@ class Trainer:
             batch.anchor_logp[rows] = self._logprobs(self.anchor.model, batch.rollout.select(rows))[0]
 
     def _apply_gradients(self) -> float:
-        """Global grad -> clip -> optimizer step, or skip a non-finite step (spec Sec. 7)."""
+        """Global grad -> clip -> optimizer step, or skip a non-finite step (docs/math.md §7)."""
         t = self.cfg.trainer
         self.parallel.reduce_grads(self.model)  # clip sees the global grad
         grad_norm, finite = clip_and_check(self.model.parameters(), self.cfg.optim.grad_clip)

@@ -1,4 +1,4 @@
-"""Advantage estimators (spec section 5): hand-computed cases, singletons, masking."""
+"""Advantage estimators (docs/math.md §5): hand-computed cases, singletons, masking."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KL estimators k1/k2/k3 (spec section 2, App. D)."""
+"""KL estimators k1/k2/k3 (docs/math.md §2, App. D)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Package shape (issue 14): no import cycles between rpgrl modules, and the trainer stays an
+"""Package shape: no import cycles between rpgrl modules, and the trainer stays an
 orderer of calls (short, no parallel-strategy branches)."""
 
 from __future__ import annotations

@@ -303,7 +303,7 @@ def test_memory_bar_b8_t2048_v32000():
 
 
 def test_no_full_vocabulary_logits_in_logprob_passes():
-    """Memory (issue 12): log-probs, entropy and their backward never call the LM-head module
+    """Memory: log-probs, entropy and their backward never call the LM-head module
     (no [B, L, V] logits); the chunked head sees at most chunk_size real tokens at a time."""
     model = _tiny("qwen2")
     ids, mask = _batch()

@@ -1,4 +1,4 @@
-"""User losses (issue 15): a real ``rpgrl.losses`` entry point (a dist-info with
+"""User losses: a real ``rpgrl.losses`` entry point (a dist-info with
 entry_points.txt on sys.path, found by importlib.metadata) and ``module:function`` paths,
 resolved in one place (``rpgrl.losses.LOSSES``) and then usable by ``policy_loss``, the
 config, ``rpgrl train``, ``RPGTrainer`` and the verl plugin without further code.

@@ -1,4 +1,4 @@
-"""Dr. GRPO, GSPO and CISPO (issue 15) against verl 0.9.1's registered implementations.
+"""Dr. GRPO, GSPO and CISPO against verl 0.9.1's registered implementations.
 
 Values and gradients of ``rpgrl.losses.policy_loss`` must equal verl's
 ``core_algos.compute_policy_loss_{gspo,cispo,vanilla}`` (called with verl's own ActorConfig

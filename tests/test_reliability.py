@@ -1,4 +1,4 @@
-"""Kill-safety and failure handling of the whole trainer (issue: reliability)."""
+"""Kill-safety and failure handling of the whole trainer."""
 
 from __future__ import annotations
 

@@ -178,7 +178,7 @@ def test_sample_tokens_mixes_top_k_and_full_sort_rows():
 
 
 def test_generation_never_forms_logits_beyond_the_last_position():
-    """Memory (issue 12): the prefill asks the LM head for the last position only and every
+    """Memory: the prefill asks the LM head for the last position only and every
     decode step feeds one token, so no [batch, length, vocab] logits exist during sampling."""
     model = _model("qwen2")
     shapes = []

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.medium
 
 
 def write_verl_parquet(path: Path, problems, repeat: int = 1, source: str = "math_dapo") -> Path:
-    """Rows in the verl layout of spec section 9 (the layout of ../shared/data)."""
+    """Rows in the verl layout of docs/math.md §9 (the layout of the AIME/AMC eval files)."""
     rows = []
     for i, ex in enumerate(problems):
         for _ in range(repeat):

@@ -1,11 +1,11 @@
-"""RPG policy losses (spec sections 2-6): pure tensor math, no model or config objects.
+"""RPG policy losses (docs/math.md §2-6): pure tensor math, no model or config objects.
 
     from rpgrl.losses import policy_loss, LOSSES
     loss, metrics = policy_loss("rpg_reinforce_ufkl", logp, old_logp, advantages, mask)
 
 Layout: ``divergences`` (the table of KL rows), ``clip`` (trust region), ``surrogates``
 (the differentiable and the REINFORCE kernel), ``baselines`` (GSPO, CISPO), ``aggregate``
-(spec 6), ``spec`` (the loss contract: ``LossInputs``, ``LossSpec``), ``plugins`` (entry
+(docs/math.md §6), ``spec`` (the loss contract: ``LossInputs``, ``LossSpec``), ``plugins`` (entry
 points / ``module:function`` paths), ``registry`` (name -> spec, ``policy_loss``),
 ``check`` (the exact-enumeration gradient check behind ``rpgrl check-loss``).
 """

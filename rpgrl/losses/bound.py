@@ -1,4 +1,4 @@
-"""A registered loss with its hyperparameters fixed once (spec sections 3-6).
+"""A registered loss with its hyperparameters fixed once (docs/math.md §3-6).
 
 The trainer binds the loss from the config at start-up, where the hyperparameters are
 validated once with a named error; each micro-batch then passes tensors only.

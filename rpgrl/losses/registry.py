@@ -1,9 +1,9 @@
-"""Name -> loss registry and the single entry point ``policy_loss`` (spec sections 3-6).
+"""Name -> loss registry and the single entry point ``policy_loss`` (docs/math.md §3-6).
 
 Every built-in RPG loss is (kernel, KL row): ``rpg_<div>`` = differentiable kernel with the
 divergence's surrogate [Table 1/4, Algorithm 1], ``rpg_reinforce_<div>`` = REINFORCE kernel
 with RPG-Style Clip [Table 2, Algorithm 2]; ``ppo`` = differentiable kernel without KL,
-``grpo`` / ``grpo_corrected`` = differentiable kernel with GRPO's k3 rows (spec 5);
+``grpo`` / ``grpo_corrected`` = differentiable kernel with GRPO's k3 rows (docs/math.md §5);
 ``gspo`` / ``cispo`` are ``rpgrl.losses.baselines``.
 
 ``LOSSES`` is the ONE place where a loss name is resolved: a built-in name, an installed
@@ -71,7 +71,7 @@ _GRPO_NOTE = (
     "gradient is that of sum_y pi_old(y) k3(pi_ref(y)/pi_theta(y)), which equals the gradient of "
     "UFKL = KL(pi_ref || pi_theta) + mass term (the FORWARD KL for normalized policies), not of "
     "the reverse KL that k3 estimates, and only on-policy (w = 1); off-policy it matches no "
-    "KL's gradient (spec 5). Its fixed point is still pi_theta = pi_ref."
+    "KL's gradient (docs/math.md §5). Its fixed point is still pi_theta = pi_ref."
 )
 
 
@@ -304,13 +304,13 @@ def policy_loss(
 
     Args: [B, T] ``logp`` (differentiable), ``old_logp`` (rollout policy), ``mask`` (bool or
     0/1 float; nonzero = valid); ``advantages`` [B] or [B, T]; ``anchor_logp`` the KL anchor
-    (None = rollout policy, spec 1.1); ``clip`` = (eps_low, eps_high) or None; ``dual_clip``
-    c > 1 or None; ``agg`` and ``norm`` as in ``rpgrl.losses.aggregate`` (spec 6).
+    (None = rollout policy, docs/math.md §1.1); ``clip`` = (eps_low, eps_high) or None; ``dual_clip``
+    c > 1 or None; ``agg`` and ``norm`` as in ``rpgrl.losses.aggregate`` (docs/math.md §6).
     ``weights`` ([B, T] or [B, 1], >= 0, no grad) multiply each token's whole loss before
     aggregation, leaving w, the clip and the counts alone: a sampler-mismatch correction
     (e.g. TRL's vLLM ratio pi_old/pi_sampler) or a soft token mask.
     With ``clip=None, dual_clip=None`` every RPG loss is the exact unclipped surrogate whose
-    token gradient is -g_t * grad logp_t / count (spec 2-4). Masked tokens get exactly zero
+    token gradient is -g_t * grad logp_t / count (docs/math.md §2-4). Masked tokens get exactly zero
     gradient whatever they contain.
     """
     spec = check_hyperparameters(name, beta, clip, dual_clip, agg, kl_in_advantage)
