@@ -453,18 +453,18 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
     from rpgrl.losses import LOSSES
+    from rpgrl.losses.policy import hyperparameter_problems
 
     a, t, r = cfg.algorithm, cfg.trainer, cfg.rollout
     try:  # built-in, rpgrl.losses entry point or module:function (rpgrl.losses.registry)
         LOSSES.resolve(a.loss)
     except ValueError as exc:
         raise ConfigError(f"algorithm.loss: {exc}") from None
+    # the loss hyperparameters' ranges are stated once, in rpgrl.losses.policy
+    for param, problem in hyperparameter_problems(a.beta, (a.clip_low, a.clip_high), a.dual_clip, a.agg):
+        raise ConfigError(f"algorithm.{param}: {problem}")
     checks = [
-        ("algorithm.beta", a.beta >= 0, "must be >= 0"),
         ("algorithm.kl_in_reward", a.kl_in_reward >= 0, "must be >= 0"),
-        ("algorithm.clip_low", 0 <= a.clip_low < 1, "must be in [0, 1)"),
-        ("algorithm.clip_high", a.clip_high >= 0, "must be >= 0"),
-        ("algorithm.dual_clip", a.dual_clip is None or a.dual_clip > 1, "must be > 1 (dual clip) or null"),
         ("algorithm.anchor.period", a.anchor.period >= 1, "must be >= 1"),
         ("algorithm.anchor.kappa", a.anchor.kappa > 0, "must be > 0"),
         ("algorithm.anchor.ema", 0 <= a.anchor.ema < 1, "must be in [0, 1)"),

@@ -11,7 +11,8 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from rpgrl.losses.registry import LossSpec, apply_loss, check_hyperparameters
+from rpgrl.losses.policy import apply_loss, check_hyperparameters
+from rpgrl.losses.spec import LossSpec
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from rpgrl.losses.clip import TrustRegion
-from rpgrl.losses.registry import LOSSES, policy_loss, run_token_loss
-from rpgrl.losses.spec import LossInputs
+from rpgrl.losses.policy import policy_loss, run_token_loss
+from rpgrl.losses.registry import LOSSES
+from rpgrl.losses.spec import OBJECTIVES, LossInputs
 
 __all__ = [
     "ANCHORS", "OBJECTIVES", "CheckReport", "Enumeration", "check_loss", "exact_divergence",
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 DT = torch.float64
-OBJECTIVES = ("none", "fkl", "rkl", "ufkl", "urkl")
 ANCHORS = ("rollout", "separate")
 CASES = ("on-policy", "off-policy", "unnormalized")
 CLIP = (0.2, 0.28)

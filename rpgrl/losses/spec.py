@@ -69,6 +69,11 @@ class LossInputs:
         return self.ratios(grad=False)
 
 
+#: What a loss may claim to be the exact gradient of: J = E[R] - beta*D for D one of these
+#: (docs/math.md §2), or "none" (no KL term).
+OBJECTIVES = ("none", "fkl", "rkl", "ufkl", "urkl")
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A registered loss. ``token_loss`` has the contract of the module docstring.
