@@ -14,16 +14,22 @@ recipe never spells out a site-packages path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from rpgrl.warmstart import cache_root
 
-_VERSION = 1
+_VERSION = 2  # 2: keyed by the file's sha256, complete once _DONE exists
+_DONE = "rpgrl_gguf.json"  # written last into a conversion folder
+_INDEX = "sha256-index.json"  # remembered file hashes, in the cache's gguf/ folder
+_INDEX_MAX = 256
+_SETTLE_NS = 2_000_000_000
 PKG_PREFIX = "pkg:"
 
 
@@ -67,22 +73,123 @@ def gguf_location(path: str, gguf_file: str | None = None) -> Path | None:
     return file
 
 
-def _cache_key(file: Path) -> str:
-    st = file.stat()
-    key = json.dumps({"v": _VERSION, "path": str(file.resolve()), "size": st.st_size,
-                      "mtime_ns": st.st_mtime_ns}, sort_keys=True)
+def _stat_id(st: os.stat_result) -> str:
+    """What a remembered hash is valid for. ``cp -p``, ``rsync -t`` and ``tar`` restore size and
+    mtime, but no user-level tool sets ctime: the kernel sets it to "now" on any write, chmod
+    or rename, and a file replaced by rename is a new inode."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _unique(path: Path, tag: str) -> Path:
+    """A sibling name no other process uses (created with normal permissions, unlike mkdtemp's
+    0700, so a cache shared between users stays readable)."""
+    return path.with_name(f"{path.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return {}  # absent or damaged: only costs a re-hash
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(index: Path, key: str, digest: str) -> None:
+    """Add one entry, atomically (a concurrent writer may drop it: that only costs a re-hash)."""
+    entries = _read_index(index)
+    entries.pop(key, None)
+    entries[key] = digest
+    entries = dict(list(entries.items())[-_INDEX_MAX:])
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _unique(index, "tmp")
+    try:
+        with open(tmp, "x") as f:
+            json.dump(entries, f, indent=0)
+        os.replace(tmp, index)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def file_sha256(file: Path) -> str:
+    """sha256 of the whole file (header + tensor data): ~0.1 s for the 98 MB SmolLM2 GGUF."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(file: Path, index: Path) -> str:
+    """sha256 of ``file``'s bytes, remembered in ``index`` per (resolved path, device, inode,
+    size, mtime, ctime) so a repeated load does not re-read the file.
+
+    A file whose ctime is less than ``_SETTLE_NS`` old is hashed but not remembered: a second
+    write within the same timestamp tick (coarse clocks, 1-2 s timestamps on some file
+    systems) could leave every remembered field unchanged.
+    """
+    path = file.resolve()
+    before = path.stat()
+    key = f"{path}|{_stat_id(before)}"
+    remembered = _read_index(index).get(key)
+    if isinstance(remembered, str):
+        return remembered
+    digest = file_sha256(path)
+    after = path.stat()
+    if _stat_id(after) == _stat_id(before) and time.time_ns() - after.st_ctime_ns > _SETTLE_NS:
+        _remember(index, key, digest)
+    return digest
+
+
+def _cache_key(digest: str) -> str:
+    key = json.dumps({"v": _VERSION, "sha256": digest}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def is_complete(folder: Path) -> bool:
+    """A conversion is complete once its marker exists: the marker is written last, and a
+    folder only ever appears under its final name by one atomic rename."""
+    return (folder / _DONE).is_file()
+
+
+def publish_dir(tmp: Path, out: Path) -> Path:
+    """Move the finished folder ``tmp`` to ``out`` in one atomic rename and return ``out``.
+
+    When another process published ``out`` first (the rename then fails: a directory can only
+    replace an absent or empty one), theirs is the same conversion: use it and delete ``tmp``.
+    An incomplete ``out`` (not one of ours; ours appear whole) is set aside and replaced.
+    """
+    for _ in range(3):
+        try:
+            os.replace(tmp, out)
+            return out
+        except OSError:
+            if is_complete(out):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out
+            if not out.exists():
+                raise  # the rename failed for another reason (tmp gone, permissions, ...)
+            aside = _unique(out, "broken")
+            with contextlib.suppress(FileNotFoundError):  # another process set it aside first
+                os.replace(out, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+    raise GGUFError(f"could not publish {tmp} as {out}: {out} keeps reappearing incomplete; delete it")
 
 
 def dequantize_gguf(file: str | Path, cache_dir: str | None = None, log=print) -> Path:
     """Return a cached fp32 ``save_pretrained`` folder (model + tokenizer) for a GGUF file.
 
-    The folder is written to a temporary name and renamed when complete, so an interrupted
-    conversion is never mistaken for a finished one.
+    The cache is keyed by the file's bytes, so a file replaced in place (even keeping its size
+    and mtime) is converted again. The folder is written under a temporary name and renamed
+    when complete, so an interrupted conversion is never mistaken for a finished one, and
+    processes converting the same file at once all end up with the one published folder.
     """
     file = Path(file)
-    out = cache_root(cache_dir) / "gguf" / f"{file.stem}-{_cache_key(file)}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    root = cache_root(cache_dir) / "gguf"
+    st = file.stat()
+    digest = content_hash(file, root / _INDEX)
+    out = root / f"{file.stem}-{_cache_key(digest)}"
+    if is_complete(out):
         log(f"model: reusing de-quantized {file.name} from {out}")
         return out
     try:
@@ -94,10 +201,12 @@ def dequantize_gguf(file: str | Path, cache_dir: str | None = None, log=print) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"model: de-quantizing {file} to fp32 (once; cached in {out.parent})")
+    log(f"model: de-quantizing {file} to fp32 (once; cached in {root})")
     folder, name = str(file.parent), file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    if _stat_id(file.stat()) != _stat_id(st):
+        raise GGUFError(f"{file} changed while it was being converted; run again once it is complete")
     # the GGUF-loaded object refuses save_pretrained: rebuild a plain model from its config
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -109,15 +218,18 @@ def dequantize_gguf(file: str | Path, cache_dir: str | None = None, log=print) -
         raise GGUFError(f"{file}: de-quantized weights do not fit the model built from its config "
                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     model.tie_weights()
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():  # another process finished first; theirs is the same conversion
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = _unique(out, "tmp")
+    try:
+        tmp.mkdir()
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _DONE).write_text(json.dumps({"v": _VERSION, "source": str(file.resolve()),
+                                             "sha256": digest}, indent=1) + "\n")
+        return publish_dir(tmp, out)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
+        raise
 
 
 def resolve_model_path(path: str, gguf_file: str | None = None, cache_dir: str | None = None,
