@@ -122,7 +122,7 @@ class OverlongConfig:
 class AlgorithmConfig:
     name: str = _f("rpg_reinforce_ufkl", "preset that sets the fields below (see PRESETS)")
     loss: str = _f("rpg_reinforce_ufkl", "policy loss (rpgrl.losses.LOSSES)")
-    advantage: str = _f("rpg", "advantage estimator (rpgrl.advantages.ADVANTAGES)")
+    advantage: str = _f("rpg", "advantage estimator (rpgrl.algorithm.advantages.ADVANTAGES)")
     beta: float = _f(1e-4, "KL coefficient of the loss")
     clip_low: float = _f(0.2, "trust region: ratio clipped below 1 - clip_low")
     clip_high: float = _f(0.28, "trust region: ratio clipped above 1 + clip_high")
@@ -263,12 +263,12 @@ for _kl in ("fkl", "rkl", "ufkl", "urkl"):
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the enumerated keys, from the modules that define them.
     (``algorithm.loss`` is resolved by the loss registry instead: it also takes plugins.)"""
-    from rpgrl.advantages import ADVANTAGES
-    from rpgrl.anchor import ANCHOR_MODES
+    from rpgrl.algorithm.advantages import ADVANTAGES
+    from rpgrl.algorithm.anchor import ANCHOR_MODES
     from rpgrl.data.procedural import TASKS
     from rpgrl.losses import AGG_MODES
-    from rpgrl.optim import OPTIMIZERS
-    from rpgrl.rollout import ENGINES
+    from rpgrl.loop.optim import OPTIMIZERS
+    from rpgrl.loop.generation import ENGINES
 
     return {
         "model.dtype": ("auto", "float32", "bfloat16", "float16"),

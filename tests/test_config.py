@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rpgrl.config import PRESETS, ConfigError, load_config, parse_overrides
-from rpgrl.distributed import check_world_size
+from rpgrl.parallel.distributed import check_world_size
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""rpgrl.gguf: how model.path names a GGUF file, and the de-quantization cache (keyed by the
+"""rpgrl.models.gguf: how model.path names a GGUF file, and the de-quantization cache (keyed by the
 file's bytes, published atomically) on a tiny GGUF written here; the real SmolLM2 GGUF is
 de-quantized in tests/test_real_model.py."""
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from rpgrl.config import ConfigError, load_config
-from rpgrl.gguf import GGUFError, dequantize_gguf, gguf_location, package_file, resolve_model_path
+from rpgrl.models.gguf import GGUFError, dequantize_gguf, gguf_location, package_file, resolve_model_path
 
 
 def quiet(*_):
@@ -168,7 +168,7 @@ def test_new_bytes_with_the_same_size_and_restored_mtime_are_converted_again(tmp
     model, cache = tmp_path / "m.gguf", str(tmp_path / "cache")
     shutil.copyfile(a, model)
     before = model.stat()
-    # let the ctime age past rpgrl.gguf's 2 s settle window, so the hash of a's bytes is remembered
+    # let the ctime age past rpgrl.models.gguf's 2 s settle window, so the hash of a's bytes is remembered
     time.sleep(max(0.0, 2.1 - (time.time_ns() - before.st_ctime_ns) / 1e9))
     first = dequantize_gguf(model, cache_dir=cache, log=quiet)
     assert final_norm(first) == {1.0}
@@ -187,7 +187,7 @@ def test_new_bytes_with_the_same_size_and_restored_mtime_are_converted_again(tmp
     assert dequantize_gguf(model, cache_dir=cache, log=logs.append) == second
     assert logs == [f"model: reusing de-quantized m.gguf from {second}"]
     # the shortcut was armed for a's bytes; b's bytes are remembered under b's ctime, if at all
-    from rpgrl.gguf import _stat_id
+    from rpgrl.models.gguf import _stat_id
 
     index = json.loads((tmp_path / "cache" / "gguf" / "sha256-index.json").read_text())
     assert index[f"{model.resolve()}|{_stat_id(before)}"] == hashlib.sha256(a.read_bytes()).hexdigest()
@@ -219,7 +219,7 @@ def test_same_bytes_elsewhere_share_one_conversion_that_loads(tmp_path, gguf_pai
 
 
 def test_a_remembered_hash_is_trusted_only_for_the_same_file_state(tmp_path):
-    from rpgrl.gguf import _stat_id, content_hash, file_sha256
+    from rpgrl.models.gguf import _stat_id, content_hash, file_sha256
 
     f, index = tmp_path / "m.gguf", tmp_path / "index.json"
     f.write_bytes(b"GGUF" + bytes(range(256)) * 10)
@@ -242,7 +242,7 @@ def _publish_racer(root: str, names: list[str], who: int, barrier, results) -> N
     """
     import inspect
 
-    from rpgrl.gguf import publish_dir
+    from rpgrl.models.gguf import publish_dir
 
     lines, first = inspect.getsourcelines(publish_dir)
     rename_lines = {first + k for k, text in enumerate(lines) if "os.replace(tmp, out)" in text}
@@ -294,7 +294,7 @@ def test_concurrent_publishes_all_get_one_complete_folder(tmp_path):
 
 
 def test_an_incomplete_folder_is_replaced_not_reused(tmp_path):
-    from rpgrl.gguf import is_complete, publish_dir
+    from rpgrl.models.gguf import is_complete, publish_dir
 
     out = tmp_path / "m-0123"
     out.mkdir()

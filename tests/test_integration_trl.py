@@ -20,7 +20,7 @@ from datasets import Dataset  # noqa: E402
 
 from rpgrl.integrations.trl import RPGConfig, RPGTrainer, rpg_norm  # noqa: E402
 from rpgrl.losses import policy_loss  # noqa: E402
-from rpgrl.tiny import build_tiny_tokenizer  # noqa: E402
+from rpgrl.models.tiny import build_tiny_tokenizer  # noqa: E402
 
 try:
     from rpgrl.rewards import compute_score

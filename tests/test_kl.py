@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rpgrl.kl import k1, k2, k3, kl_penalty
+from rpgrl.algorithm.kl import k1, k2, k3, kl_penalty
 
 DT = torch.float64
 

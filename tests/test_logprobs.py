@@ -1,4 +1,4 @@
-"""Tests for rpgrl.logprobs: chunked log-probs/entropy vs the naive full-logits path."""
+"""Tests for rpgrl.models.logprobs: chunked log-probs/entropy vs the naive full-logits path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from hf_tiny import tiny_causal_lm
 
-from rpgrl.logprobs import sequence_logprobs, token_logprobs_from_hidden
+from rpgrl.models.logprobs import sequence_logprobs, token_logprobs_from_hidden
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -257,7 +257,7 @@ def test_peft_lora_on_lm_head_is_refused():
 _MEM_SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
-    from rpgrl.logprobs import token_logprobs_from_hidden
+    from rpgrl.models.logprobs import token_logprobs_from_hidden
     mode, chunk = sys.argv[1], int(sys.argv[2])
     B, T, H, V = 8, 2048, 64, 32000
     grad = mode == "fwdbwd"

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from rpgrl.config import PRESETS, load_config
-from rpgrl.models import load_policy
-from rpgrl.tracking import read_metrics
-from rpgrl.trainer import Trainer
+from rpgrl.models.loading import load_policy
+from rpgrl.loop.tracking import read_metrics
+from rpgrl.loop.trainer import Trainer
 
 pytestmark = pytest.mark.medium
 

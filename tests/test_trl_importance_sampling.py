@@ -26,7 +26,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rpgrl.integrations.trl import RPGConfig, RPGTrainer, token_weights  # noqa: E402
 from rpgrl.losses import LOSSES, policy_loss  # noqa: E402
-from rpgrl.tiny import build_tiny_tokenizer  # noqa: E402
+from rpgrl.models.tiny import build_tiny_tokenizer  # noqa: E402
 
 B, P, T = 4, 3, 5  # sequences, prompt tokens, completion tokens
 ADV = [1.0, 1.0, -1.0, -1.0]

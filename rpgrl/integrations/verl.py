@@ -54,7 +54,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
         f"importing verl failed: {exc}"
     ) from exc
 
-from rpgrl.advantages import compute_advantages
+from rpgrl.algorithm.advantages import compute_advantages
 from rpgrl.losses import LOSSES, UnknownLossError, aggregation_count, policy_loss
 
 __all__ = [
@@ -251,7 +251,7 @@ def rpg_outcome_advantage(
     **_: Any,
 ) -> tuple[Tensor, Tensor]:
     """verl advantage estimator ``rpg``: A = R - mean of the prompt's group (docs/math.md §5), via
-    ``rpgrl.advantages.compute_advantages``; R = sum of the token-level rewards, groups = uid.
+    ``rpgrl.algorithm.advantages.compute_advantages``; R = sum of the token-level rewards, groups = uid.
     Returns (advantages, returns), both [B, T] and zero on padding, like verl's GRPO."""
     rewards = token_level_rewards.sum(dim=-1)
     group_ids = as_torch_index(index, device=rewards.device)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rpgrl.kl import LOG_RATIO_MAX
+from rpgrl.algorithm.kl import LOG_RATIO_MAX
 from rpgrl.losses.clip import TrustRegion, trust_region
 from rpgrl.losses.spec import LossInputs
 

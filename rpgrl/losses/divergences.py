@@ -26,7 +26,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from rpgrl.kl import k3_from_log_ratio
+from rpgrl.algorithm.kl import k3_from_log_ratio
 
 __all__ = ["Divergence", "DIVERGENCES", "GRPO_KL", "GRPO_KL_CORRECTED"]
 

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from rpgrl.kl import k3_from_log_ratio
+from rpgrl.algorithm.kl import k3_from_log_ratio
 from rpgrl.losses.aggregate import AGG_MODES, aggregate
 from rpgrl.losses.clip import TrustRegion
 from rpgrl.losses.registry import LOSSES

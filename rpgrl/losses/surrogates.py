@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from rpgrl.kl import LOG_RATIO_MAX
+from rpgrl.algorithm.kl import LOG_RATIO_MAX
 from rpgrl.losses.clip import TrustRegion, trust_region
 from rpgrl.losses.divergences import Divergence
 

@@ -52,7 +52,7 @@ def build_assets(root: Path, seed: int = 0) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rpgrl.tiny import build_tiny_tokenizer
+    from rpgrl.models.tiny import build_tiny_tokenizer
 
     model_dir, data = root / "model", root / "train.parquet"
     tok = build_tiny_tokenizer()

@@ -11,15 +11,14 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-from rpgrl import metrics as M
+from rpgrl.loop import metrics as M
 from rpgrl.config import Config
-from rpgrl.distributed import DistContext, gather_rounds
-from rpgrl.metrics import StepTimer
-from rpgrl.prompt_order import PromptOrder
+from rpgrl.parallel.distributed import DistContext, gather_rounds
+from rpgrl.loop.metrics import StepTimer
+from rpgrl.loop.prompt_order import PromptOrder
 from rpgrl.rewards import overlong_penalty
-from rpgrl.rollout import RolloutBatch
-from rpgrl.run_setup import RunData
-from rpgrl.sampler import Sampler
+from rpgrl.loop.setup import RunData
+from rpgrl.loop.generation import RolloutBatch, Sampler
 
 
 @dataclass

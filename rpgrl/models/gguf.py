@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rpgrl.warmstart import cache_root
+from rpgrl.models.warmstart import cache_root
 
 _VERSION = 2  # 2: keyed by the file's sha256, complete once _DONE exists
 _DONE = "rpgrl_gguf.json"  # written last into a conversion folder

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from rpgrl.advantages import GROUP_LOCAL, compute_advantages
+from rpgrl.algorithm.advantages import GROUP_LOCAL, compute_advantages
 from rpgrl.config import Config, ConfigError
 
 __all__ = [

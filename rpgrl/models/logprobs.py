@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rpgrl.prefix import can_share, encode_prompts, last_hidden, positions, response_hidden, unwrap
+from rpgrl.models.prefix import can_share, encode_prompts, last_hidden, positions, response_hidden, unwrap
 
 __all__ = ["token_logprobs_from_hidden", "sequence_logprobs", "plan_buckets"]
 
@@ -270,7 +270,7 @@ def sequence_logprobs(
     the padded forward's (tests/test_prefix.py, tests/test_logprobs.py).
 
     ``share_prompts``: rows with the same prompt (a GRPO group) run that prompt through the
-    decoder once (``rpgrl.prefix``; same values and gradients, fewer FLOPs) and every bucket
+    decoder once (``rpgrl.models.prefix``; same values and gradients, fewer FLOPs) and every bucket
     continues its KV cache. Used when all rows share one ``response_start`` and the model
     supports it; else each bucket runs the padded forward over its own columns.
     """

@@ -1,6 +1,6 @@
 """Metric sinks: an always-on JSONL file, plus TensorBoard and (optionally) Weights & Biases.
 
-``metrics.jsonl`` is the source of truth for plots (``rpgrl.plots``) and is flushed after
+``metrics.jsonl`` is the source of truth for plots (``rpgrl.tools.plots``) and is flushed after
 every line so a killed run keeps everything it logged. On resume from step N the file
 is cut back to steps <= N (and TensorBoard purges later events) so curves have neither
 gaps nor duplicates. Non-finite values are written as JSON ``null`` (valid JSON for any
@@ -43,7 +43,7 @@ def _to_jsonable(key: str, v: Any) -> Any:
 def is_finite_number(v: object) -> bool:
     """True for a finite int/float that is not a bool: a usable point of a metric curve.
 
-    Shared by ``rpgrl.plots`` and ``rpgrl.compare``, which read records where missing or
+    Shared by ``rpgrl.tools.plots`` and ``rpgrl.tools.compare``, which read records where missing or
     non-finite values (JSON ``null`` -> ``nan``) must be skipped.
     """
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

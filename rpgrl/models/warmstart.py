@@ -19,7 +19,7 @@ import torch
 
 from rpgrl.data.procedural import sft_text
 from rpgrl.data.verl import Example, tokenize_prompts
-from rpgrl.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer
+from rpgrl.models.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer
 
 _VERSION = 1
 

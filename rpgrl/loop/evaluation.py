@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 
 from rpgrl.data.verl import Example
-from rpgrl.eval_metrics import summarize
-from rpgrl.sampler import Sampler
+from rpgrl.loop.eval_metrics import summarize
+from rpgrl.loop.generation import Sampler
 
 
 def distinct_problems(examples: list[Example], prompts: list[list[int]], max_problems: int = 0):
@@ -43,7 +43,7 @@ def evaluate_policy(
     device: torch.device | str = "cpu", scorer: Callable | None = None, timeout_s: float = 10.0,
     engine: str = "auto",
 ) -> dict:
-    """:func:`evaluate_with` a :class:`~rpgrl.sampler.Sampler` over ``model``."""
+    """:func:`evaluate_with` a :class:`~rpgrl.loop.generation.Sampler` over ``model``."""
     sampler = Sampler(model, tokenizer, device=device, engine=engine, batch_size=batch_size,
                       scorer=scorer, timeout_s=timeout_s)
     return evaluate_with(sampler, examples, prompts, k=k, temperature=temperature,

@@ -1,11 +1,11 @@
 """The online RL loop (docs/math.md §1 and §7), one pass down the data flow per step:
 
-    prompts -> generate G each -> score (+ dynamic sampling, overlong shaping)   rpgrl.experience
+    prompts -> generate G each -> score (+ dynamic sampling, overlong shaping)   rpgrl.loop.collect
             -> advantages -> log-probs of pi_old (once, no grad) and of the anchor
             -> epochs x mini-batches x micro-batches of loss updates -> metrics/checkpoint
 
-The math lives in ``rpgrl.losses`` / ``rpgrl.advantages``; how the policy is spread over
-processes in ``rpgrl.parallel``; sampling in ``rpgrl.sampler``. This module orders the calls.
+The math lives in ``rpgrl.losses`` / ``rpgrl.algorithm.advantages``; how the policy is spread over
+processes in ``rpgrl.parallel.strategy``; sampling in ``rpgrl.loop.generation``. This module orders the calls.
 """
 
 from __future__ import annotations
@@ -16,26 +16,25 @@ from pathlib import Path
 
 import torch
 
-from rpgrl import metrics as M
-from rpgrl.anchor import Anchor
-from rpgrl.checkpoint import seed_all
+from rpgrl.loop import metrics as M
+from rpgrl.algorithm.anchor import Anchor
+from rpgrl.loop.checkpoint import seed_all
 from rpgrl.config import Config, dump_yaml, to_dict
-from rpgrl.distributed import check_world_size, global_advantages, init_distributed, rank_seed
-from rpgrl.evaluation import evaluate_with
-from rpgrl.eval_metrics import BestLastTracker, flatten
-from rpgrl.experience import Batch, collect
-from rpgrl.flops import PhaseFlops, matmul_peak_gflops
-from rpgrl.kl import kl_penalty
+from rpgrl.parallel.distributed import check_world_size, global_advantages, init_distributed, rank_seed
+from rpgrl.loop.evaluation import evaluate_with
+from rpgrl.loop.eval_metrics import BestLastTracker, flatten
+from rpgrl.loop.collect import Batch, collect
+from rpgrl.models.flops import PhaseFlops, matmul_peak_gflops
+from rpgrl.algorithm.kl import kl_penalty
 from rpgrl.losses import METRIC_KEYS, BoundLoss, aggregation_count
-from rpgrl.metrics import StepTimer
-from rpgrl.optim import build_optimizer, clip_and_check, eval_mode
-from rpgrl.parallel import make_parallel
-from rpgrl.prompt_order import PromptOrder
-from rpgrl.rollout import RolloutBatch
-from rpgrl.run_setup import RunData, setup_run
-from rpgrl.run_state import finish_run, headline_text, resume_run, save_run
-from rpgrl.sampler import Sampler
-from rpgrl.tracking import NoTracker, Tracker, progress_bar
+from rpgrl.loop.metrics import StepTimer
+from rpgrl.loop.optim import build_optimizer, clip_and_check, eval_mode
+from rpgrl.parallel.strategy import make_parallel
+from rpgrl.loop.prompt_order import PromptOrder
+from rpgrl.loop.setup import RunData, setup_run
+from rpgrl.loop.run_state import finish_run, headline_text, resume_run, save_run
+from rpgrl.loop.generation import RolloutBatch, Sampler
+from rpgrl.loop.tracking import NoTracker, Tracker, progress_bar
 
 __all__ = ["Batch", "Trainer", "TrainingError"]
 
@@ -47,7 +46,7 @@ class TrainingError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, log=print) -> None:
         self._t_start = time.perf_counter()  # wall time includes the warm start and model load
-        # under torchrun: one data-parallel process per rank (rpgrl.parallel: replicas or shards)
+        # under torchrun: one data-parallel process per rank (rpgrl.parallel.strategy: replicas or shards)
         self.dist = init_distributed(cfg.trainer.device)
         check_world_size(cfg, self.dist.world_size)
         self.cfg, self.log = cfg, (log if self.dist.is_main else _quiet)
@@ -80,7 +79,7 @@ class Trainer:
                                timeout_s=cfg.reward_timeout_s)
         self.prompt_order = PromptOrder(len(self.data.train), cfg.seed)
         self.flops = self.peak = None
-        if cfg.trainer.profile:  # model FLOP utilisation per phase (rpgrl.flops)
+        if cfg.trainer.profile:  # model FLOP utilisation per phase (rpgrl.models.flops)
             self.flops, self.peak = PhaseFlops(self.model), matmul_peak_gflops(device=self.device)
             self.log(f"profile: matmul peak {self.peak:.0f} GFLOP/s (fp32 2048^2)")
         self.timer = StepTimer()
@@ -103,7 +102,7 @@ class Trainer:
     # ------------------------------------------------------------------ experience
 
     def collect(self) -> tuple[Batch | None, dict]:
-        """Generate and score (``rpgrl.experience.collect``)."""
+        """Generate and score (``rpgrl.loop.collect.collect``)."""
         self.sampler.sync(self.model)
         return collect(self.cfg, self.sampler, self.data, self.prompt_order, self.dist, self.timer, self._weights)
 

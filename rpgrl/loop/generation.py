@@ -1,6 +1,11 @@
-"""Sampling responses from a Hugging Face causal LM (KV cache) into one padded batch.
+"""The generation stage: sample responses from a causal LM (KV cache) into one padded batch,
+and the ``Sampler`` that generates and scores them for training and evaluation alike
+(docs/math.md §7). Another rollout engine (e.g. vLLM) is one new class with the Sampler's
+three methods (``sync``, ``generate``, ``score``), not a branch in the trainer; ``sync(model)``
+is where such an engine would load the trainer's weights -- this one samples from the
+module itself, so it only records it.
 
-Layout of the returned batch, shared with ``rpgrl.logprobs.sequence_logprobs``:
+Layout of the returned batch, shared with ``rpgrl.models.logprobs.sequence_logprobs``:
 ``input_ids = [left-padded prompt (P) | right-padded response (R)]``. The response mask
 covers generated tokens up to and including the first EOS.
 
@@ -16,12 +21,15 @@ loop cannot index (recurrent / hybrid state).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rpgrl.prefix import call_with_cache, can_share, new_cache, positions, unwrap
+from rpgrl.data.verl import Example
+from rpgrl.models.prefix import call_with_cache, can_share, new_cache, positions, unwrap
+from rpgrl.rewards import score_batch
 
 
 @dataclass
@@ -151,7 +159,7 @@ def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_t
             compact_at: float = 0.25) -> Tensor:
     """Sample ``n`` continuations of each (distinct) prompt with a KV cache; [U * n, <= max_new_tokens].
 
-    Each prompt is prefilled once and its cache repeated for its n samples (``rpgrl.prefix``);
+    Each prompt is prefilled once and its cache repeated for its n samples (``rpgrl.models.prefix``);
     rows that have emitted EOS are dropped from the batch once they are ``compact_at`` of it,
     so long-tailed lengths cost their own tokens, not max_new_tokens for everyone.
     """
@@ -225,7 +233,7 @@ def generate(
 
     ``engine``: ``rpgrl`` = the KV-cached loop above (each prompt prefilled once for its n
     samples, finished rows dropped); ``hf`` = ``model.generate``; ``auto`` = ``rpgrl`` when the
-    model's cache is HF's DynamicCache (``rpgrl.prefix.can_share``), else ``hf``. Both draw
+    model's cache is HF's DynamicCache (``rpgrl.models.prefix.can_share``), else ``hf``. Both draw
     from exactly softmax(logits / temperature) [top-p]; with greedy decoding they agree token
     for token (tests/test_rollout.py).
     """
@@ -278,3 +286,34 @@ def generate(
     input_ids = torch.cat([prompt_ids, resp], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
     return RolloutBatch(input_ids, attention_mask, P, response_mask, texts, lengths, truncated)
+
+
+class Sampler:
+    """rpgrl's KV-cached loop or HF ``generate`` (``engine``), then the scorer."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu",
+                 engine: str = "auto", batch_size: int = 256, scorer: Callable | None = None,
+                 timeout_s: float = 10.0) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.engine, self.batch_size = engine, batch_size
+        self.scorer, self.timeout_s = scorer, timeout_s
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Sample from ``model``'s current weights from now on."""
+        self.model = model
+
+    def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int,
+                 temperature: float, top_p: float = 1.0) -> RolloutBatch:
+        """``n`` responses per prompt, grouped contiguously (temperature 0 = greedy)."""
+        return generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, batch_size=self.batch_size,
+                        device=self.device, engine=self.engine)
+
+    def score(self, examples: Sequence[Example], rollout: RolloutBatch, n: int,
+              details: list | None = None) -> tuple[list[float], dict]:
+        """Scores of the ``n`` responses of each example, and the scorer's counters
+        (``details``: see :func:`rpgrl.rewards.score_batch`)."""
+        rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
+        return score_batch(rep([e.data_source for e in examples]), rollout.responses,
+                           rep([e.ground_truth for e in examples]), rep([e.extra_info for e in examples]),
+                           scorer=self.scorer, timeout_s=self.timeout_s, details=details)

@@ -37,7 +37,7 @@ __all__ = [
 
 ADVANTAGES = ("grpo", "rpg", "batch_mean", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 #: Estimators whose value for a sequence depends only on its own group (docs/math.md §5), so a
-#: process holding whole groups computes them exactly (rpgrl.distributed).
+#: process holding whole groups computes them exactly (rpgrl.parallel.distributed).
 GROUP_LOCAL = ("grpo", "rpg", "rloo")
 
 WHITEN_EPS = 1e-8

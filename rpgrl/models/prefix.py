@@ -163,7 +163,7 @@ def encode_prompts(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) 
 def response_hidden(decoder: nn.Module, shared: SharedPrompts, rows: Tensor, input_ids: Tensor,
                     attention_mask: Tensor, prompt_len: int, width: int) -> Tensor:
     """[len(rows), width, H]: the hidden states that predict response columns 0..width-1 of
-    ``rows`` (layout of ``rpgrl.logprobs.sequence_logprobs``), continuing the shared prompts'
+    ``rows`` (layout of ``rpgrl.models.logprobs.sequence_logprobs``), continuing the shared prompts'
     cache -- equal to the padded forward's columns P-1 .. P+width-2 of those rows. Columns
     past ``width`` are never run: under causal attention they cannot change these."""
     P = prompt_len

@@ -1,5 +1,5 @@
-"""The names of the logged metrics (one place for the trainer, ``rpgrl.plots`` and
-``rpgrl.compare``), how they combine over ranks, and the step-time breakdown.
+"""The names of the logged metrics (one place for the trainer, ``rpgrl.tools.plots`` and
+``rpgrl.tools.compare``), how they combine over ranks, and the step-time breakdown.
 
 Loss metrics are prefixed ``actor/`` + the loss's own ``METRIC_KEYS`` (docs/math.md §7: clip
 fractions, KL to the anchor, importance weights).
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 STEP = "step"
-# per RL step (rpgrl.trainer)
+# per RL step (rpgrl.loop.trainer)
 LOSS = "actor/loss"
 GRAD_NORM = "actor/grad_norm"
 ENTROPY = "actor/entropy"
@@ -80,7 +80,7 @@ def token_counts(input_ids_mask, prompt_len: int, response_mask, n: int) -> tupl
 
 def mfu_metrics(flops, prompt_tokens: int, response_tokens: int, seconds: dict[str, float], *,
                 logprob_passes: int, epochs: int, peak_gflops: float) -> dict[str, float]:
-    """``mfu/<phase>`` = useful FLOPs (``rpgrl.flops.PhaseFlops``) / seconds / peak, for each
+    """``mfu/<phase>`` = useful FLOPs (``rpgrl.models.flops.PhaseFlops``) / seconds / peak, for each
     phase that ran; also the token counts and the peak they were divided by."""
     useful = {"generation": flops.generation(prompt_tokens, response_tokens),
               "logprobs": logprob_passes * flops.forward(prompt_tokens, response_tokens),
@@ -106,7 +106,7 @@ def profile_table(metrics_path: Path) -> str:
     """trainer.profile: mean seconds per phase over steps 2..N (step 1 carries warm-up costs)."""
     import numpy as np
 
-    from rpgrl.tracking import read_metrics
+    from rpgrl.loop.tracking import read_metrics
 
     rows = [r for r in read_metrics(metrics_path) if TIMING_STEP in r and r[STEP] > 1]
     if not rows:

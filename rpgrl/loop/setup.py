@@ -15,11 +15,11 @@ import torch
 from rpgrl.config import Config
 from rpgrl.data.procedural import addition_splits
 from rpgrl.data.verl import Example, load_examples, tokenize_prompts
-from rpgrl.gguf import resolve_model_path
-from rpgrl.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
+from rpgrl.models.gguf import resolve_model_path
+from rpgrl.models.loading import load_policy, load_tokenizer, resolve_device, resolve_dtype
 from rpgrl.rewards import load_scorer
-from rpgrl.tiny import TinyModelConfig
-from rpgrl.warmstart import warm_start_tiny
+from rpgrl.models.tiny import TinyModelConfig
+from rpgrl.models.warmstart import warm_start_tiny
 
 
 @dataclass

@@ -4,8 +4,8 @@ sample/evaluate (Schedule-Free's averaged iterate, FSDP's gathered shards). The 
 calls these and holds no per-strategy branch.
 
 ``SingleProcess``: one process. ``Replicated``: torchrun, a full replica per rank and a
-manual gradient all-reduce (``rpgrl.distributed``). ``Fsdp2``: torchrun with
-``trainer.fsdp=true``, FSDP2 shards (``rpgrl.fsdp``).
+manual gradient all-reduce (``rpgrl.parallel.distributed``). ``Fsdp2``: torchrun with
+``trainer.fsdp=true``, FSDP2 shards (``rpgrl.parallel.fsdp``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from rpgrl.checkpoint import load_checkpoint
+from rpgrl.loop.checkpoint import load_checkpoint
 from rpgrl.config import Config
-from rpgrl.distributed import DistContext
-from rpgrl.logprobs import sequence_logprobs
-from rpgrl.optim import eval_mode
+from rpgrl.parallel.distributed import DistContext
+from rpgrl.models.logprobs import sequence_logprobs
+from rpgrl.loop.optim import eval_mode
 
 
 class SingleProcess:
@@ -50,7 +50,7 @@ class SingleProcess:
         return model
 
     def checkpoint_views(self, model: torch.nn.Module, optimizer) -> tuple:
-        """What ``rpgrl.checkpoint.save_checkpoint`` writes (collective for FSDP)."""
+        """What ``rpgrl.loop.checkpoint.save_checkpoint`` writes (collective for FSDP)."""
         return model, optimizer
 
     def load(self, path: Path, model: torch.nn.Module, optimizer) -> dict:
@@ -73,12 +73,12 @@ class Fsdp2(Replicated):
     name = "fsdp2"
 
     def wrap(self, model: torch.nn.Module) -> None:
-        from rpgrl.fsdp import shard_policy
+        from rpgrl.parallel.fsdp import shard_policy
 
         shard_policy(model)  # replaces the manual all-reduce; the optimizer sees the shards
 
     def logprobs(self, model: torch.nn.Module) -> Callable:
-        from rpgrl.fsdp import logprobs_fn
+        from rpgrl.parallel.fsdp import logprobs_fn
 
         return logprobs_fn(model)
 
@@ -87,24 +87,24 @@ class Fsdp2(Replicated):
 
     @contextmanager
     def inference_weights(self, model: torch.nn.Module, optimizer) -> Iterator[None]:
-        from rpgrl.fsdp import fsdp_unsharded
+        from rpgrl.parallel.fsdp import fsdp_unsharded
 
         with eval_mode(optimizer), fsdp_unsharded(model):
             yield
 
     def full_weights(self, model: torch.nn.Module):
-        from rpgrl.fsdp import FullWeights
+        from rpgrl.parallel.fsdp import FullWeights
 
         return FullWeights(model)
 
     def checkpoint_views(self, model: torch.nn.Module, optimizer) -> tuple:
-        from rpgrl.fsdp import FsdpCheckpointView, fsdp_full_state
+        from rpgrl.parallel.fsdp import FsdpCheckpointView, fsdp_full_state
 
         sd, osd = fsdp_full_state(model, optimizer)  # gathered on rank 0, unsharded format
         return FsdpCheckpointView(sd), FsdpCheckpointView(osd)
 
     def load(self, path: Path, model: torch.nn.Module, optimizer) -> dict:
-        from rpgrl.fsdp import FsdpCheckpointView, fsdp_load_full_state, shape_free_keys
+        from rpgrl.parallel.fsdp import FsdpCheckpointView, fsdp_load_full_state, shape_free_keys
 
         full_model, full_opt = FsdpCheckpointView(expected=shape_free_keys(model)), FsdpCheckpointView()
         state = load_checkpoint(path, full_model, full_opt)  # every rank reads, keeps its shards
@@ -112,7 +112,7 @@ class Fsdp2(Replicated):
         return state
 
     def final_state_dict(self, model: torch.nn.Module, optimizer) -> dict | None:
-        from rpgrl.fsdp import fsdp_full_state
+        from rpgrl.parallel.fsdp import fsdp_full_state
 
         with eval_mode(optimizer):
             return fsdp_full_state(model)[0]

@@ -39,7 +39,7 @@ class Anchor:
                ema: float = 0.9) -> "Anchor":
         if mode not in ANCHOR_MODES:
             raise ValueError(f"anchor mode {mode!r}: expected one of {', '.join(ANCHOR_MODES)}")
-        from rpgrl.models import frozen_copy  # (lazy: rpgrl.config reads ANCHOR_MODES)
+        from rpgrl.models.loading import frozen_copy  # (lazy: rpgrl.config reads ANCHOR_MODES)
 
         snapshot = None if mode == "rollout" else frozen_copy(policy)
         return cls(mode=mode, period=period, kappa=kappa, ema=ema, model=snapshot)

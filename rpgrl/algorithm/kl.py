@@ -62,7 +62,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
     """Per-token KL estimate of ``kind`` ("k1", "k2" or "k3"), e.g. to fold into the reward.
 
     REINFORCE++ (docs/math.md §5) uses ``kind="k1"`` on the token reward:
-    ``r_t -= kl_coef * kl_penalty(logp, ref_logp)`` (see ``rpgrl.advantages``).
+    ``r_t -= kl_coef * kl_penalty(logp, ref_logp)`` (see ``rpgrl.algorithm.advantages``).
     """
     try:
         fn = _ESTIMATORS[kind]

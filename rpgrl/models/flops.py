@@ -10,7 +10,7 @@ Attention-score FLOPs are left out (under 2 % at these lengths). Which tokens co
 - log-probs (no grad): each distinct prompt once + every scored response token;
 - forward/backward: the same tokens as a log-prob pass, at 3x the cost.
 
-The LM head multiplies only positions whose log-prob is needed (rpgrl.logprobs), so
+The LM head multiplies only positions whose log-prob is needed (rpgrl.models.logprobs), so
 prompt tokens are counted without it.
 """
 

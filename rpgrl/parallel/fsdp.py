@@ -1,6 +1,6 @@
 """FSDP2 sharding of the policy for ``trainer.fsdp=true`` under torchrun.
 
-``rpgrl.distributed`` replicates the model and all-reduces gradients; this module shards it
+``rpgrl.parallel.distributed`` replicates the model and all-reduces gradients; this module shards it
 instead with ``torch.distributed.fsdp.fully_shard`` (per decoder layer + root), and provides
 what the trainer needs around that: log-probs through FSDP's hooks (``sequence_logprobs``
 never calls the root ``forward``), gathered weights for generation, and full state dicts in
@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from rpgrl.config import ConfigError
-from rpgrl.logprobs import sequence_logprobs
+from rpgrl.models.logprobs import sequence_logprobs
 
 _LOGPROBS_METHOD = "rpgrl_sequence_logprobs"
 
@@ -23,7 +23,7 @@ _LOGPROBS_METHOD = "rpgrl_sequence_logprobs"
 def shard_policy(model: torch.nn.Module) -> None:
     """``fully_shard`` each decoder layer, then the root (embeddings, final norm and the
     tied lm_head stay in the root group). Gradients are *summed* over ranks, as in
-    :meth:`rpgrl.distributed.DistContext.all_reduce_grads` (the loss already has the global denominator of
+    :meth:`rpgrl.parallel.distributed.DistContext.all_reduce_grads` (the loss already has the global denominator of
     docs/math.md §6); ``force_sum`` keeps the reduce-scatter a plain SUM, which gloo supports.
 
     ``sequence_logprobs`` calls the decoder and the LM-head weight directly, never the
@@ -159,7 +159,7 @@ def fsdp_load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 class FsdpCheckpointView:
-    """Stands in for the model and the optimizer in ``rpgrl.checkpoint`` (which calls
+    """Stands in for the model and the optimizer in ``rpgrl.loop.checkpoint`` (which calls
     ``state_dict()`` / ``load_state_dict()``): serves the gathered full state dict on save,
     captures what the file holds on load, so the on-disk format is the unsharded one."""
 

@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rpgrl.checkpoint import (capture_rng_state, find_latest_checkpoint, restore_rng_state,
+from rpgrl.loop.checkpoint import (capture_rng_state, find_latest_checkpoint, restore_rng_state,
                               save_checkpoint, seed_all)
-from rpgrl.distributed import rank_seed
-from rpgrl.eval_metrics import BestLastTracker
-from rpgrl.metrics import profile_table
+from rpgrl.parallel.distributed import rank_seed
+from rpgrl.loop.eval_metrics import BestLastTracker
+from rpgrl.loop.metrics import profile_table
 
 if TYPE_CHECKING:
-    from rpgrl.trainer import Trainer
+    from rpgrl.loop.trainer import Trainer
 
 
 def save_run(t: "Trainer") -> Path | None:
@@ -82,8 +82,8 @@ def finish_run(t: "Trainer", t0: float, eval_after: dict, final_sd: dict | None 
     gathered full weights of a sharded policy."""
     cfg = t.cfg
     t.tracker.close()
-    from rpgrl.models import save_final
-    from rpgrl.plots import plot_curves
+    from rpgrl.models.loading import save_final
+    from rpgrl.tools.plots import plot_curves
 
     if final_sd is not None:  # the module holds shards: write the gathered weights
         t.model.save_pretrained(str(t.out / "final"), state_dict=final_sd, safe_serialization=True)

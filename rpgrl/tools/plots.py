@@ -18,8 +18,8 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rpgrl import metrics as M  # noqa: E402
-from rpgrl.tracking import is_finite_number, read_metrics  # noqa: E402
+from rpgrl.loop import metrics as M  # noqa: E402
+from rpgrl.loop.tracking import is_finite_number, read_metrics  # noqa: E402
 
 __all__ = [
     "CLIPFRAC_KEYS",

@@ -7,7 +7,7 @@ mean ± std over seeds) to ``comparison.md`` and the training curves of docs/mat
 (one line per algorithm, a band over seeds) to ``comparison.png``.
 
 Seeds and the warm start: the tiny model's warm start is keyed by ``seed``
-(``rpgrl.warmstart``), so seed k is warm-started once (by the first algorithm) and every
+(``rpgrl.models.warmstart``), so seed k is warm-started once (by the first algorithm) and every
 other algorithm at seed k reuses the cached model. All algorithms of one seed therefore
 start from the *same* policy (a paired comparison); different seeds also vary the starting
 policy, which is part of the seed-to-seed spread the table reports.
@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import yaml
 
-from rpgrl.metrics import EVAL_ACCURACY
-from rpgrl.tracking import is_finite_number, read_metrics
+from rpgrl.loop.metrics import EVAL_ACCURACY
+from rpgrl.loop.tracking import is_finite_number, read_metrics
 
 __all__ = ["add_subcommands", "compare", "format_table", "main", "plot_runs", "run_result"]
 
@@ -154,7 +154,7 @@ def compare(
     Returns ``{"results": {algo: [run_result per seed]}, "markdown": path, "png": path}``.
     """
     from rpgrl.config import ConfigError, load_config
-    from rpgrl.trainer import Trainer
+    from rpgrl.loop.trainer import Trainer
 
     if not algorithms:
         raise ConfigError("compare: give at least one algorithm (--algorithms grpo rpg_reinforce_ufkl ...)")
@@ -199,7 +199,7 @@ def compare(
 
 
 def _plot(results: dict[str, list[dict]], out_png: Path, band: str) -> Path:
-    from rpgrl.plots import plot_comparison
+    from rpgrl.tools.plots import plot_comparison
 
     runs = {algo: [r["run_dir"] for r in rs] for algo, rs in results.items()}
     return plot_comparison(runs, out_png, band=band)
@@ -211,7 +211,7 @@ def plot_runs(run_dirs: list[str | Path], out_png: str | Path, *, band: str = "m
     Runs of the same algorithm name are treated as seeds of one setting even if their
     other hyper-parameters differ; plot such runs separately. Returns the grouping.
     """
-    from rpgrl.plots import plot_comparison
+    from rpgrl.tools.plots import plot_comparison
 
     if not run_dirs:
         raise ValueError("plot: give at least one run directory")
@@ -230,7 +230,7 @@ def plot_runs(run_dirs: list[str | Path], out_png: str | Path, *, band: str = "m
 
 def _compare_cmd(args: argparse.Namespace) -> int:
     from rpgrl.config import ConfigError, split_config_args
-    from rpgrl.trainer import TrainingError
+    from rpgrl.loop.trainer import TrainingError
 
     # "--algorithms A B cfg.yaml k=v": nargs="+" swallows what follows; give it back to items.
     moved = [a for a in args.algorithms if "=" in a or a.endswith((".yaml", ".yml"))]
@@ -280,7 +280,7 @@ def add_subcommands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rpgrl.compare compare|plot ...`` (the same as ``rpgrl compare|plot``)."""
+    """``python -m rpgrl.tools.compare compare|plot ...`` (the same as ``rpgrl compare|plot``)."""
     parser = argparse.ArgumentParser(prog="rpgrl")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
