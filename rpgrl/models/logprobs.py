@@ -273,6 +273,19 @@ def sequence_logprobs(
     decoder once (``rpgrl.models.prefix``; same values and gradients, fewer FLOPs) and every bucket
     continues its KV cache. Used when all rows share one ``response_start`` and the model
     supports it; else each bucket runs the padded forward over its own columns.
+
+    Nothing to score (every response empty, or no response column): zeros of shape [B, R],
+    still computed through the decoder and LM head, so ``loss.backward()`` works and gives
+    zero gradients. Under FSDP (``fully_shard``) every rank must make the same decoder
+    calls, so the path depends only on the arguments' kinds, never on the data: one bucket,
+    prompts shared whenever the model allows it, the continuation call run even for a
+    one-token bucket, and per-row starts (a [B] tensor) take the per-row path even when
+    they are all equal. Every rank must pass at least one row (HF decoders cannot run
+    an empty batch; a 0-row call returns at once).
+
+    Raises ValueError when a row's column ``response_start - 1`` is padding although the
+    row has real prompt tokens (a right-padded prompt block): the first response token
+    would be predicted from a pad.
     """
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -282,7 +295,8 @@ def sequence_logprobs(
     bsz, length = input_ids.shape
     device = input_ids.device
     start = torch.as_tensor(response_start, device=device, dtype=torch.long)
-    if start.dim() == 0:
+    scalar_start = start.dim() == 0
+    if scalar_start:
         start = start.expand(bsz)
     if tuple(start.shape) != (bsz,):
         raise ValueError(f"response_start must be an int or a [{bsz}] tensor, got shape {tuple(start.shape)}")
@@ -294,9 +308,20 @@ def sequence_logprobs(
     resp_len = length - int(start.min()) if bsz else 0
     decoder, head = _unwrap_causal_lm(model)
     out_dtype = torch.promote_types(head.weight.dtype, torch.float32)
-    if resp_len == 0:  # nothing to score (and nothing to run)
-        empty = torch.zeros(bsz, 0, device=device, dtype=out_dtype)
+    if bsz == 0:
+        empty = torch.zeros(0, resp_len, device=device, dtype=out_dtype)
         return empty, (empty.clone() if with_entropy else None)
+    _check_left_padded(attention_mask, start)
+    if resp_len == 0:
+        # No response column: score one appended all-pad column and keep none of it, so the
+        # (empty) result comes from the same calls as any other (docstring: FSDP, backward).
+        ids = torch.cat([input_ids, input_ids[:, -1:]], 1)
+        mask = torch.cat([attention_mask, torch.zeros_like(attention_mask[:, -1:])], 1)
+        logp, entropy = sequence_logprobs(
+            model, ids, mask, response_start, chunk_size=chunk_size, with_entropy=with_entropy,
+            temperature=temperature, share_prompts=share_prompts, bucket_overhead_tokens=bucket_overhead_tokens)
+        return logp[:, :0], (entropy[:, :0] if entropy is not None else None)
+    fsdp = _fsdp_sharded(model)
 
     # Token at column c = start + j is predicted by the hidden state at column c - 1.
     cols = start[:, None] + torch.arange(resp_len, device=device)[None, :]  # [B, R]
@@ -304,23 +329,29 @@ def sequence_logprobs(
     cols = cols.clamp(max=length - 1)
     targets = input_ids.gather(1, cols)
     valid &= attention_mask.gather(1, cols).bool()
-    one_start = bool((start == start[0]).all())
+    # FSDP: the kind of response_start, not its values, picks the path (docstring)
+    one_start = scalar_start if fsdp else bool((start == start[0]).all())
     # Each row needs its response columns up to its last real token, no further.
     widths = torch.where(valid, torch.arange(1, resp_len + 1, device=device), 0).amax(1)
     if one_start:
         P = int(start[0])
-        overhead = float("inf") if _fsdp_sharded(model) else float(bucket_overhead_tokens)
-        buckets = plan_buckets(widths.cpu(), overhead)
-        buckets = [b.to(device) for b in buckets]
+        every_row = [torch.arange(bsz, device=device)]
+        if fsdp:  # one bucket, whatever the widths
+            buckets = every_row
+        else:  # nothing to score: still one (prompt) pass, so that the zeros have a graph
+            buckets = [b.to(device) for b in plan_buckets(widths.cpu(), float(bucket_overhead_tokens))] or every_row
         shared = None
-        if share_prompts and can_share(model) and buckets:
-            if len(buckets) > 1 or _has_repeats(input_ids[:, :P], attention_mask[:, :P]):
+        if share_prompts and can_share(model):
+            if fsdp or len(buckets) > 1 or _has_repeats(input_ids[:, :P], attention_mask[:, :P]):
                 shared = encode_prompts(decoder, input_ids[:, :P], attention_mask[:, :P])
         parts = []
         for rows in buckets:
-            width = int(widths[rows].max())
+            width = max(int(widths[rows].max()), 1)
             if shared is not None:
-                h = response_hidden(decoder, shared, rows, input_ids, attention_mask, P, width)
+                # a 1-token bucket needs only the prompt pass; FSDP still runs the continuation
+                # call (width 2 fits: resp_len >= 1) and drops its column, as every rank must
+                run = max(width, 2) if fsdp else width
+                h = response_hidden(decoder, shared, rows, input_ids, attention_mask, P, run)[:, :width]
             else:
                 h = _padded_hidden(decoder, input_ids.index_select(0, rows),
                                    attention_mask.index_select(0, rows), P, width)
@@ -341,9 +372,8 @@ def sequence_logprobs(
         dest.append((rows[:, None] * resp_len + torch.arange(width, device=device))[keep])
     flat_h, dest = torch.cat(flat_h), torch.cat(dest)
     zeros = torch.zeros(bsz * resp_len, device=device, dtype=out_dtype)
-    if dest.numel() == 0:
-        lp0 = zeros.view(bsz, resp_len)
-        return lp0, (lp0.clone() if with_entropy else None)
+    # also with no token to score (dest empty): the LM head then sees 0 rows and the zeros
+    # below stay attached to the graph of the decoder calls above (zero gradients)
     logp, entropy = token_logprobs_from_hidden(
         flat_h[None], head.weight, targets.reshape(-1).index_select(0, dest)[None],
         lm_head_bias=getattr(head, "bias", None), chunk_size=chunk_size, with_entropy=with_entropy,
@@ -353,6 +383,27 @@ def sequence_logprobs(
     if entropy is not None:
         entropy = zeros.index_copy(0, dest, entropy[0].to(out_dtype)).view(bsz, resp_len)
     return logp, entropy
+
+
+def _check_left_padded(attention_mask: Tensor, start: Tensor) -> None:
+    """Column ``start - 1`` predicts a row's first response token, so it must be real
+    whenever the row has real prompt tokens and a response to score: a right-padded prompt
+    block would score the response from a pad, silently wrong (all-pad prompts and rows with
+    nothing to score are let through)."""
+    before = (start - 1)[:, None]
+    last_real = attention_mask.gather(1, before)[:, 0] != 0
+    seen = attention_mask.ne(0).long().cumsum(1)
+    in_prompt = seen.gather(1, before)[:, 0]
+    bad = ((in_prompt > 0) & (seen[:, -1] > in_prompt) & ~last_real).nonzero()
+    if bad.numel():
+        r = int(bad[0, 0])
+        s = int(start[r])
+        raise ValueError(
+            f"row {r}: attention_mask[{r}, {s - 1}] == 0 but the row has real prompt tokens before "
+            f"response_start={s}; the prompt block must be left-padded (padding before the prompt, "
+            f"none between the prompt and the response) -- a right-padded prompt would score the "
+            f"response from a pad token. Re-pad the prompt on the left."
+        )
 
 
 def _has_repeats(prompt_ids: Tensor, prompt_mask: Tensor) -> bool:
