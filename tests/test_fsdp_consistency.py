@@ -83,7 +83,7 @@ def _upstream(lp: torch.Tensor) -> torch.Tensor:
 def _one_process(state: dict, scenario: str) -> dict:
     """The unsharded values: log-probs, entropies per rank, gradients summed over the ranks
     (FSDP's reduce-scatter sums them: ``shard_policy`` sets the divide factor to 1)."""
-    from rpgrl.logprobs import sequence_logprobs
+    from rpgrl.models.logprobs import sequence_logprobs
 
     model = _model()
     model.load_state_dict(state)
@@ -102,7 +102,7 @@ def _worker(state_path: str, scenario: str, out_path: str) -> None:
 
     import torch.distributed as dist
 
-    from rpgrl.fsdp import logprobs_fn, shard_policy
+    from rpgrl.parallel.fsdp import logprobs_fn, shard_policy
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
