@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rpgrl.models.prefix import can_share, encode_prompts, last_hidden, positions, response_hidden, unwrap
+from rpgrl.models.prefix import (can_share, encode_prompts, first_real_column, has_repeats, last_hidden, positions,
+                                 response_hidden, unwrap)
 
 __all__ = ["token_logprobs_from_hidden", "sequence_logprobs", "plan_buckets"]
 
@@ -342,7 +343,7 @@ def sequence_logprobs(
             buckets = [b.to(device) for b in plan_buckets(widths.cpu(), float(bucket_overhead_tokens))] or every_row
         shared = None
         if share_prompts and can_share(model):
-            if fsdp or len(buckets) > 1 or _has_repeats(input_ids[:, :P], attention_mask[:, :P]):
+            if fsdp or len(buckets) > 1 or has_repeats(input_ids[:, :P], attention_mask[:, :P]):
                 shared = encode_prompts(decoder, input_ids[:, :P], attention_mask[:, :P])
         parts = []
         for rows in buckets:
@@ -406,18 +407,12 @@ def _check_left_padded(attention_mask: Tensor, start: Tensor) -> None:
         )
 
 
-def _has_repeats(prompt_ids: Tensor, prompt_mask: Tensor) -> bool:
-    rows = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
-    return torch.unique(rows, dim=0).shape[0] < rows.shape[0]
-
-
 def _padded_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor, P: int, width: int) -> Tensor:
     """[b, width, H] hidden states predicting response columns 0..width-1, from one padded
     forward over only the columns they need: from the first prompt column that is real in
     some row to P + width - 2 (later columns cannot change them under causal attention;
     all-pad left columns are masked keys and do not move ``cumsum(mask) - 1`` positions)."""
-    real = attention_mask[:, :P].bool().any(0).nonzero()
-    lo = min(int(real[0]) if real.numel() else P - 1, P - 1)
+    lo = first_real_column(attention_mask[:, :P], P - 1)
     ids, mask = input_ids[:, lo:P + width - 1], attention_mask[:, lo:P + width - 1]
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
     return last_hidden(out)[:, P - 1 - lo:]

@@ -84,6 +84,19 @@ def call_with_cache(module: nn.Module, cache, *, keep_last: bool = False, **inpu
     return module(**inputs, use_cache=True, **extra)
 
 
+def first_real_column(mask: Tensor, limit: int) -> int:
+    """The first column of a left-padded block that is real in some row, at most ``limit``:
+    columns before it are padding in every row and can be dropped (pads are masked keys and
+    do not move ``cumsum(mask) - 1`` positions)."""
+    real = mask.bool().any(0).nonzero()
+    return min(int(real[0]) if real.numel() else limit, limit)
+
+
+def has_repeats(ids: Tensor, mask: Tensor) -> bool:
+    """Whether some row of a prompt block repeats (then sharing its KV saves work)."""
+    return dedupe_rows(ids, mask) is not None
+
+
 def dedupe_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """(unique ids, their mask, inverse index) of the rows of a left-padded prompt block, or
     None when no row repeats (sharing would only add a second decoder call)."""
@@ -143,9 +156,7 @@ def encode_prompts(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) 
     and pads are masked keys, so nothing else changes). Returns None when the decoder kept no
     KV (a cache-less variant): the caller then runs the padded forward.
     """
-    width = prompt_ids.shape[1]
-    real = prompt_mask.bool().any(0).nonzero()
-    offset = min(int(real[0]) if real.numel() else width - 1, width - 1)
+    offset = first_real_column(prompt_mask, prompt_ids.shape[1] - 1)
     ids, mask = prompt_ids[:, offset:], prompt_mask[:, offset:]
     found = dedupe_rows(ids, mask)
     if found is None:
