@@ -41,6 +41,7 @@ def test_fsdp_bf16_keeps_fp32_master_weights_and_w_one(tiny_overrides, tmp_path)
         assert r["lm_head_output_dtypes"] == ["torch.float32"]  # sampler's logits: fp32 root
         assert r["logp_dtypes"] == ["torch.float32"]
         assert r["logprob_passes"] == 1 and r["first_mini_batch_calls"] == 1  # 4 rows per rank
+        print(f"rank {rank}: max |log w| on the first mini-batch {r['max_abs_log_w']:.3g}")
         assert r["max_abs_log_w"] <= W_BOUND
         assert r["moved"] > 0.5 * r["params"]  # an lr-1e-5 step moved the fp32 shards
     ckpt = out / "checkpoints" / "step_000001"

@@ -313,6 +313,8 @@ def test_profile_divides_by_the_peak_of_the_dtype_in_use(tiny_overrides, capsys)
     for r in rows:
         assert r["mfu/matmul_peak_gflops"] == r["mfu/matmul_peak_gflops_bfloat16"] > 0
         assert r["mfu/matmul_peak_gflops_float32"] > 0
+        for phase in ("generation", "forward_backward"):
+            assert 0 < r[f"mfu/{phase}"] <= 1.0, (phase, r)
     printed = capsys.readouterr().out
     assert "precision: bf16 mixed precision" in printed
     assert "MFU against the bfloat16 peak" in printed and "float32" in printed
