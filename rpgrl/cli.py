@@ -21,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     import os
 
-    from rpgrl.trainer import Trainer, TrainingError
+    from rpgrl.loop.trainer import Trainer, TrainingError
 
     try:
         summary = Trainer(cfg, resume=args.resume).train()
@@ -49,9 +49,9 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from rpgrl.data.verl import load_examples, tokenize_prompts
-    from rpgrl.evaluation import evaluate_policy
-    from rpgrl.gguf import resolve_model_path
-    from rpgrl.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
+    from rpgrl.loop.evaluation import evaluate_policy
+    from rpgrl.models.gguf import resolve_model_path
+    from rpgrl.models.loading import load_policy, load_tokenizer, resolve_device, resolve_dtype
     from rpgrl.rewards import load_scorer
 
     device = resolve_device(args.device)
@@ -87,7 +87,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rpgrl.rollout import ENGINES
+    from rpgrl.loop.generation import ENGINES
 
     p = argparse.ArgumentParser(prog="rpgrl", description="Regularized Policy Gradient for LLM reasoning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--out", default=None, help="write the JSON results here")
     e.set_defaults(func=_eval)
-    from rpgrl.compare import add_subcommands
+    from rpgrl.tools.compare import add_subcommands
 
     add_subcommands(sub)
-    __import__("rpgrl.loss_cli").loss_cli.add_subcommands(sub)  # check-loss, explain (issue 15)
+    from rpgrl.tools import loss_cli
+
+    loss_cli.add_subcommands(sub)  # check-loss, explain
     return p
 
 

@@ -1,4 +1,4 @@
-"""Advantage estimators (spec section 5): hand-computed cases, singletons, masking."""
+"""Advantage estimators (docs/math.md §5): hand-computed cases, singletons, masking."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rpgrl.advantages import ADVANTAGES, compute_advantages, masked_whiten
+from rpgrl.algorithm.advantages import ADVANTAGES, compute_advantages, masked_whiten
 
 DT = torch.float64
 # groups (non-contiguous ids): 7 -> [1, 0, 1], 2 -> [0.5, 0.5] (zero std), 5 -> [3] (singleton)

@@ -69,7 +69,7 @@ def _worker(report: str, *overrides: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from rpgrl.config import load_config
-    from rpgrl.trainer import Trainer
+    from rpgrl.loop.trainer import Trainer
 
     t = Trainer(load_config(overrides=list(overrides)), log=print)
     rank = t.dist.rank

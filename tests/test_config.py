@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rpgrl.config import PRESETS, ConfigError, load_config, parse_overrides
-from rpgrl.distributed import check_world_size
+from rpgrl.parallel.distributed import check_world_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,8 +69,8 @@ def test_shipped_configs_load(path):
 
 
 BAD = [
-    (["algorithm.dual_clip=1.0"], "algorithm.dual_clip: 1.0 must be > 1 (dual clip) or null"),
-    (["algorithm.beta=-0.1"], "algorithm.beta: -0.1 must be >= 0"),
+    (["algorithm.dual_clip=1.0"], "algorithm.dual_clip: dual_clip must be > 1 (or None to disable), got 1.0"),
+    (["algorithm.beta=-0.1"], "algorithm.beta: beta must be a finite number >= 0, got -0.1"),
     (["trainer.prompts_per_step=10", "trainer.mini_batch_prompts=4"],
      "trainer.mini_batch_prompts: 4 must divide trainer.prompts_per_step (10)"),
     (["trainer.micro_batch_sequences=48"],

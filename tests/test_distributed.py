@@ -42,7 +42,7 @@ def _torchrun(*args: str, timeout: float = 120) -> str:
 # ----------------------------------------------------------------------------- units (no processes)
 
 def test_reduce_metrics_sums_counts_means_the_rest():
-    from rpgrl.distributed import reduce_metrics
+    from rpgrl.parallel.distributed import reduce_metrics
 
     per_rank = [{"actor/loss": 0.25, "batch/kept_groups": 2, "reward/mean": 0.5, "len/max": 3,
                  "optim/lr": 1e-3, "actor/optimizer_steps": 2, "algo": "x"},
@@ -56,7 +56,7 @@ def test_reduce_metrics_sums_counts_means_the_rest():
 
 def test_world_size_checks_name_the_key():
     from rpgrl.config import ConfigError, load_config
-    from rpgrl.distributed import DistContext, check_world_size
+    from rpgrl.parallel.distributed import DistContext, check_world_size
 
     cfg = load_config(overrides=["trainer.prompts_per_step=6", "trainer.mini_batch_prompts=3",
                                  "algorithm.dynamic_sampling.enabled=false", "trainer.micro_batch_sequences=8"])
@@ -78,8 +78,8 @@ def test_global_advantages_equal_the_full_batch(name):
     give the rows of the full-batch estimator (float64, exact up to rounding)."""
     from dataclasses import dataclass
 
-    from rpgrl.advantages import compute_advantages
-    from rpgrl.distributed import DistContext, global_advantages
+    from rpgrl.algorithm.advantages import compute_advantages
+    from rpgrl.parallel.distributed import DistContext, global_advantages
 
     gen = torch.Generator().manual_seed(3)
     rewards = torch.rand(12, generator=gen, dtype=torch.float64)
@@ -106,7 +106,7 @@ def test_global_advantages_equal_the_full_batch(name):
 # ----------------------------------------------------------------------------- torchrun
 
 def _train_rows(out: Path) -> list[dict]:
-    from rpgrl.tracking import read_metrics
+    from rpgrl.loop.tracking import read_metrics
 
     return [r for r in read_metrics(out / "metrics.jsonl") if "actor/loss" in r]
 
@@ -152,7 +152,7 @@ def test_two_processes_train_write_once_and_resume(tiny_overrides, tmp_path):
 @pytest.mark.medium
 def test_distributed_update_equals_one_process_update(tiny_overrides, tmp_path):
     from rpgrl.config import load_config
-    from rpgrl.trainer import Trainer
+    from rpgrl.loop.trainer import Trainer
 
     # one mini-batch (prompts_per_step == mini_batch_prompts): both runs step on the same sequences;
     # reinforce_pp_baseline whitens over the whole batch, so the 2-process path must gather
@@ -254,7 +254,7 @@ def test_dynamic_sampling_ranks_agree_on_kept_groups(tiny_overrides, tmp_path):
 
 def _collect_worker(out_path: str, *overrides: str) -> None:
     from rpgrl.config import load_config
-    from rpgrl.trainer import Trainer
+    from rpgrl.loop.trainer import Trainer
 
     t = Trainer(load_config(overrides=list(overrides)), log=_quiet)
     batch, metrics = t.collect()
@@ -271,8 +271,8 @@ def _collect_worker(out_path: str, *overrides: str) -> None:
 
 def _parity_worker(batch_path: str, out_path: str, *overrides: str) -> None:
     from rpgrl.config import load_config
-    from rpgrl.metrics import MAX_METRICS, SUM_METRICS
-    from rpgrl.trainer import Batch, Trainer
+    from rpgrl.loop.metrics import MAX_METRICS, SUM_METRICS
+    from rpgrl.loop.trainer import Batch, Trainer
 
     t = Trainer(load_config(overrides=list(overrides)), log=_quiet)
     assert t.dist.world_size == 2

@@ -20,7 +20,7 @@ from datasets import Dataset  # noqa: E402
 
 from rpgrl.integrations.trl import RPGConfig, RPGTrainer, rpg_norm  # noqa: E402
 from rpgrl.losses import policy_loss  # noqa: E402
-from rpgrl.tiny import build_tiny_tokenizer  # noqa: E402
+from rpgrl.models.tiny import build_tiny_tokenizer  # noqa: E402
 
 try:
     from rpgrl.rewards import compute_score
@@ -129,7 +129,7 @@ def test_trainer_loss_is_policy_loss(tiny_dir, tmp_path, loss_name, anchor):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_accumulated_micro_losses_are_the_global_mean(tiny_dir, tmp_path, agg):
-    """GA=2: the micro-batch losses must add up to the loss of the whole optimizer step (spec 6)."""
+    """GA=2: the micro-batch losses must add up to the loss of the whole optimizer step (docs/math.md §6)."""
     trainer = _train(tiny_dir, tmp_path, rpg_agg=agg, max_steps=1, num_iterations=1,
                      per_device_train_batch_size=4, gradient_accumulation_steps=2)
     a, b = trainer.records
@@ -182,7 +182,7 @@ def test_config_defaults_follow_the_paper(tmp_path):
     ("entropy_coef", 0.01, "entropy"),
     ("sync_ref_model", True, "rpg_anchor='reference'"),
     ("rpg_kl_in_advantage", True, "rpg_rkl"),  # the default REINFORCE loss has no such option
-    # issue 13: options that bypass _compute_loss or would be silently ignored by it
+    # options that bypass _compute_loss or would be silently ignored by it
     ("use_liger_kernel", True, "compute_liger_loss"),
     ("use_bias_correction_kl", False, "rpg_loss='grpo'"),
 ])
@@ -201,7 +201,7 @@ def test_config_rejects_unknown_vllm_importance_sampling_mode(tmp_path):
 
 
 def test_trainer_revalidates_fields_set_after_construction(tiny_dir, tmp_path):
-    """use_liger_kernel set on the args after RPGConfig() must not reach TRL (issue 13 item 1)."""
+    """use_liger_kernel set on the args after RPGConfig() must not reach TRL."""
     args = RPGConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=2,
                      per_device_train_batch_size=2)
     args.use_liger_kernel = True

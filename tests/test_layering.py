@@ -1,4 +1,4 @@
-"""Package shape (issue 14): no import cycles between rpgrl modules, and the trainer stays an
+"""Package shape: no import cycles between rpgrl modules, and the trainer stays an
 orderer of calls (short, no parallel-strategy branches)."""
 
 from __future__ import annotations
@@ -50,6 +50,6 @@ def test_no_import_cycles():
 
 
 def test_trainer_is_short_and_strategy_free():
-    text = (PKG / "trainer.py").read_text()
+    text = (PKG / "loop" / "trainer.py").read_text()
     assert len(text.splitlines()) <= 350
     assert "fsdp" not in text.lower()

@@ -1,4 +1,4 @@
-"""Tests for rpgrl.logprobs: chunked log-probs/entropy vs the naive full-logits path."""
+"""Tests for rpgrl.models.logprobs: chunked log-probs/entropy vs the naive full-logits path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from hf_tiny import tiny_causal_lm
 
-from rpgrl.logprobs import sequence_logprobs, token_logprobs_from_hidden
+from rpgrl.models.logprobs import sequence_logprobs, token_logprobs_from_hidden
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -257,7 +257,7 @@ def test_peft_lora_on_lm_head_is_refused():
 _MEM_SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
-    from rpgrl.logprobs import token_logprobs_from_hidden
+    from rpgrl.models.logprobs import token_logprobs_from_hidden
     mode, chunk = sys.argv[1], int(sys.argv[2])
     B, T, H, V = 8, 2048, 64, 32000
     grad = mode == "fwdbwd"
@@ -303,7 +303,7 @@ def test_memory_bar_b8_t2048_v32000():
 
 
 def test_no_full_vocabulary_logits_in_logprob_passes():
-    """Memory (issue 12): log-probs, entropy and their backward never call the LM-head module
+    """Memory: log-probs, entropy and their backward never call the LM-head module
     (no [B, L, V] logits); the chunked head sees at most chunk_size real tokens at a time."""
     model = _tiny("qwen2")
     ids, mask = _batch()

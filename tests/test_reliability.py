@@ -1,4 +1,4 @@
-"""Kill-safety and failure handling of the whole trainer (issue: reliability)."""
+"""Kill-safety and failure handling of the whole trainer."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rpgrl.checkpoint import find_latest_checkpoint, list_checkpoints
+from rpgrl.loop.checkpoint import find_latest_checkpoint, list_checkpoints
 from rpgrl.config import load_config
-from rpgrl.tracking import read_metrics
-from rpgrl.trainer import Trainer, TrainingError
+from rpgrl.loop.tracking import read_metrics
+from rpgrl.loop.trainer import Trainer, TrainingError
 
 pytestmark = pytest.mark.medium
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from rpgrl.config import PRESETS, load_config
-from rpgrl.models import load_policy
-from rpgrl.tracking import read_metrics
-from rpgrl.trainer import Trainer
+from rpgrl.models.loading import load_policy
+from rpgrl.loop.tracking import read_metrics
+from rpgrl.loop.trainer import Trainer
 
 pytestmark = pytest.mark.medium
 
@@ -116,7 +116,7 @@ def test_anchor_logprobs_are_what_the_mode_claims(mode, extra, refreshes, tiny_o
 
 
 def test_periodic_anchor_refreshes_every_k_optimizer_steps(tiny_overrides):
-    """K counts optimizer steps (spec 1.1), not batches: 4 optimizer steps per batch (one
+    """K counts optimizer steps (docs/math.md §1.1), not batches: 4 optimizer steps per batch (one
     prompt per mini-batch) and K = 2 give refreshes after steps 2, 4 and 6 of the first 8
     (the one due after step 8, the batch's last, is taken before the next batch's anchor
     log-probs). Refreshing only at batch boundaries gave 1."""

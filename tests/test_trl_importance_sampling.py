@@ -1,5 +1,5 @@
 """RPGTrainer vs TRL's own GRPOTrainer loss on identical inputs: the vLLM correction r and
-TRL's other per-token multipliers (issue 13, items 1-2).
+TRL's other per-token multipliers.
 
 Both trainers are real (same tiny Qwen2 loaded from disk); each ``_compute_loss`` runs on the
 same hand-built batch (fixed w = pi_theta/pi_old per sequence, fixed r as TRL's
@@ -26,11 +26,11 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rpgrl.integrations.trl import RPGConfig, RPGTrainer, token_weights  # noqa: E402
 from rpgrl.losses import LOSSES, policy_loss  # noqa: E402
-from rpgrl.tiny import build_tiny_tokenizer  # noqa: E402
+from rpgrl.models.tiny import build_tiny_tokenizer  # noqa: E402
 
 B, P, T = 4, 3, 5  # sequences, prompt tokens, completion tokens
 ADV = [1.0, 1.0, -1.0, -1.0]
-R_SEQ = [1.0, 1.5, 0.7, 2.5]  # the issue's example: kept by sequence_mask (cap 3)
+R_SEQ = [1.0, 1.5, 0.7, 2.5]  # docs/trl.md's worked example: kept by sequence_mask (cap 3)
 # Off-policy w per sequence: seq 0 w > 1+eps_high with A > 0 and seq 3 w < 1-eps with A < 0
 # (clipped by w alone); seqs 1, 2 inside the trust region although w*r is not (1.65, 0.63).
 W_OFF = [1.35, 1.1, 0.9, 0.7]
@@ -142,7 +142,7 @@ def _r_token():
 
 @pytest.mark.parametrize("rpg_loss", ["rpg_reinforce_ufkl", "ppo"])
 def test_issue_example_matches_trl_sequence_ratio(trl_dapo, make, rpg_loss):
-    """Issue 13 item 2: r = [1, 1.5, 0.7, 2.5], A = [1, 1, -1, -1], w = 1: TRL's per-sequence
+    """docs/trl.md's worked example: r = [1, 1.5, 0.7, 2.5], A = [1, 1, -1, -1], w = 1: TRL's per-sequence
     gradient sums are -r*A*T = [-5, -7.5, 3.5, 12.5] (token-mean over 20 tokens, x 20); the old
     fold of r into the sampler clipped w*r and gave [-5, 0, 0, 12.5]."""
     rpg = make(RPGTrainer, rpg_loss=rpg_loss)

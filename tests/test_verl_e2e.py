@@ -1,6 +1,6 @@
 """verl 0.9's real trainer (``python -m verl.trainer.main_ppo``) trains with an rpgrl loss on CPU.
 
-Issue 16: Ray, verl's FSDP2 actor, the ``rpgrl_hf`` rollout, log-prob recomputation, the
+End to end: Ray, verl's FSDP2 actor, the ``rpgrl_hf`` rollout, log-prob recomputation, the
 ``rpg`` advantage and an off-policy update (2 mini-batches x ppo_epochs=2) on a tiny local
 Llama, through verl's extension points only (``rpgrl.integrations.verl_cpu``). The run takes
 ~2.5 (legacy) / ~4.5 (v1) minutes on 2 lightly loaded cores (12.5 minutes at load average 15),
@@ -46,7 +46,7 @@ def _check_run(res: RunResult) -> None:
         assert rpg, f"step {m['step']}: no actor/rpg/* metrics (is the loss an rpgrl loss?); keys: {sorted(m)}"
         assert all(math.isfinite(v) for v in rpg.values()), rpg
         # Off-policy: after the first mini-batch update the policy moved, so w != 1 and the
-        # RPG-Style clip / trust region fired (spec 3-4, Algorithm 1-2).
+        # RPG-Style clip / trust region fired (docs/math.md §3-4, Algorithm 1-2).
         assert m["actor/rpg/importance_weight_max"] > 1.05, rpg
         assert m["actor/rpg/kl_rollout_k3"] > 1e-4, rpg
         # verl's dashboard key is filled from rpgrl's own clip counts.

@@ -1,4 +1,4 @@
-"""Every rpgrl policy loss and the ``rpg`` advantage estimator inside verl 0.9 (issue 6).
+"""Every rpgrl policy loss and the ``rpg`` advantage estimator inside verl 0.9.
 
 ``pip install "rpgrl[verl]"`` installs an entry point in verl's ``verl.plugins`` group;
 verl 0.9's ``verl/__init__.py`` loads every such entry point on ``import verl`` (in the
@@ -13,7 +13,7 @@ it imports this module, which registers:
   ``package.module:function`` loss_mode is registered under that name when
   ``RPGPolicyLossConfig`` is built; select one with
   ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``;
-* ``rpg`` (A = R - mean of the group, spec section 5) with ``register_adv_est``; select it
+* ``rpg`` (A = R - mean of the group, docs/math.md §5) with ``register_adv_est``; select it
   with ``algorithm.adv_estimator=rpg``.
 
 ``RPGPolicyLossConfig`` (``actor_rollout_ref.actor.policy_loss._target_``) carries beta,
@@ -24,13 +24,13 @@ Normalization is verl's: ``ppo_loss`` stores the mini-batch's global token / seq
 and the data-parallel size in ``config.global_batch_info`` (what verl's ``agg_loss`` reads),
 and ``verl_normalization`` turns them into rpgrl's ``(agg, norm)`` so that the value is
 exactly ``agg_loss(token_loss, mask, mode, **global_batch_info)`` for all five verl modes
-(spec section 6: whole mini-batch denominators, times dp_size because FSDP averages
+(docs/math.md §6: whole mini-batch denominators, times dp_size because FSDP averages
 gradients over ranks).
 
 The anchor: verl 0.9.1's ``ppo_loss`` (verl/workers/utils/losses.py) passes a policy loss
 only (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
 rollout_is_weights); ``ref_log_prob`` reaches only verl's own ``use_kl_loss`` term. So the
-anchor is the rollout policy (old_log_prob), the paper's default (spec 1.1, mode 1: rho = w,
+anchor is the rollout policy (old_log_prob), the paper's default (docs/math.md §1.1, mode 1: rho = w,
 v = 1); ``anchor`` accepts only ``"rollout"``.
 """
 
@@ -54,7 +54,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
         f"importing verl failed: {exc}"
     ) from exc
 
-from rpgrl.advantages import compute_advantages
+from rpgrl.algorithm.advantages import compute_advantages
 from rpgrl.losses import LOSSES, UnknownLossError, aggregation_count, policy_loss
 
 __all__ = [
@@ -69,7 +69,7 @@ __all__ = [
     "verl_normalization",
 ]
 
-#: Paper default KL coefficient (spec section 7).
+#: Paper default KL coefficient (docs/math.md §7).
 DEFAULT_BETA = 1e-4
 #: Anchors a verl 0.9 policy loss can see (module docstring: ref_log_prob is not passed).
 ANCHORS = ("rollout",)
@@ -107,7 +107,7 @@ def _check_rpg_options(beta: Any, anchor: Any, where: str) -> None:
 class RPGPolicyLossConfig(PolicyLossConfig):
     """verl ``policy_loss`` config with RPG's options (select it via ``_target_``).
 
-    beta: KL coefficient of spec 2-4 (paper 1e-4); anchor: only "rollout" (module
+    beta: KL coefficient of docs/math.md §2-4 (paper 1e-4); anchor: only "rollout" (module
     docstring); kl_in_advantage: fold the KL weight into the clipped advantage
     (Algorithm 1, differentiable ``rpg_*`` losses only).
     """
@@ -232,7 +232,7 @@ def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, floa
         )
         loss, metrics = policy_loss(
             name, log_prob, old_log_prob, advantages, response_mask,
-            anchor_logp=None,  # = old_log_prob: spec 1.1 mode 1 (see module docstring)
+            anchor_logp=None,  # = old_log_prob: docs/math.md §1.1, mode 1 (see module docstring)
             beta=float(beta), clip=clip, dual_clip=float(_get(config, "clip_ratio_c", 3.0)),
             agg=agg, kl_in_advantage=bool(_get(pl, "kl_in_advantage", False)), norm=norm,
         )
@@ -250,8 +250,8 @@ def rpg_outcome_advantage(
     config: Any = None,
     **_: Any,
 ) -> tuple[Tensor, Tensor]:
-    """verl advantage estimator ``rpg``: A = R - mean of the prompt's group (spec 5), via
-    ``rpgrl.advantages.compute_advantages``; R = sum of the token-level rewards, groups = uid.
+    """verl advantage estimator ``rpg``: A = R - mean of the prompt's group (docs/math.md §5), via
+    ``rpgrl.algorithm.advantages.compute_advantages``; R = sum of the token-level rewards, groups = uid.
     Returns (advantages, returns), both [B, T] and zero on padding, like verl's GRPO."""
     rewards = token_level_rewards.sum(dim=-1)
     group_ids = as_torch_index(index, device=rewards.device)
