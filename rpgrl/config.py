@@ -538,6 +538,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.val_files: also set data.train_files (the procedural task has its own test split)")
 
 
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """The part of ``validate`` that needs the number of processes (known once torchrun has
+    started): fail before any work if the batch cannot be split into whole groups per rank."""
+    if world_size <= 1:
+        return
+    t = cfg.trainer
+    for key, value in (("trainer.prompts_per_step", t.prompts_per_step),
+                       ("trainer.mini_batch_prompts", t.mini_batch_prompts)):
+        if value % world_size:
+            raise ConfigError(
+                f"{key}: {value} is not divisible by the world size {world_size} (processes over all "
+                f"nodes); each process takes whole prompt groups, so use a multiple of {world_size}"
+            )
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

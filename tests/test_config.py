@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rpgrl.config import PRESETS, ConfigError, load_config, parse_overrides
-from rpgrl.parallel.distributed import check_world_size
+from rpgrl.config import PRESETS, ConfigError, check_world_size, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,3 +153,20 @@ def test_help_config_lists_every_key_with_a_description(capsys):
     for key, typ, default, doc in rows:
         assert any(line.split()[:2] == [key, typ.split()[0]] and line.rstrip().find(doc) > 0
                    for line in out.splitlines()), key
+
+
+def test_world_size_checks_name_the_key():
+    from rpgrl.parallel.distributed import DistContext
+
+    cfg = load_config(overrides=["trainer.prompts_per_step=6", "trainer.mini_batch_prompts=3",
+                                 "algorithm.dynamic_sampling.enabled=false", "trainer.micro_batch_sequences=8"])
+    check_world_size(cfg, 1)
+    check_world_size(cfg, 3)
+    with pytest.raises(ConfigError, match=r"trainer.prompts_per_step: 6 is not divisible by the world size 4"):
+        check_world_size(cfg, 4)
+    with pytest.raises(ConfigError, match=r"trainer.mini_batch_prompts: 3 is not divisible by the world size 2"):
+        check_world_size(cfg, 2)
+    dapo = load_config(overrides=["algorithm.name=dapo", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2",
+                                  "trainer.micro_batch_sequences=8"])
+    check_world_size(dapo, 2)  # dynamic sampling runs under torchrun
+    assert DistContext(rank=1, world_size=2).shard([10, 11, 12, 13]) == [12, 13]

@@ -54,55 +54,6 @@ def test_reduce_metrics_sums_counts_means_the_rest():
     assert isinstance(out["actor/optimizer_steps"], int)
 
 
-def test_world_size_checks_name_the_key():
-    from rpgrl.config import ConfigError, load_config
-    from rpgrl.parallel.distributed import DistContext, check_world_size
-
-    cfg = load_config(overrides=["trainer.prompts_per_step=6", "trainer.mini_batch_prompts=3",
-                                 "algorithm.dynamic_sampling.enabled=false", "trainer.micro_batch_sequences=8"])
-    check_world_size(cfg, 1)
-    check_world_size(cfg, 3)
-    with pytest.raises(ConfigError, match=r"trainer.prompts_per_step: 6 is not divisible by the world size 4"):
-        check_world_size(cfg, 4)
-    with pytest.raises(ConfigError, match=r"trainer.mini_batch_prompts: 3 is not divisible by the world size 2"):
-        check_world_size(cfg, 2)
-    dapo = load_config(overrides=["algorithm.name=dapo", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2",
-                                  "trainer.micro_batch_sequences=8"])
-    check_world_size(dapo, 2)  # dynamic sampling runs under torchrun
-    assert DistContext(rank=1, world_size=2).shard([10, 11, 12, 13]) == [12, 13]
-
-
-@pytest.mark.parametrize("name", ["batch_mean", "reinforce_pp", "reinforce_pp_baseline", "grpo"])
-def test_global_advantages_equal_the_full_batch(name):
-    """Two shards of different response widths and overlapping local group ids, gathered,
-    give the rows of the full-batch estimator (float64, exact up to rounding)."""
-    from dataclasses import dataclass
-
-    from rpgrl.algorithm.advantages import compute_advantages
-    from rpgrl.parallel.distributed import DistContext, global_advantages
-
-    gen = torch.Generator().manual_seed(3)
-    rewards = torch.rand(12, generator=gen, dtype=torch.float64)
-    group_ids = torch.arange(12) // 4  # 3 groups of 4: rank 0 holds groups 0-1, rank 1 group 2
-    lengths = torch.tensor([5, 3, 1, 4, 2, 5, 5, 1, 3, 2, 2, 1])  # rank 1's rows are <= 3 wide
-    mask = (torch.arange(5)[None, :] < lengths[:, None]).double()
-    token_kl = torch.rand(12, 5, generator=gen, dtype=torch.float64) * mask
-    full = compute_advantages(name, rewards, group_ids, mask, token_kl=token_kl, kl_coef=0.1)
-    shards = [(slice(0, 8), 5), (slice(8, 12), 3)]  # rank 1: 1 group, width 3
-    parts = [(rewards[s], group_ids[s] - group_ids[s].min(), mask[s, :w], token_kl[s, :w]) for s, w in shards]
-
-    @dataclass(frozen=True)
-    class TwoRanks(DistContext):
-        def all_gather_object(self, obj):
-            return parts
-
-    for rank, (rows, w) in enumerate(shards):
-        got = global_advantages(TwoRanks(rank=rank, world_size=2), name, *parts[rank][:3],
-                                token_kl=parts[rank][3], kl_coef=0.1)
-        torch.testing.assert_close(got, full[rows, :w], atol=1e-12, rtol=0)
-        assert full[rows, w:].abs().sum() == 0
-
-
 # ----------------------------------------------------------------------------- torchrun
 
 def _train_rows(out: Path) -> list[dict]:

@@ -73,7 +73,7 @@ def test_nan_gradients_are_skipped_and_counted(tiny_overrides):
     t = Trainer(cfg, log=lambda *a: None)
     poisoned = {2}  # trainer steps (1-based) whose gradients become NaN
     param = next(t.model.parameters())
-    param.register_hook(lambda g: g * float("nan") if t.step_count + 1 in poisoned else g)
+    param.register_hook(lambda g: g * float("nan") if t.state.step + 1 in poisoned else g)
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.step()
     after_first = {k: v.clone() for k, v in t.model.state_dict().items()}
@@ -82,7 +82,7 @@ def test_nan_gradients_are_skipped_and_counted(tiny_overrides):
     for k, v in t.model.state_dict().items():
         assert torch.equal(v, after_first[k]), f"{k} changed during a skipped step"
     assert any(not torch.equal(before[k], after_first[k]) for k in before)
-    t.step_count = 2
+    t.state.step = 2
     summary = t.train()  # the run goes on and ends normally
     assert summary["steps"] == 4 and summary["skipped_steps"] == 2
 
@@ -92,7 +92,7 @@ def test_consecutive_nans_stop_the_run_with_a_message(tiny_overrides, tmp_path):
                                                PARITY))
     t = Trainer(cfg, log=lambda *a: None)
     param = next(t.model.parameters())
-    param.register_hook(lambda g: g * float("nan") if t.step_count >= 2 else g)
+    param.register_hook(lambda g: g * float("nan") if t.state.step >= 2 else g)
     with pytest.raises(TrainingError) as info:
         t.train()
     msg = str(info.value)
@@ -117,5 +117,5 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tiny_overrides, tmp_path):
     with pytest.warns(RuntimeWarning, match="step_000003"):
         t = Trainer(load_config(overrides=tiny_overrides("trainer.total_steps=4")), resume=True,
                     log=lambda *a: None)
-    assert t.step_count == 2  # fell back to the previous complete checkpoint
+    assert t.state.step == 2  # fell back to the previous complete checkpoint
     assert t.train()["steps"] == 4

@@ -183,9 +183,10 @@ def test_old_logp_from_the_update_equals_a_separate_pass(tiny_overrides):
                                     "trainer.share_prompts=false"))
     batch, _ = t.collect()
     t.prepare(batch)
-    assert batch.old_logp is None and t._old_logp_from_update(batch)
+    assert batch.old_logp is None and batch.old_logp_in_update  # prepare chose the shortcut
     separate = copy.deepcopy(batch)
     separate.old_logp, separate.entropy = t._logprobs(t.model, separate.rollout, with_entropy=True)
+    separate.old_logp_in_update = False  # the same update, with pi_old from the separate pass
     model0, opt0 = copy.deepcopy(t.model.state_dict()), copy.deepcopy(t.optimizer.state_dict())
     m_fill = t.update(batch)
     after_fill = {k: v.clone() for k, v in t.model.state_dict().items()}
@@ -205,4 +206,4 @@ def test_old_logp_from_the_update_equals_a_separate_pass(tiny_overrides):
     t2 = make_trainer(tiny_overrides(PARITY))
     b2, _ = t2.collect()
     t2.prepare(b2)
-    assert b2.old_logp is not None
+    assert b2.old_logp is not None and not b2.old_logp_in_update

@@ -16,20 +16,26 @@ verl's ``core_algos`` so that runs are comparable:
   R_i <- R_i - kl_coef * sum_t token_kl_it (the t=0 return of the same token reward),
   before the baseline. With ``kl_coef = 0`` (the default) ``token_kl`` is ignored.
 
-Output is [N, T], zero at masked positions.
+Output is [N, T], zero at masked positions. Under torchrun, ``global_advantages`` gives a
+process the rows of its shard as if computed on the whole batch.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from rpgrl.parallel.distributed import DistContext
 
 __all__ = [
     "ADVANTAGES",
     "GROUP_LOCAL",
     "compute_advantages",
+    "global_advantages",
     "group_mean_std",
     "masked_whiten",
     "token_returns",
@@ -37,7 +43,7 @@ __all__ = [
 
 ADVANTAGES = ("grpo", "rpg", "batch_mean", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 #: Estimators whose value for a sequence depends only on its own group (docs/math.md §5), so a
-#: process holding whole groups computes them exactly (rpgrl.parallel.distributed).
+#: process holding whole groups computes them exactly (``global_advantages``).
 GROUP_LOCAL = ("grpo", "rpg", "rloo")
 
 WHITEN_EPS = 1e-8
@@ -154,3 +160,34 @@ def compute_advantages(
     if name == "reinforce_pp_baseline":
         return masked_whiten(token_adv, valid)
     return token_adv
+
+
+def global_advantages(
+    ctx: "DistContext", name: str, rewards: Tensor, group_ids: Tensor, mask: Tensor, *,
+    token_kl: Optional[Tensor] = None, kl_coef: float = 0.0,
+) -> Tensor:
+    """``compute_advantages`` as if on the whole batch of every process; returns this rank's rows.
+
+    Group-local estimators run on the shard directly (groups are never split across
+    processes). The others (batch_mean, reinforce_pp, reinforce_pp_baseline: a batch mean or
+    a global whitening) gather rewards, masks padded to a common width, group ids made
+    unique and ``token_kl`` from every rank in rank order, compute once, and keep the local rows.
+    """
+    if not ctx.enabled or name in GROUP_LOCAL:
+        return compute_advantages(name, rewards, group_ids, mask, token_kl=token_kl, kl_coef=kl_coef)
+    local = (rewards.cpu(), group_ids.cpu(), mask.cpu(), None if token_kl is None else token_kl.cpu())
+    parts = ctx.all_gather_object(local)
+    width = max(p[2].shape[1] for p in parts)
+    pad = lambda t: F.pad(t, (0, width - t.shape[1]))  # noqa: E731 - masked positions are 0
+    gids, offset = [], 0
+    for p in parts:
+        _, inverse = torch.unique(p[1], return_inverse=True)
+        gids.append(inverse + offset)
+        offset += int(inverse.max()) + 1 if inverse.numel() else 0
+    kl = None if parts[0][3] is None else torch.cat([pad(p[3]) for p in parts])
+    full = compute_advantages(
+        name, torch.cat([p[0] for p in parts]), torch.cat(gids), torch.cat([pad(p[2]) for p in parts]),
+        token_kl=kl, kl_coef=kl_coef,
+    )
+    start = sum(p[0].shape[0] for p in parts[:ctx.rank])
+    return full[start:start + rewards.shape[0], :mask.shape[1]].to(rewards.device)

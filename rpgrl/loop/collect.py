@@ -33,6 +33,9 @@ class Batch:
     old_logp: torch.Tensor | None = None  # [N, R]
     anchor_logp: torch.Tensor | None = None  # [N, R]; None = rollout anchor
     entropy: torch.Tensor | None = None  # [N, R]
+    #: set by the trainer's prepare: pi_old's log-probs (and the entropy) are the update's own
+    #: first forward (rpgrl.loop.schedule.old_logp_from_update), not a separate pass
+    old_logp_in_update: bool = False
 
 
 def _rows(groups: list[int], n: int) -> list[int]:

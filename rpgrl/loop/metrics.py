@@ -7,6 +7,7 @@ fractions, KL to the anchor, importance weights).
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,15 +35,42 @@ TIMING_STEP = "timing/step"
 # per evaluation
 EVAL_ACCURACY = "eval/accuracy"
 
-#: Metrics summed over ranks (counts, and the loss: each rank's part shares the global
-#: denominator); every other metric is averaged, except the ``MAX_METRICS``.
-SUM_METRICS = (LOSS, KEPT_GROUPS, "reward/n", "reward/scorer_", "reward/empty_")
-MAX_METRICS = (LENGTH_MAX,)
+#: ``reward/accuracy`` counts a response as correct when its raw score is above this: the
+#: scorers give 1 for a correct response and 0 (DAPO's convention: -1) otherwise, so 0.5
+#: splits both (``rpgrl.loop.evaluation`` uses the same cut when a scorer reports no ``acc``).
+CORRECT_SCORE_ABOVE = 0.5
 
 
 def actor(key: str) -> str:
     """The logged name of a loss metric (``rpgrl.losses.METRIC_KEYS``)."""
     return f"actor/{key}"
+
+
+#: How a metric combines, the one rule used over a rank's micro- and mini-batches
+#: (:class:`UpdateMetrics`) and over ranks under torchrun (``DistContext.reduce_metrics``):
+#: ``SUM_METRICS`` (prefixes) are summed over ranks (counts, and the loss: each rank's part
+#: shares the global denominator); ``MAX_METRICS`` are maxima everywhere (a mean of maxima
+#: would hide the one rank whose importance weights blew up); every other metric is a mean.
+SUM_METRICS = (LOSS, KEPT_GROUPS, "reward/n", "reward/scorer_", "reward/empty_")
+MAX_METRICS = (LENGTH_MAX, actor("importance_weight_max"))
+
+
+class UpdateMetrics:
+    """One rank's metrics of an update, accumulated over its micro-batches and optimizer steps:
+    ``add(key, value, *weights)`` sums ``value * weights...`` (weights: the micro-batch's token
+    share, 1 / optimizer steps; so the sums are means), except that a ``MAX_METRICS`` key
+    keeps the largest unweighted value."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def add(self, key: str, value: float, *weights: float) -> None:
+        if key in MAX_METRICS:
+            self.values[key] = max(self.values.get(key, -math.inf), value)
+            return
+        for w in weights:
+            value = value * w
+        self.values[key] = self.values.get(key, 0.0) + value
 
 
 class StepTimer:

@@ -5,7 +5,9 @@
             -> epochs x mini-batches x micro-batches of loss updates -> metrics/checkpoint
 
 The math lives in ``rpgrl.losses`` / ``rpgrl.algorithm.advantages``; how the policy is spread over
-processes in ``rpgrl.parallel.strategy``; sampling in ``rpgrl.loop.generation``. This module orders the calls.
+processes in ``rpgrl.parallel.strategy``; sampling in ``rpgrl.loop.generation``; which rows each optimizer step
+uses in ``rpgrl.loop.schedule``; what carries over between steps (and into checkpoints) in
+``rpgrl.loop.train_state``. This module orders the calls.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from pathlib import Path
 import torch
 
 from rpgrl.loop import metrics as M
+from rpgrl.algorithm.advantages import global_advantages
 from rpgrl.algorithm.anchor import Anchor
 from rpgrl.loop.checkpoint import seed_all
-from rpgrl.config import Config, dump_yaml, to_dict
-from rpgrl.parallel.distributed import check_world_size, global_advantages, init_distributed, rank_seed
+from rpgrl.config import Config, check_world_size, dump_yaml, to_dict
+from rpgrl.parallel.distributed import init_distributed, rank_seed
 from rpgrl.loop.evaluation import evaluate_with
-from rpgrl.loop.eval_metrics import BestLastTracker, flatten
+from rpgrl.loop.eval_metrics import flatten
 from rpgrl.loop.collect import Batch, collect
 from rpgrl.models.flops import PhaseFlops, matmul_peaks, peak_for
 from rpgrl.algorithm.kl import kl_penalty
@@ -31,9 +34,12 @@ from rpgrl.loop.metrics import StepTimer
 from rpgrl.loop.optim import build_optimizer, clip_and_check, eval_mode
 from rpgrl.parallel.strategy import make_parallel
 from rpgrl.loop.prompt_order import PromptOrder
+from rpgrl.loop.generation import RolloutBatch
 from rpgrl.loop.setup import RunData, setup_run
-from rpgrl.loop.run_state import finish_run, headline_text, resume_run, save_run
-from rpgrl.loop.generation import RolloutBatch, Sampler
+from rpgrl.loop.run_state import Checkpoints, finish_run, headline_text
+from rpgrl.loop.generation import Sampler
+from rpgrl.loop.schedule import mini_batch_schedule, num_mini_batches, old_logp_from_update
+from rpgrl.loop.train_state import TrainState
 from rpgrl.loop.tracking import NoTracker, Tracker, progress_bar
 
 __all__ = ["Batch", "Trainer", "TrainingError"]
@@ -45,7 +51,7 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, log=print) -> None:
-        self._t_start = time.perf_counter()  # wall time includes the warm start and model load
+        started = time.perf_counter()  # wall time includes the warm start and model load
         # under torchrun: one data-parallel process per rank (rpgrl.parallel.strategy: replicas or shards)
         self.dist = init_distributed(cfg.trainer.device)
         check_world_size(cfg, self.dist.world_size)
@@ -77,23 +83,23 @@ class Trainer:
         self.sampler = Sampler(self.model, self.tokenizer, device=self.device, engine=cfg.rollout.engine,
                                batch_size=cfg.rollout.batch_size, scorer=self.data.scorer,
                                timeout_s=cfg.reward_timeout_s, compute=self.parallel.compute)
-        self.prompt_order = PromptOrder(len(self.data.train), cfg.seed)
+        prompt_order = PromptOrder(len(self.data.train), cfg.seed)
         self.flops = self.peak = None
         if cfg.trainer.profile:  # model FLOP utilisation per phase, against the compute dtype's peak
             self.flops, self.peaks = PhaseFlops(self.model), matmul_peaks(self.device)
             self.peak = peak_for(self.peaks, self.data.precision.compute_dtype)
             self.log(f"profile: {M.peaks_text(self.peaks, self.peak)}")
         self.timer = StepTimer()
-        self.step_count = self.consecutive_skips = self.skipped_total = 0
-        self.eval_before: dict | None = None
-        self.best_last = BestLastTracker()
-        resumed = self._resume() if resume else False
+        # what a checkpoint holds besides the weights and optimizer tensors (rpgrl.loop.train_state)
+        self.state = TrainState(prompt_order, self.anchor, self.scheduler, started=started)
+        self.checkpoints = Checkpoints(self.out, self.dist, self.parallel, keep_last=cfg.trainer.keep_last, log=self.log)
+        resumed = resume and self.checkpoints.resume(self.state, self.model, self.optimizer, seed=cfg.seed)
         self.tracker = NoTracker()
         if self.dist.is_main:
             lc = cfg.logging
             self.tracker = Tracker(self.out, tensorboard=lc.tensorboard, wandb=lc.wandb, wandb_project=lc.wandb_project,
                                    run_name=lc.run_name, config=to_dict(cfg),
-                                   resume_step=self.step_count if resumed else None)
+                                   resume_step=self.state.step if resumed else None)
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
 
     def _weights(self):
@@ -105,7 +111,8 @@ class Trainer:
     def collect(self) -> tuple[Batch | None, dict]:
         """Generate and score (``rpgrl.loop.collect.collect``)."""
         self.sampler.sync(self.model)
-        return collect(self.cfg, self.sampler, self.data, self.prompt_order, self.dist, self.timer, self._weights)
+        return collect(self.cfg, self.sampler, self.data, self.state.prompt_order, self.dist, self.timer,
+                       self._weights)
 
     @torch.no_grad()
     def _logprobs(self, model, rollout: RolloutBatch, with_entropy: bool = False):
@@ -122,12 +129,13 @@ class Trainer:
         return torch.cat(parts_lp), (torch.cat(parts_ent) if parts_ent else None)
 
     def prepare(self, batch: Batch) -> None:
-        """pi_old log-probs once per batch, anchor log-probs per anchor mode, advantages."""
+        """pi_old log-probs (a separate pass, or the update's own first forward: decided here,
+        once per batch), anchor log-probs per anchor mode, advantages."""
         a = self.cfg.algorithm
+        batch.old_logp_in_update = old_logp_from_update(self.cfg, batch.rollout.input_ids.shape[0])
         with self.timer.phase("logprobs"):
-            old_pass = not self._old_logp_from_update(batch)
-            self._logprob_passes = int(old_pass) + int(not self.anchor.uses_rollout)
-            if old_pass:
+            self._logprob_passes = int(not batch.old_logp_in_update) + int(not self.anchor.uses_rollout)
+            if not batch.old_logp_in_update:
                 batch.old_logp, batch.entropy = self._logprobs(self.model, batch.rollout, with_entropy=True)
             self.anchor.maybe_refresh(self.parallel.full_weights(self.model))
             if not self.anchor.uses_rollout:
@@ -140,79 +148,68 @@ class Trainer:
         batch.advantages = global_advantages(self.dist, a.advantage, batch.rewards, batch.group_ids, mask,
                                              token_kl=token_kl, kl_coef=a.kl_in_reward)
 
-    def _num_mini_batches(self, n_seq: int) -> int:
-        t = self.cfg.trainer
-        return max(1, min(t.prompts_per_step // t.mini_batch_prompts, n_seq // self.cfg.rollout.n))
-
-    def _old_logp_from_update(self, batch: Batch) -> bool:
-        """Whether pi_old's log-probs are exactly the update's own first forward (no extra pass).
-
-        True when the batch gets a single optimizer step (one epoch, one mini-batch: every
-        micro-batch sees the rollout weights), generation used the training weights (not
-        Schedule-Free, whose sampler is its averaged iterate) and no KL is folded into the
-        reward (that needs them before the advantages). Then w = 1 exactly, as on-policy.
-        """
-        cfg = self.cfg
-        return (cfg.trainer.epochs == 1 and self._num_mini_batches(batch.rollout.input_ids.shape[0]) == 1
-                and cfg.optim.name != "schedulefree_adamw" and cfg.algorithm.kl_in_reward == 0)
-
     # ------------------------------------------------------------------ update
 
     def update(self, batch: Batch) -> dict[str, float]:
-        """epochs x mini-batches x micro-batches; the loss is normalised over each mini-batch."""
-        t, r = self.cfg.trainer, batch.rollout
-        n_mini = self._num_mini_batches(r.input_ids.shape[0])
-        fill_old = batch.old_logp is None  # see _old_logp_from_update
-        if fill_old:
+        """The batch's optimizer steps (docs/math.md §7): for each mini-batch of the schedule
+        (epochs x shuffled mini-batches), forward/backward of its micro-batches, one optimizer
+        step, then the anchor observes the step (and refreshes when due)."""
+        r, n_seq = batch.rollout, batch.rollout.input_ids.shape[0]
+        schedule = mini_batch_schedule(n_seq, num_mini_batches(self.cfg, n_seq), self.cfg.trainer.epochs,
+                                       seed=self.cfg.seed, step=self.state.step)
+        if batch.old_logp_in_update:  # prepare chose it; _micro_step fills these from its forward
             batch.old_logp, batch.entropy = torch.zeros_like(r.response_mask), torch.zeros_like(r.response_mask)
-        sums: dict[str, float] = {}
-        share = 1.0 / (t.epochs * n_mini)  # metrics: mean over optimizer steps
-        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step_count)
-        # per epoch, shuffle the sequences; mini-batches then split the shuffled order
-        schedule = [mb for _ in range(t.epochs)
-                    for mb in torch.tensor_split(torch.randperm(r.input_ids.shape[0], generator=gen), n_mini)]
-        logprobs = self.parallel.logprobs(self.model)
-        for i_mb, mb in enumerate(schedule):
-            mask_mb = r.response_mask[mb]
-            # docs/math.md §6: the loss is normalised by the global mini-batch's count
-            norm = self.dist.all_reduce_sum(float(aggregation_count(mask_mb, self.loss.agg)))
-            self.optimizer.zero_grad(set_to_none=True)
-            kl_mb = 0.0
-            for micro in torch.split(mb, t.micro_batch_sequences):
-                with self.timer.phase("forward_backward"):
-                    logp, entropy = logprobs(r.input_ids[micro].to(self.device), r.attention_mask[micro].to(self.device),
-                                             r.prompt_len, chunk_size=t.logprob_chunk_size, with_entropy=fill_old,
-                                             temperature=self.cfg.rollout.temperature, share_prompts=t.share_prompts)
-                    if fill_old:
-                        batch.old_logp[micro] = logp.detach().float().cpu()
-                        batch.entropy[micro] = entropy.float().cpu()
-
-                    def dev(x, rows=micro):
-                        return None if x is None else x[rows].to(self.device)
-
-                    loss, m = self.loss(logp.float(), dev(batch.old_logp), dev(batch.advantages),
-                                        dev(r.response_mask), dev(batch.anchor_logp), norm=max(norm, 1.0))
-                    loss.backward()
-                # one host sync per micro-batch; loss metrics are token-means of the micro-batch:
-                # weight them by its tokens
-                loss_v, *vals = torch.stack([loss.detach(), *(m[k] for k in METRIC_KEYS)]).tolist()
-                w = float(r.response_mask[micro].sum()) / max(float(mask_mb.sum()), 1.0)
-                sums[M.LOSS] = sums.get(M.LOSS, 0.0) + loss_v * share
-                for k, v in zip(METRIC_KEYS, vals):
-                    key = M.actor(k)
-                    sums[key] = max(sums.get(key, float("-inf")), v) if k.endswith("_max") else (
-                        sums.get(key, 0.0) + v * w * share)
-                kl_mb += vals[METRIC_KEYS.index("kl_anchor_k3")] * w
+        elif batch.old_logp is None:
+            raise ValueError("update: the batch has no pi_old log-probs; call prepare(batch) first")
+        acc, logprobs = M.UpdateMetrics(), self.parallel.logprobs(self.model)
+        for i_mb, rows in enumerate(schedule):
+            kl_to_anchor = self._mini_batch(batch, rows, logprobs, acc, share=1.0 / len(schedule))
             with self.timer.phase("optimizer"):
                 grad_norm = self._apply_gradients()
-                self.anchor.observe(self.dist.mean(kl_mb))  # this mini-batch's KL to the anchor
+                self.anchor.observe(self.dist.mean(kl_to_anchor))
             if self.anchor.due and i_mb + 1 < len(schedule):
                 self._refresh_anchor_mid_batch(batch, torch.cat(schedule[i_mb + 1:]).unique())
-            sums[M.GRAD_NORM] = sums.get(M.GRAD_NORM, 0.0) + (
-                grad_norm if math.isfinite(grad_norm) else 0.0) / (n_mini * t.epochs)
-        sums[M.SKIPPED_STEPS_TOTAL] = self.skipped_total
-        sums[M.OPTIMIZER_STEPS] = len(schedule)
-        return sums
+            acc.add(M.GRAD_NORM, (grad_norm if math.isfinite(grad_norm) else 0.0) / len(schedule))
+        return {**acc.values, M.SKIPPED_STEPS_TOTAL: self.state.skipped_total, M.OPTIMIZER_STEPS: len(schedule)}
+
+    def _mini_batch(self, batch: Batch, rows: torch.Tensor, logprobs, acc: M.UpdateMetrics, share: float) -> float:
+        """Accumulate the gradient of one mini-batch over its micro-batches, the loss normalised
+        by the global mini-batch's count (docs/math.md §6); add their metrics (token-weighted,
+        ``share`` = 1 / optimizer steps) to ``acc``; return its KL to the anchor (token mean)."""
+        mask = batch.rollout.response_mask
+        norm = self.dist.all_reduce_sum(float(aggregation_count(mask[rows], self.loss.agg)))
+        tokens = max(float(mask[rows].sum()), 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        kl_to_anchor = 0.0
+        for micro in torch.split(rows, self.cfg.trainer.micro_batch_sequences):
+            with self.timer.phase("forward_backward"):
+                loss, m = self._micro_step(batch, micro, logprobs, max(norm, 1.0))
+            # one host sync per micro-batch; its loss metrics are token means: weight by its tokens
+            loss_v, *vals = torch.stack([loss.detach(), *(m[k] for k in METRIC_KEYS)]).tolist()
+            w = float(mask[micro].sum()) / tokens
+            acc.add(M.LOSS, loss_v, share)
+            for k, v in zip(METRIC_KEYS, vals):
+                acc.add(M.actor(k), v, w, share)
+            kl_to_anchor += vals[METRIC_KEYS.index("kl_anchor_k3")] * w
+        return kl_to_anchor
+
+    def _micro_step(self, batch: Batch, micro: torch.Tensor, logprobs, norm: float):
+        """Forward, loss and backward of one micro-batch; (loss, loss metrics)."""
+        t, r = self.cfg.trainer, batch.rollout
+        logp, entropy = logprobs(r.input_ids[micro].to(self.device), r.attention_mask[micro].to(self.device),
+                                 r.prompt_len, chunk_size=t.logprob_chunk_size, with_entropy=batch.old_logp_in_update,
+                                 temperature=self.cfg.rollout.temperature, share_prompts=t.share_prompts)
+        if batch.old_logp_in_update:  # the rollout weights, before this batch's only optimizer step
+            batch.old_logp[micro] = logp.detach().float().cpu()
+            batch.entropy[micro] = entropy.float().cpu()
+
+        def dev(x):
+            return None if x is None else x[micro].to(self.device)
+
+        loss, m = self.loss(logp.float(), dev(batch.old_logp), dev(batch.advantages), dev(r.response_mask),
+                            dev(batch.anchor_logp), norm=norm)
+        loss.backward()
+        return loss, m
 
     def _refresh_anchor_mid_batch(self, batch: Batch, rows: torch.Tensor) -> None:
         """A refresh due after an optimizer step that is not the batch's last (K counts
@@ -228,20 +225,18 @@ class Trainer:
         t = self.cfg.trainer
         self.parallel.reduce_grads(self.model)  # clip sees the global grad
         grad_norm, finite = clip_and_check(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.state.record_optimizer_step(finite)
         if finite:
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-            self.consecutive_skips = 0
             return grad_norm
         self.optimizer.zero_grad(set_to_none=True)
-        self.consecutive_skips += 1
-        self.skipped_total += 1
-        self.log(f"step {self.step_count + 1}: non-finite gradient norm, "
-                 f"optimizer step skipped ({self.consecutive_skips} in a row)")
-        if self.consecutive_skips >= t.max_consecutive_skips:
+        skips = self.state.consecutive_skips
+        self.log(f"step {self.state.step + 1}: non-finite gradient norm, optimizer step skipped ({skips} in a row)")
+        if skips >= t.max_consecutive_skips:
             raise TrainingError(
-                f"{self.consecutive_skips} consecutive optimizer steps had a non-finite loss or gradient "
+                f"{skips} consecutive optimizer steps had a non-finite loss or gradient "
                 f"(trainer.max_consecutive_skips={t.max_consecutive_skips}). Look at: the learning rate "
                 "(optim.lr), the reward scale, rollout.temperature, and the dtype (model.dtype). The last "
                 f"good checkpoint is in {self.out / 'checkpoints'}.")
@@ -261,14 +256,14 @@ class Trainer:
             mask, r = batch.rollout.response_mask, batch.rollout
             metrics.update({
                 M.REWARD: float(batch.rewards.mean()),
-                M.ACCURACY: float((batch.scores > 0.5).float().mean()),
+                M.ACCURACY: float((batch.scores > M.CORRECT_SCORE_ABOVE).float().mean()),
                 M.LENGTH_MEAN: float(r.response_lengths.float().mean()),
                 M.LENGTH_MAX: float(r.response_lengths.max()),
                 M.LENGTH_CLIP_RATIO: float(r.truncated.float().mean()),
                 M.ENTROPY: float((batch.entropy * mask).sum() / mask.sum().clamp(min=1)),
                 M.ANCHOR_REFRESHES: self.anchor.refreshes,
             })
-        self.step_count += 1
+        self.state.step += 1
         metrics.update(self.timer.metrics(time.perf_counter() - start))
         if self.flops is not None and batch is not None:
             counts = M.token_counts(r.attention_mask, r.prompt_len, mask, self.cfg.rollout.n)
@@ -292,46 +287,51 @@ class Trainer:
         result = self.evaluate()
         flat = {M.EVAL_ACCURACY: result["accuracy"], **{f"eval/{k}": v for k, v in result.get("secondary", {}).items()},
                 **{f"eval/{k}": v for k, v in flatten(result).items()}}
-        self.best_last.update(step, flat)
+        self.state.best_last.update(step, flat)
         self.tracker.log(flat, step=step)
         return result
 
     def save(self) -> Path | None:
         """Checkpoint (rank 0 writes); the checkpoint directory on rank 0, else None."""
-        return save_run(self)
-
-    def _resume(self) -> bool:
-        return resume_run(self)
+        return self.checkpoints.save(self.state, self.model, self.optimizer)
 
     def train(self) -> dict:
-        cfg, t0, main = self.cfg, time.perf_counter(), self.dist.is_main
-        if self.eval_before is None and cfg.eval.before_training:
+        cfg, t0, main, state = self.cfg, time.perf_counter(), self.dist.is_main, self.state
+        if state.eval_before is None and cfg.eval.before_training:
             with self._weights():  # all ranks gather; rank 0 evaluates, the others wait
                 if main:
-                    self.eval_before = self._evaluate_and_log(step=0)
-                    self.log(f"held-out accuracy before RL: {headline_text(self.eval_before)}")
-        progress = progress_bar(cfg.trainer.total_steps, self.step_count, cfg.logging.progress and main)
+                    state.eval_before = self._evaluate_and_log(step=0)
+                    self.log(f"held-out accuracy before RL: {headline_text(state.eval_before)}")
+        progress = progress_bar(cfg.trainer.total_steps, state.step, cfg.logging.progress and main)
         try:
-            while self.step_count < cfg.trainer.total_steps:
+            while state.step < cfg.trainer.total_steps:
                 metrics = self.step()
-                self.tracker.log(metrics, step=self.step_count)
+                self.tracker.log(metrics, step=state.step)
                 progress.update(1)
                 progress.set_postfix({k: f"{metrics.get(key, float('nan')):{f}}" for k, key, f in (
                     ("reward", M.REWARD, ".3f"), ("acc", M.ACCURACY, ".2f"), ("kl", M.KL_ANCHOR, ".1e"),
                     ("ent", M.ENTROPY, ".2f"), ("len", M.LENGTH_MEAN, ".1f"))})
-                if cfg.trainer.eval_every and self.step_count % cfg.trainer.eval_every == 0 \
-                        and self.step_count < cfg.trainer.total_steps:
+                if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 \
+                        and state.step < cfg.trainer.total_steps:
                     with self._weights():
                         if main:
-                            self._evaluate_and_log(step=self.step_count)
-                if self.step_count % cfg.trainer.save_every == 0 or self.step_count == cfg.trainer.total_steps:
+                            self._evaluate_and_log(step=state.step)
+                if state.step % cfg.trainer.save_every == 0 or state.step == cfg.trainer.total_steps:
                     self.save()
         finally:
             progress.close()
         final_sd = self.parallel.final_state_dict(self.model, self.optimizer)
         with self._weights():
-            summary = finish_run(self, t0, self._evaluate_and_log(self.step_count), final_sd) if main else None
+            summary = self._finish(t0, final_sd) if main else None
         return self.dist.broadcast_object(summary)  # also keeps the others until rank 0 is done
+
+    def _finish(self, t0: float, final_sd: dict | None) -> dict:
+        """Rank 0: the final evaluation, then final/, curves.png and summary.json."""
+        eval_after = self._evaluate_and_log(self.state.step)
+        self.tracker.close()  # flushes metrics.jsonl before it is plotted
+        return finish_run(self.out, self.state, eval_after, model=self.model, tokenizer=self.tokenizer,
+                          algorithm=self.cfg.algorithm.name, train_started=t0, final_sd=final_sd,
+                          profile_log=self.log if self.cfg.trainer.profile else None)
 
 
 def _quiet(*_a, **_k) -> None:

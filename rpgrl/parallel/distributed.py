@@ -4,8 +4,8 @@ the online loop of docs/math.md §7 needs, and nothing when there is one process
 Layout: every rank holds a full replica of the policy (and anchor); each rank generates,
 scores and back-propagates its own contiguous block of ``prompts_per_step / world``
 prompts. Groups are never split across ranks, so group-based advantages (grpo, rpg, rloo)
-are exact per rank; batch-level ones (batch_mean and the REINFORCE++ whitening of docs/math.md
-§5) are computed on the gathered global batch. The loss of each mini-batch is divided
+are exact per rank; batch-level ones (batch_mean and the REINFORCE++ whitening of spec
+Sec. 5) are computed on the gathered global batch (``rpgrl.algorithm.advantages.global_advantages``). The loss of each mini-batch is divided
 by the *global* aggregation count (docs/math.md §6) and gradients are summed across ranks
 before clipping, so one distributed optimizer step equals the single-process step on the
 union of the shards (what DDP computes, done by hand because the trainer calls the
@@ -16,7 +16,10 @@ stop generating (a summed count) and exchange the kept groups (:func:`gather_rou
 that each trains on an equal block of them.
 
 A ``DistContext`` with ``world_size == 1`` turns every method into a no-op / identity, so
-the trainer has one code path and single-process runs are unchanged bit for bit.
+the trainer has one code path and single-process runs are unchanged bit for bit. This
+module holds the collectives only: the batch-size check for a world size lives with the
+rest of the config validation (``rpgrl.config.check_world_size``), and how each metric
+combines over ranks is declared in ``rpgrl.loop.metrics``.
 """
 
 from __future__ import annotations
@@ -26,21 +29,15 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
-
-from rpgrl.algorithm.advantages import GROUP_LOCAL, compute_advantages
-from rpgrl.config import Config, ConfigError
 
 __all__ = [
     "DistContext",
-    "check_world_size",
     "gather_rounds",
-    "global_advantages",
     "init_distributed",
     "rank_seed",
     "reduce_metrics",
@@ -166,7 +163,8 @@ class DistContext:
 
     def reduce_metrics(self, metrics: dict[str, Any], *, sum_prefixes: tuple[str, ...] = (),
                        max_keys: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Gather every rank's metrics and combine them with :func:`reduce_metrics`."""
+        """Gather every rank's metrics and combine them with :func:`reduce_metrics` (the
+        trainer passes ``rpgrl.loop.metrics.SUM_METRICS`` / ``MAX_METRICS``)."""
         if not self.enabled:
             return metrics
         return reduce_metrics(self.all_gather_object(metrics), sum_prefixes=sum_prefixes,
@@ -233,20 +231,6 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     return DistContext(dist.get_rank(), dist.get_world_size(), local, comm)
 
 
-def check_world_size(cfg: Config, world_size: int) -> None:
-    """Fail before any work if the batch cannot be split into whole groups per rank."""
-    if world_size <= 1:
-        return
-    t = cfg.trainer
-    for key, value in (("trainer.prompts_per_step", t.prompts_per_step),
-                       ("trainer.mini_batch_prompts", t.mini_batch_prompts)):
-        if value % world_size:
-            raise ConfigError(
-                f"{key}: {value} is not divisible by the world size {world_size} (processes over all "
-                f"nodes); each process takes whole prompt groups, so use a multiple of {world_size}"
-            )
-
-
 def gather_rounds(ctx: DistContext, parts: list) -> list:
     """Every rank's per-round ``parts`` (same number of rounds on every rank), flattened
     round by round and, within a round, in rank order: the prompt order, since each round's
@@ -262,34 +246,3 @@ def gather_rounds(ctx: DistContext, parts: list) -> list:
 def rank_seed(seed: int, rank: int) -> int:
     """Distinct sampling seeds per rank (rank 0 keeps ``seed``)."""
     return seed + 1_000_003 * rank
-
-
-def global_advantages(
-    ctx: DistContext, name: str, rewards: Tensor, group_ids: Tensor, mask: Tensor, *,
-    token_kl: Optional[Tensor] = None, kl_coef: float = 0.0,
-) -> Tensor:
-    """``compute_advantages`` as if on the whole batch; returns this rank's rows.
-
-    Group-local estimators run on the shard directly (groups are never split). The others
-    (batch_mean, reinforce_pp, reinforce_pp_baseline: a batch mean or a global whitening)
-    gather rewards, masks padded to a common width, group ids made unique and ``token_kl``
-    from every rank in rank order, compute once, and keep the local rows.
-    """
-    if not ctx.enabled or name in GROUP_LOCAL:
-        return compute_advantages(name, rewards, group_ids, mask, token_kl=token_kl, kl_coef=kl_coef)
-    local = (rewards.cpu(), group_ids.cpu(), mask.cpu(), None if token_kl is None else token_kl.cpu())
-    parts = ctx.all_gather_object(local)
-    width = max(p[2].shape[1] for p in parts)
-    pad = lambda t: F.pad(t, (0, width - t.shape[1]))  # noqa: E731 - masked positions are 0
-    gids, offset = [], 0
-    for p in parts:
-        _, inverse = torch.unique(p[1], return_inverse=True)
-        gids.append(inverse + offset)
-        offset += int(inverse.max()) + 1 if inverse.numel() else 0
-    kl = None if parts[0][3] is None else torch.cat([pad(p[3]) for p in parts])
-    full = compute_advantages(
-        name, torch.cat([p[0] for p in parts]), torch.cat(gids), torch.cat([pad(p[2]) for p in parts]),
-        token_kl=kl, kl_coef=kl_coef,
-    )
-    start = sum(p[0].shape[0] for p in parts[:ctx.rank])
-    return full[start:start + rewards.shape[0], :mask.shape[1]].to(rewards.device)
