@@ -95,13 +95,13 @@ def rpgrl_command(a: argparse.Namespace, model_path: str, beta: float, out: Path
     p, n = a.prompts, a.n
     return [
         sys.executable, "-m", "rpgrl", "train", f"model.path={model_path}", f"seed={a.seed}",
-        f"output_dir={out}", f"algorithm.name={a.rpgrl_algorithm}", f"algorithm.beta={beta}",
+        f"output_dir={out}", f"algorithm.preset={a.rpgrl_algorithm}", f"algorithm.beta={beta}",
         f"rollout.n={n}", f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.temperature=1.0",
         "rollout.top_p=1.0", f"trainer.prompts_per_step={p}", f"trainer.mini_batch_prompts={p}",
         f"trainer.micro_batch_sequences={p * n}", "trainer.epochs=1", f"trainer.total_steps={a.steps}",
         "trainer.eval_every=0", f"trainer.save_every={a.steps}", "trainer.keep_last=1",
         f"trainer.device={a.device}", f"trainer.num_threads={a.threads}", f"optim.lr={a.lr}",
-        "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", f"model.dtype={a.dtype}",
+        "optim.warmup_optimizer_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", f"model.dtype={a.dtype}",
         "model.gradient_checkpointing=false", "eval.before_training=false", "eval.temperature=0.0",
         f"data.test_size={a.test_size}", f"data.task={a.task}", f"data.operand_min={a.operand_min}",
         f"data.operand_max={a.operand_max}", "logging.progress=false", "logging.tensorboard=false",

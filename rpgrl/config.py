@@ -93,8 +93,13 @@ class RolloutConfig:
     temperature: float = _f(1.0, "sampling temperature (also divides the logits the loss scores)")
     top_p: float = _f(1.0, "nucleus sampling; < 1 truncates the sampler only")
     max_new_tokens: int = _f(8, "response length limit in tokens")
-    batch_size: int = _f(256, "sequences per generate() call")
+    generate_batch_sequences: int = _f(256, "sequences per generate() call (memory knob)")
     engine: str = _f("auto", "rpgrl (KV-cached loop) | hf (HF generate) | auto (rpgrl where the cache allows)")
+
+    @property
+    def batch_size(self) -> int:
+        """Deprecated name of :attr:`generate_batch_sequences`."""
+        return self.generate_batch_sequences
 
 
 @dataclass
@@ -102,9 +107,14 @@ class AnchorConfig:
     """KL anchor (docs/math.md §1.1): rollout | periodic | adaptive | fixed."""
 
     mode: str = _f("rollout", "KL anchor (docs/math.md §1.1): rollout | periodic | adaptive | fixed")
-    period: int = _f(20, "periodic: refresh every K optimizer steps (also mid-batch)")
+    period_optimizer_steps: int = _f(20, "periodic: refresh every K optimizer steps (also mid-batch)")
     kappa: float = _f(0.05, "adaptive: refresh when the KL moving average exceeds kappa")
     ema: float = _f(0.9, "adaptive: moving-average factor of the KL")
+
+    @property
+    def period(self) -> int:
+        """Deprecated name of :attr:`period_optimizer_steps`."""
+        return self.period_optimizer_steps
 
 
 @dataclass
@@ -122,7 +132,8 @@ class OverlongConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = _f("rpg_reinforce_ufkl", "preset that sets the fields below (see PRESETS)")
+    preset: str = _f("rpg_reinforce_ufkl", "applied first (before the YAML and overrides): sets the "
+                                           "fields below to a named recipe (see PRESETS); each stays overridable")
     loss: str = _f("rpg_reinforce_ufkl", "policy loss (rpgrl.losses.LOSSES)")
     advantage: str = _f("rpg", "advantage estimator (rpgrl.algorithm.advantages.ADVANTAGES)")
     beta: float = _f(1e-4, "KL coefficient of the loss")
@@ -141,19 +152,29 @@ class AlgorithmConfig:
         """Deprecated name of :attr:`dual_clip`."""
         return self.dual_clip
 
+    @property
+    def name(self) -> str:
+        """Deprecated name of :attr:`preset`."""
+        return self.preset
+
 
 @dataclass
 class OptimConfig:
     name: str = _f("adamw", "optimizer: adamw | schedulefree_adamw")
     lr: float = _f(2e-4, "learning rate")
     weight_decay: float = _f(0.0, "decoupled weight decay")
-    warmup_steps: int = _f(0, "linear warm-up optimizer steps")
+    warmup_optimizer_steps: int = _f(0, "linear LR warm-up over this many optimizer steps")
     grad_clip: float = _f(1.0, "global gradient-norm clip")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Deprecated name of :attr:`warmup_optimizer_steps`."""
+        return self.warmup_optimizer_steps
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = _f(60, "RL steps (one batch of prompts each)")
+    total_steps: int = _f(60, "RL steps (one batch of prompts each; every '*_every' counts these)")
     prompts_per_step: int = _f(32, "prompts per RL step (each gets rollout.n responses)")
     mini_batch_prompts: int = _f(8, "prompts per optimizer step (prompts_per_step / this = steps per batch)")
     micro_batch_sequences: int = _f(64, "sequences per forward/backward (memory knob)")
@@ -163,9 +184,10 @@ class TrainerConfig:
     eval_every: int = _f(10, "held-out evaluation every N RL steps; 0 = only before/after")
     max_consecutive_skips: int = _f(5, "stop after this many non-finite optimizer steps in a row")
     device: str = _f("auto", "auto | cpu | cuda")
-    num_threads: int = _f(0, "CPU threads; 0 = torch's default")
+    num_threads: int | None = _f(None, "CPU threads; null = torch's default")
     logprob_chunk_size: int = _f(1024, "tokens per log-softmax chunk (memory knob)")
-    profile: bool = _f(False, "print the step-time breakdown (timing/* means) at the end")
+    profile: bool = _f(False, "measure the matmul peak at start-up (a few seconds), then log model FLOP "
+                                 "utilisation per phase and print the step-time breakdown at the end")
     fsdp: bool = _f(False, "under torchrun: shard the policy with FSDP2 instead of replicating it")
     share_prompts: bool = _f(True, "forwards run each distinct prompt once and reuse its KV (exact)")
 
@@ -184,8 +206,8 @@ class TrainerConfig:
 class EvalConfig:
     k: int = _f(1, "samples per problem (mean@k, pass@k)")
     temperature: float = _f(0.0, "0 = greedy")
-    max_problems: int = _f(0, "held-out problems evaluated; 0 = all")
-    max_new_tokens: int = _f(0, "0 = rollout.max_new_tokens")
+    max_problems: int | None = _f(None, "held-out problems evaluated; null = all")
+    max_new_tokens: int | None = _f(None, "response length limit; null = rollout.max_new_tokens")
     before_training: bool = _f(True, "evaluate before the first RL step")
 
 
@@ -220,7 +242,13 @@ DEPRECATED: dict[str, str] = {
     "trainer.mini_batch_size": "trainer.mini_batch_prompts",
     "trainer.micro_batch_size": "trainer.micro_batch_sequences",
     "algorithm.clip_c": "algorithm.dual_clip",
+    "algorithm.name": "algorithm.preset",
+    "algorithm.anchor.period": "algorithm.anchor.period_optimizer_steps",
+    "rollout.batch_size": "rollout.generate_batch_sequences",
+    "optim.warmup_steps": "optim.warmup_optimizer_steps",
 }
+#: Keys whose old "0 = default / all" spelling still works (as null), with a FutureWarning.
+ZERO_MEANS_NULL = ("trainer.num_threads", "eval.max_problems", "eval.max_new_tokens")
 
 
 # --------------------------------------------------------------------------- presets
@@ -277,7 +305,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "data.prompt_overlong": ("truncate_left", "drop", "error"),
         "data.on_bad_row": ("error", "skip"),
         "data.task": tuple(TASKS),
-        "algorithm.name": tuple(PRESETS),
+        "algorithm.preset": tuple(PRESETS),
         "algorithm.advantage": tuple(ADVANTAGES),
         "algorithm.agg": tuple(AGG_MODES),
         "algorithm.anchor.mode": tuple(ANCHOR_MODES),
@@ -351,6 +379,9 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
                 raise ConfigError(f"{full} and {new} are the same key (the first is its deprecated name); set only {new}")
             warnings.warn(f"config key {full} is deprecated; use {new}", FutureWarning, stacklevel=2)
             full = new
+        if full in ZERO_MEANS_NULL and value == 0 and not isinstance(value, bool):
+            warnings.warn(f"{full}=0 is deprecated; use null (the default)", FutureWarning, stacklevel=2)
+            value = None
         if key not in names:
             close = difflib.get_close_matches(key, names, n=3)
             hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
@@ -429,13 +460,14 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """defaults -> preset named by ``algorithm.name`` -> YAML -> overrides, then validate."""
+    """defaults -> preset named by ``algorithm.preset`` -> YAML -> overrides, then validate."""
     raw = read_yaml(path) if path is not None else {}
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = Config()
-    name = (raw.get("algorithm") or {}).get("name", cfg.algorithm.name)
+    algo = raw.get("algorithm") or {}
+    name = algo.get("preset", algo.get("name", cfg.algorithm.preset))  # "name": its deprecated spelling
     if name not in PRESETS:
-        raise ConfigError(f"algorithm.name: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+        raise ConfigError(f"algorithm.preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     _apply(cfg.algorithm, PRESETS[name], "algorithm.")
     _apply(cfg, raw)
     validate(cfg)
@@ -467,7 +499,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.{param}: {problem}")
     checks = [
         ("algorithm.kl_in_reward", a.kl_in_reward >= 0, "must be >= 0"),
-        ("algorithm.anchor.period", a.anchor.period >= 1, "must be >= 1"),
+        ("algorithm.anchor.period_optimizer_steps", a.anchor.period_optimizer_steps >= 1, "must be >= 1"),
         ("algorithm.anchor.kappa", a.anchor.kappa > 0, "must be > 0"),
         ("algorithm.anchor.ema", 0 <= a.anchor.ema < 1, "must be in [0, 1)"),
         ("algorithm.dynamic_sampling.max_gen_batches", a.dynamic_sampling.max_gen_batches >= 1, "must be >= 1"),
@@ -476,10 +508,10 @@ def validate(cfg: Config) -> None:
         ("rollout.temperature", r.temperature > 0, "must be > 0"),
         ("rollout.top_p", 0 < r.top_p <= 1, "must be in (0, 1]"),
         ("rollout.max_new_tokens", r.max_new_tokens >= 1, "must be >= 1"),
-        ("rollout.batch_size", r.batch_size >= 1, "must be >= 1"),
+        ("rollout.generate_batch_sequences", r.generate_batch_sequences >= 1, "must be >= 1"),
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
-        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "must be >= 0"),
+        ("optim.warmup_optimizer_steps", cfg.optim.warmup_optimizer_steps >= 0, "must be >= 0"),
         ("optim.grad_clip", cfg.optim.grad_clip > 0, "must be > 0"),
         ("trainer.total_steps", t.total_steps >= 1, "must be >= 1"),
         ("trainer.prompts_per_step", t.prompts_per_step >= 1, "must be >= 1"),
@@ -495,6 +527,10 @@ def validate(cfg: Config) -> None:
         ("data.operand_min", cfg.data.operand_min >= 0, "must be >= 0"),
         ("data.operand_max", cfg.data.operand_max >= cfg.data.operand_min, "must be >= data.operand_min"),
         ("eval.k", cfg.eval.k >= 1, "must be >= 1"),
+        ("eval.max_problems", cfg.eval.max_problems is None or cfg.eval.max_problems >= 1, "must be >= 1 or null (all)"),
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1,
+         "must be >= 1 or null (rollout.max_new_tokens)"),
+        ("trainer.num_threads", t.num_threads is None or t.num_threads >= 1, "must be >= 1 or null (torch's default)"),
         ("eval.temperature", cfg.eval.temperature >= 0, "must be >= 0 (0 = greedy)"),
         ("reward_timeout_s", cfg.reward_timeout_s > 0, "must be > 0"),
         ("warmstart.steps", cfg.warmstart.steps >= 0, "must be >= 0"),
@@ -587,9 +623,9 @@ def help_text() -> str:
     wd = max(len(r[2]) for r in rows)
     lines = [f"{'key':<{wk}}  {'type':<{wt}}  {'default':<{wd}}  description"]
     for key, typ, default, doc in rows:
-        extra = f" [{', '.join(allowed[key])}]" if key in allowed and key != "algorithm.name" else ""
+        extra = f" [{', '.join(allowed[key])}]" if key in allowed and key != "algorithm.preset" else ""
         lines.append(f"{key:<{wk}}  {typ:<{wt}}  {default:<{wd}}  {doc}{extra}")
     lines.append("")
-    lines.append("algorithm.name presets: " + ", ".join(PRESETS))
+    lines.append("algorithm.preset presets: " + ", ".join(PRESETS))
     lines += [f"deprecated: {old} -> {new}" for old, new in DEPRECATED.items()]
     return "\n".join(lines)

@@ -149,7 +149,7 @@ def test_fsdp_run_equals_replicated_run_and_resumes(tiny_overrides, tmp_path):
     gathered checkpoint has the unsharded layout (same keys, optimizer indexed alike). A
     periodic anchor (period 1) exercises the anchor refresh from the sharded policy."""
     extra = (PARITY, "trainer.save_every=1", "eval.before_training=false",
-             "algorithm.anchor.mode=periodic", "algorithm.anchor.period=1")
+             "algorithm.anchor.mode=periodic", "algorithm.anchor.period_optimizer_steps=1")
     base, fsdp = tmp_path / "base", tmp_path / "fsdp"
     _torchrun("-m", "rpgrl", "train", *tiny_overrides(*extra, out=base))
     _torchrun("-m", "rpgrl", "train", *tiny_overrides(*extra, "trainer.fsdp=true", out=fsdp))

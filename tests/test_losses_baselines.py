@@ -143,11 +143,11 @@ def test_dr_grpo_advantage_matches_verl_without_std():
 
 
 def test_presets_are_the_papers_settings():
-    dr = load_config(overrides=["algorithm.name=dr_grpo"]).algorithm
+    dr = load_config(overrides=["algorithm.preset=dr_grpo"]).algorithm
     assert (dr.loss, dr.advantage, dr.beta, dr.agg, dr.clip_c) == ("ppo", "rpg", 0.0, "seq-mean-token-sum", None)
-    gs = load_config(overrides=["algorithm.name=gspo"]).algorithm
+    gs = load_config(overrides=["algorithm.preset=gspo"]).algorithm
     assert (gs.loss, gs.clip_low, gs.clip_high, gs.agg, gs.beta) == ("gspo", 3e-4, 4e-4, "seq-mean-token-mean", 0.0)
-    ci = load_config(overrides=["algorithm.name=cispo"]).algorithm
+    ci = load_config(overrides=["algorithm.preset=cispo"]).algorithm
     assert (ci.loss, ci.clip_high, ci.agg, ci.beta) == ("cispo", 4.0, "token-mean", 0.0)
     assert not LOSSES["gspo"].uses_dual_clip and not LOSSES["cispo"].uses_beta
 

@@ -32,7 +32,7 @@ def make_trainer(overrides, resume=False) -> Trainer:
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_runs_two_steps(preset, tiny_overrides, tmp_path):
-    summary = make_trainer(tiny_overrides(f"algorithm.name={preset}", "eval.before_training=false",
+    summary = make_trainer(tiny_overrides(f"algorithm.preset={preset}", "eval.before_training=false",
                                           PARITY)).train()
     assert summary["steps"] == 2 and summary["algorithm"] == preset
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "actor/loss" in r]
@@ -91,8 +91,8 @@ def _run_steps(t: Trainer, n: int):
 
 @pytest.mark.parametrize("mode,extra,refreshes", [
     ("fixed", [], False),
-    ("periodic", ["algorithm.anchor.period=1"], True),
-    ("periodic", ["algorithm.anchor.period=1000"], False),
+    ("periodic", ["algorithm.anchor.period_optimizer_steps=1"], True),
+    ("periodic", ["algorithm.anchor.period_optimizer_steps=1000"], False),
     ("adaptive", ["algorithm.anchor.kappa=1e-12"], True),
     ("adaptive", ["algorithm.anchor.kappa=1e6"], False),
 ])
@@ -120,7 +120,7 @@ def test_periodic_anchor_refreshes_every_k_optimizer_steps(tiny_overrides):
     prompt per mini-batch) and K = 2 give refreshes after steps 2, 4 and 6 of the first 8
     (the one due after step 8, the batch's last, is taken before the next batch's anchor
     log-probs). Refreshing only at batch boundaries gave 1."""
-    t = make_trainer(tiny_overrides("algorithm.anchor.mode=periodic", "algorithm.anchor.period=2",
+    t = make_trainer(tiny_overrides("algorithm.anchor.mode=periodic", "algorithm.anchor.period_optimizer_steps=2",
                                     "trainer.mini_batch_prompts=1", PARITY))
     _run_steps(t, 2)
     assert t.anchor.refreshes == 3 and t.anchor.due
@@ -130,7 +130,7 @@ def test_mid_batch_refresh_recomputes_the_remaining_anchor_logprobs(tiny_overrid
     """K = 3 with 4 optimizer steps per batch: the refresh after step 3 re-scores the last
     mini-batch (one prompt = 4 sequences) under the new anchor; the other 12 rows keep the
     initial anchor's log-probs."""
-    t = make_trainer(tiny_overrides("algorithm.anchor.mode=periodic", "algorithm.anchor.period=3",
+    t = make_trainer(tiny_overrides("algorithm.anchor.mode=periodic", "algorithm.anchor.period_optimizer_steps=3",
                                     "trainer.mini_batch_prompts=1", "algorithm.beta=0.1",
                                     "optim.lr=1e-2", PARITY))
     initial = load_policy(t.data.model_path, device=torch.device("cpu"), dtype=torch.float32)

@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
         "rpgrl.integrations.trl needs TRL: pip install 'trl>=1.9.2,!=1.15.0,<2' (or rpgrl[trl])"
     ) from exc
 
-from rpgrl.losses import AGG_MODES, LOSSES, policy_loss
+from rpgrl.losses import AGG_MODES, LOSSES, MAX_METRIC_KEYS, policy_loss
 
 __all__ = ["ANCHORS", "TRL_TESTED", "VLLM_IS_MODES", "RPGConfig", "RPGTrainer", "rpg_norm", "token_weights"]
 
@@ -277,7 +277,7 @@ class RPGTrainer(GRPOTrainer):
         return loss
 
     def _log_rpg_metrics(self, mode: str, metrics: dict[str, Tensor], entropies: Tensor, valid: Tensor) -> None:
-        """rpgrl's metrics under ``rpg/<key>`` (process mean; max for importance_weight_max),
+        """rpgrl's metrics under ``rpg/<key>`` (process mean; max for ``MAX_METRIC_KEYS``),
         plus TRL's ``entropy``; one collective for all of them."""
         keys = sorted(metrics)
         ent = torch.where(valid, entropies.detach(), 0.0).sum() / valid.sum().clamp(min=1)
@@ -285,6 +285,6 @@ class RPGTrainer(GRPOTrainer):
         rows = self.accelerator.gather(local[None]).reshape(-1, local.numel())
         for i, key in enumerate(keys):
             col = rows[:, i]
-            value = col.max() if key == "importance_weight_max" else col.mean()
+            value = col.max() if key in MAX_METRIC_KEYS else col.mean()
             self._metrics[mode][f"rpg/{key}"].append(value.item())
         self._metrics[mode]["entropy"].append(rows[:, -1].mean().item())

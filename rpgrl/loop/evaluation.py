@@ -14,6 +14,7 @@ import torch
 from rpgrl.data.verl import Example
 from rpgrl.loop.eval_metrics import summarize
 from rpgrl.loop.generation import Sampler
+from rpgrl.loop.metrics import CORRECT_SCORE_ABOVE
 
 
 def distinct_problems(examples: list[Example], prompts: list[list[int]], max_problems: int = 0):
@@ -63,7 +64,7 @@ def evaluate_with(sampler: Sampler, examples: list[Example], prompts: list[list[
     scores, stats = sampler.score(examples, rollout, k, details=details)
     records = [
         {"data_source": ex.data_source, "uid": ex.uid, "score": s,
-         "acc": bool(d["acc"]) if d and isinstance(d.get("acc"), (bool, int)) else s > 0.5}
+         "acc": bool(d["acc"]) if d and isinstance(d.get("acc"), (bool, int)) else s > CORRECT_SCORE_ABOVE}
         for ex, s, d in zip([e for e in examples for _ in range(k)], scores, details)
     ]
     summary = summarize(records, k=k)

@@ -12,6 +12,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from rpgrl.losses.policy import MAX_METRIC_KEYS
+
 STEP = "step"
 # per RL step (rpgrl.loop.trainer)
 LOSS = "actor/loss"
@@ -52,7 +54,7 @@ def actor(key: str) -> str:
 #: shares the global denominator); ``MAX_METRICS`` are maxima everywhere (a mean of maxima
 #: would hide the one rank whose importance weights blew up); every other metric is a mean.
 SUM_METRICS = (LOSS, KEPT_GROUPS, "reward/n", "reward/scorer_", "reward/empty_")
-MAX_METRICS = (LENGTH_MAX, actor("importance_weight_max"))
+MAX_METRICS = (LENGTH_MAX, *(actor(k) for k in MAX_METRIC_KEYS))
 
 
 class UpdateMetrics:

@@ -70,18 +70,18 @@ class Trainer:
             self.dist.broadcast_module(self.model)
             seed_all(rank_seed(cfg.seed, self.dist.rank))  # each rank samples its own responses
         a = cfg.algorithm  # the anchor snapshot is a plain replica, taken before sharding
-        self.anchor = Anchor.create(a.anchor.mode, self.model, period=a.anchor.period, kappa=a.anchor.kappa,
+        self.anchor = Anchor.create(a.anchor.mode, self.model, period=a.anchor.period_optimizer_steps, kappa=a.anchor.kappa,
                                     ema=a.anchor.ema)
         self.parallel = make_parallel(self.dist, cfg, self.data.precision, self.device)
         self.parallel.wrap(self.model)
         self.optimizer, self.scheduler = build_optimizer(
             self.model, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-            warmup_steps=cfg.optim.warmup_steps,
+            warmup_steps=cfg.optim.warmup_optimizer_steps,
         )
         self.loss = BoundLoss(a.loss, beta=a.beta, clip=(a.clip_low, a.clip_high), dual_clip=a.dual_clip,
                               agg=a.agg, kl_in_advantage=a.kl_in_advantage)
         self.sampler = Sampler(self.model, self.tokenizer, device=self.device, engine=cfg.rollout.engine,
-                               batch_size=cfg.rollout.batch_size, scorer=self.data.scorer,
+                               batch_size=cfg.rollout.generate_batch_sequences, scorer=self.data.scorer,
                                timeout_s=cfg.reward_timeout_s, compute=self.parallel.compute)
         prompt_order = PromptOrder(len(self.data.train), cfg.seed)
         self.flops = self.peak = None
@@ -330,7 +330,7 @@ class Trainer:
         eval_after = self._evaluate_and_log(self.state.step)
         self.tracker.close()  # flushes metrics.jsonl before it is plotted
         return finish_run(self.out, self.state, eval_after, model=self.model, tokenizer=self.tokenizer,
-                          algorithm=self.cfg.algorithm.name, train_started=t0, final_sd=final_sd,
+                          algorithm=self.cfg.algorithm.preset, train_started=t0, final_sd=final_sd,
                           profile_log=self.log if self.cfg.trainer.profile else None)
 
 

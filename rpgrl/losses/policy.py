@@ -21,7 +21,7 @@ from rpgrl.losses.registry import LOSSES
 from rpgrl.losses.spec import LossInputs, LossSpec
 from rpgrl.losses.surrogates import Ratios
 
-__all__ = ["METRIC_KEYS", "apply_loss", "check_hyperparameters", "hyperparameter_problems", "policy_loss",
+__all__ = ["MAX_METRIC_KEYS", "METRIC_KEYS", "apply_loss", "check_hyperparameters", "hyperparameter_problems", "policy_loss",
            "run_token_loss"]
 
 METRIC_KEYS = (
@@ -36,6 +36,9 @@ METRIC_KEYS = (
     "kl_anchor_k3",
     "grad_stopped_frac",
 )
+#: The loss metrics that are maxima, not means: combined by max over micro-batches, optimizer
+#: steps and processes wherever they are logged (rpgrl's trainer, the TRL integration).
+MAX_METRIC_KEYS = ("importance_weight_max",)
 
 
 

@@ -1,7 +1,7 @@
 """``rpgrl compare`` and ``rpgrl plot``: several algorithms x seeds, side by side.
 
 ``compare`` trains every (algorithm, seed) pair one after another through the same
-``Trainer`` as ``rpgrl train`` (only ``algorithm.name``, ``seed`` and ``output_dir`` differ),
+``Trainer`` as ``rpgrl train`` (only ``algorithm.preset``, ``seed`` and ``output_dir`` differ),
 then writes the paper's table layout (docs/math.md §8: held-out accuracy "last" and "best",
 mean ± std over seeds) to ``comparison.md`` and the training curves of docs/math.md §7
 (one line per algorithm, a band over seeds) to ``comparison.png``.
@@ -66,7 +66,7 @@ def run_result(run_dir: str | Path) -> dict[str, Any]:
 
 
 def algorithm_of(run_dir: str | Path) -> str:
-    """A run's algorithm: summary.json "algorithm", else config.yaml algorithm.name, else the dir name."""
+    """A run's algorithm: summary.json "algorithm", else config.yaml algorithm.preset, else the dir name."""
     run_dir = Path(run_dir)
     summary = run_dir / "summary.json"
     if summary.is_file():
@@ -170,7 +170,7 @@ def compare(
     for algo in algorithms:
         # a preset, or a loss name (built-in, entry point, module:function) run with the
         # default preset's hyper-parameters and the shared overrides
-        select = f"algorithm.name={algo}" if algo in PRESETS or algo not in LOSSES else f"algorithm.loss={algo}"
+        select = f"algorithm.preset={algo}" if algo in PRESETS or algo not in LOSSES else f"algorithm.loss={algo}"
         for seed in range(seeds):
             run_dir = _run_dir(out, algo.replace(":", "_"), seed)
             cfg = load_config(config_path, [*overrides, select, f"seed={seed}", f"output_dir={run_dir}"])
@@ -262,7 +262,7 @@ def add_subcommands(subparsers) -> None:
     """Register ``compare`` and ``plot`` on an ``add_subparsers()`` object (rpgrl.cli)."""
     c = subparsers.add_parser("compare", help="train several algorithms x seeds; table + comparison.png")
     c.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
-                   help="algorithm presets (algorithm.name), e.g. grpo dapo rpg_reinforce_ufkl, or loss "
+                   help="algorithm presets (algorithm.preset), e.g. grpo dapo rpg_reinforce_ufkl, or loss "
                         "names (algorithm.loss: an rpgrl.losses entry point or module:function)")
     c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per algorithm (default 3)")
     c.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",

@@ -2,7 +2,7 @@
 
     rpgrl check-loss rpg_reinforce_urkl                 # exact-enumeration proof, exit 1 on FAIL
     rpgrl check-loss my_pkg.losses:my_loss --objective urkl --anchor separate
-    rpgrl explain algorithm.name=grpo                   # per-token gradient coefficient of a config
+    rpgrl explain algorithm.preset=grpo                   # per-token gradient coefficient of a config
 
 Both resolve loss names through ``rpgrl.losses.LOSSES``, so built-ins, ``rpgrl.losses``
 entry points and ``module:function`` paths all work.
@@ -41,7 +41,7 @@ def explain_text(cfg) -> str:
     anchor = "rollout" if a.anchor.mode == "rollout" else "separate"
     anchor_words = {
         "rollout": "rollout policy (pi_anc = pi_old: rho = w, v = 1; docs/math.md §1.1, mode 1)",
-        "periodic": f"snapshot refreshed every {a.anchor.period} optimizer steps (rho != w)",
+        "periodic": f"snapshot refreshed every {a.anchor.period_optimizer_steps} optimizer steps (rho != w)",
         "adaptive": f"snapshot refreshed when the KL moving average exceeds {a.anchor.kappa:g} (rho != w)",
         "fixed": "the initial policy, frozen (GRPO's reference; rho != w)",
     }[a.anchor.mode]
