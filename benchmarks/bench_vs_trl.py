@@ -10,7 +10,12 @@ operands 1..20, the same chat template and scorer on both sides), 8 prompts x 8 
 64 new tokens, lr 1e-5 and, by default, 3 steps x 1 repeat per beta (a quiet 2-core machine:
 ~20-25 minutes in all). Each row then also reports rpgrl's model FLOP utilisation of
 generation and forward/backward (``rpgrl.models.flops``: useful FLOPs on real tokens / the matmul
-peak measured at start-up, ``machine.matmul_peak_gflops``).
+peak measured at start-up in the dtype both sides compute in, ``machine.matmul_peak_gflops``;
+``machine.matmul_peaks_gflops`` holds the fp32 and the bf16 peak).
+
+``--dtype bfloat16``: both sides in bf16 mixed precision (fp32 weights and optimizer state,
+bf16 matmuls under autocast: rpgrl ``model.dtype=bfloat16``, TRL ``bf16=True``); MFU is then
+against the bf16 peak. The default, float32, is what the rest of this docstring describes.
 
 Both sides run in their own subprocess (so each has its own peak RSS, read with ``os.wait4``)
 and in the order A B A B ... per setting, so slow drift of a shared machine hits both alike.
@@ -96,7 +101,7 @@ def rpgrl_command(a: argparse.Namespace, model_path: str, beta: float, out: Path
         f"trainer.micro_batch_sequences={p * n}", "trainer.epochs=1", f"trainer.total_steps={a.steps}",
         "trainer.eval_every=0", f"trainer.save_every={a.steps}", "trainer.keep_last=1",
         f"trainer.device={a.device}", f"trainer.num_threads={a.threads}", f"optim.lr={a.lr}",
-        "optim.warmup_optimizer_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", "model.dtype=float32",
+        "optim.warmup_optimizer_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", f"model.dtype={a.dtype}",
         "model.gradient_checkpointing=false", "eval.before_training=false", "eval.temperature=0.0",
         f"data.test_size={a.test_size}", f"data.task={a.task}", f"data.operand_min={a.operand_min}",
         f"data.operand_max={a.operand_max}", "logging.progress=false", "logging.tensorboard=false",
@@ -124,7 +129,7 @@ def trl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, tag
     spec = {"model_path": model_path, "beta": beta, "out": str(work / f"trl-{tag}"),
             "result": str(work / f"trl-{tag}.json"), **{k: getattr(a, k) for k in (
                 "seed", "prompts", "n", "max_new_tokens", "steps", "lr", "device", "threads", "test_size",
-                "task", "operand_min", "operand_max")}}
+                "task", "operand_min", "operand_max", "dtype")}}
     spec_path = work / f"trl-{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     log = work / f"trl-{tag}.log"
@@ -182,7 +187,7 @@ def trl_worker(spec_path: str) -> None:
         gradient_accumulation_steps=1, num_iterations=1, steps_per_generation=1,
         max_completion_length=s["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, beta=s["beta"], bf16=False, **{ckpt: False},
+        max_grad_norm=1.0, beta=s["beta"], bf16=s.get("dtype") == "bfloat16", **{ckpt: False},
         model_init_kwargs={"dtype": "float32"}, save_strategy="no", logging_steps=s["steps"],
         disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -357,6 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads in both children; 0 = default")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of both sides (bfloat16 = mixed precision, fp32 weights)")
     p.add_argument("--test-size", type=int, default=None, help="held-out problems (256 / 64)")
     p.add_argument("--rpgrl-algorithm", default="rpg_reinforce_ufkl")
     p.add_argument("--model-path", default=None, help="use this save_pretrained dir instead of the tiny model")
@@ -387,13 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model_path}; runs and logs: {work}", file=sys.stderr)
     import torch
 
-    from rpgrl.models.flops import matmul_peak_gflops
+    from rpgrl.models.flops import matmul_peaks
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    peak = matmul_peak_gflops(device=a.device)
+    peaks = matmul_peaks(device=a.device)
+    peak = peaks[a.dtype]  # MFU against the dtype the matmuls run in
     flops, prompt_tokens = phase_flops(a, model_path)
-    print(f"matmul peak {peak:.1f} GFLOP/s; mean unique prompt tokens per step {prompt_tokens:.0f}", file=sys.stderr)
+    print(f"matmul peaks {peaks} GFLOP/s, MFU against {a.dtype}; mean unique prompt tokens per step "
+          f"{prompt_tokens:.0f}", file=sys.stderr)
     settings = []
     for beta in a.betas:
         rp, tr = [], []
@@ -421,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         machine = {"platform": platform.platform(), "python": platform.python_version(),
                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
                    "transformers": transformers.__version__, "trl": trl.__version__,
-                   "torch_threads": a.threads or torch.get_num_threads(), "matmul_peak_gflops": peak}
+                   "torch_threads": a.threads or torch.get_num_threads(), "compute_dtype": a.dtype,
+                   "matmul_peak_gflops": peak, "matmul_peaks_gflops": peaks}
         Path(a.json).write_text(json.dumps({"config": {**config, "model_path": model_path},
                                             "machine": machine, "settings": settings}, indent=2))
         print(f"results written to {a.json}", file=sys.stderr)

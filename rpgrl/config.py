@@ -53,7 +53,9 @@ class ModelConfig:
     path: str | None = _f(None, "HF hub name, local dir, .gguf file or pkg:PACKAGE/file.gguf; null = the built-in tiny model")
     gguf_file: str | None = _f(None, "a .gguf file inside the model.path folder (de-quantized once, cached)")
     tiny: TinyConfig = _f(TinyConfig, "shape of the built-in tiny model")
-    dtype: str = _f("auto", "parameter dtype: auto = bf16 on GPU, fp32 on CPU")
+    dtype: str = _f("auto", "compute precision: auto = bf16 mixed precision (bf16 matmuls, fp32 weights, "
+                    "log-probs and loss) where the hardware does bf16 (CUDA, AMX/AVX512-BF16 CPUs), else "
+                    "fp32; bfloat16 | float32 force it (docs/precision.md)")
     trust_remote_code: bool = _f(False, "allow the model repo's own Python code (HF trust_remote_code)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     lora: LoraConfig = _f(LoraConfig, "LoRA adapters")
@@ -299,7 +301,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from rpgrl.loop.generation import ENGINES
 
     return {
-        "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+        "model.dtype": ("auto", "float32", "bfloat16"),
         "data.prompt_overlong": ("truncate_left", "drop", "error"),
         "data.on_bad_row": ("error", "skip"),
         "data.task": tuple(TASKS),

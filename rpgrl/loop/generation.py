@@ -16,12 +16,18 @@ none of a model's ``generation_config`` extras (e.g. Qwen-Instruct's repetition_
 which the docs call out. rpgrl's own loop (:func:`_decode`) prefills each prompt once for
 its n samples and drops finished rows; HF ``generate`` remains for models whose cache that
 loop cannot index (recurrent / hybrid state).
+
+The Sampler's ``compute``: the context generation runs in -- the trainer passes its parallel
+strategy's (bf16 autocast under mixed precision, ``rpgrl.parallel.strategy``), the one its
+log-prob passes use, so the policy that samples computes like pi_old is scored
+(docs/precision.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -293,10 +299,10 @@ class Sampler:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu",
                  engine: str = "auto", batch_size: int = 256, scorer: Callable | None = None,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, compute: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.engine, self.batch_size = engine, batch_size
-        self.scorer, self.timeout_s = scorer, timeout_s
+        self.scorer, self.timeout_s, self.compute = scorer, timeout_s, compute
 
     def sync(self, model: torch.nn.Module) -> None:
         """Sample from ``model``'s current weights from now on."""
@@ -305,9 +311,10 @@ class Sampler:
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int,
                  temperature: float, top_p: float = 1.0) -> RolloutBatch:
         """``n`` responses per prompt, grouped contiguously (temperature 0 = greedy)."""
-        return generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, batch_size=self.batch_size,
-                        device=self.device, engine=self.engine)
+        with self.compute():
+            return generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, batch_size=self.batch_size,
+                            device=self.device, engine=self.engine)
 
     def score(self, examples: Sequence[Example], rollout: RolloutBatch, n: int,
               details: list | None = None) -> tuple[list[float], dict]:

@@ -123,6 +123,13 @@ def mfu_metrics(flops, prompt_tokens: int, response_tokens: int, seconds: dict[s
     return out
 
 
+def peaks_text(peaks: dict[str, float], used: float) -> str:
+    """``matmul peaks: float32 X, bfloat16 Y GFLOP/s; MFU against the <dtype> peak``."""
+    which = next((k for k, v in peaks.items() if v == used), "?")
+    return ("matmul peaks: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+            + f" GFLOP/s; MFU against the {which} peak (the dtype the matmuls run in)")
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
     import resource
@@ -151,6 +158,9 @@ def profile_table(metrics_path: Path) -> str:
            for p in MFU_PHASES if any(f"mfu/{p}" in r for r in rows)}
     if mfu:
         peak = float(np.mean([r[PEAK_GFLOPS] for r in rows if PEAK_GFLOPS in r]))
+        peaks = {k[len(PEAK_GFLOPS) + 1:]: rows[-1][k] for k in rows[-1] if k.startswith(PEAK_GFLOPS + "_")}
+        if peaks:
+            lines.append(peaks_text(peaks, rows[-1][PEAK_GFLOPS]))
         lines.append(f"model FLOP utilisation (useful FLOPs on real tokens / matmul peak {peak:.0f} GFLOP/s):")
         lines += [f"  {p:<18}{100 * v:7.1f} %  ({v * peak:.0f} GFLOP/s)" for p, v in mfu.items()]
     if any(PEAK_RSS in r for r in rows):

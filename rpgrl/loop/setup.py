@@ -16,7 +16,7 @@ from rpgrl.config import Config
 from rpgrl.data.procedural import addition_splits
 from rpgrl.data.verl import Example, load_examples, tokenize_prompts
 from rpgrl.models.gguf import resolve_model_path
-from rpgrl.models.loading import load_policy, load_tokenizer, resolve_device, resolve_dtype
+from rpgrl.models.loading import Precision, load_policy, load_tokenizer, resolve_device, resolve_precision
 from rpgrl.rewards import load_scorer
 from rpgrl.models.tiny import TinyModelConfig
 from rpgrl.models.warmstart import warm_start_tiny
@@ -30,6 +30,7 @@ class RunData:
     test_prompts: list[list[int]]
     scorer: Callable | None  # None = rpgrl.rewards.compute_score
     model_path: str
+    precision: Precision  # fp32 weights; fp32 or bf16-mixed compute (docs/precision.md)
 
 
 def _examples(cfg: Config, log) -> tuple[list[Example], list[Example]]:
@@ -65,7 +66,8 @@ def _tokenize(examples: list[Example], tokenizer, cfg: Config, what: str, log):
 
 def setup_run(cfg: Config, log=print) -> tuple[RunData, torch.nn.Module, object, torch.device]:
     device = resolve_device(cfg.trainer.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    precision = resolve_precision(cfg.model.dtype, device)
+    log(precision.describe())
     train, test = _examples(cfg, log)
     scorer = load_scorer(cfg.reward_fn) if cfg.reward_fn else None
     path = cfg.model.path
@@ -82,8 +84,9 @@ def setup_run(cfg: Config, log=print) -> tuple[RunData, torch.nn.Module, object,
     train, train_prompts = _tokenize(train, tokenizer, cfg, "train", log)
     test, test_prompts = _tokenize(test, tokenizer, cfg, "held-out", log)
     model = load_policy(
-        path, device=device, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+        path, device=device, dtype=precision.param_dtype, trust_remote_code=cfg.model.trust_remote_code,
         gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora,
     )
-    data = RunData(train, train_prompts, test, test_prompts, scorer, path)
+    precision.prepare(model)
+    data = RunData(train, train_prompts, test, test_prompts, scorer, path, precision)
     return data, model, tokenizer, device

@@ -27,7 +27,7 @@ from rpgrl.parallel.distributed import init_distributed, rank_seed
 from rpgrl.loop.evaluation import evaluate_with
 from rpgrl.loop.eval_metrics import flatten
 from rpgrl.loop.collect import Batch, collect
-from rpgrl.models.flops import PhaseFlops, matmul_peak_gflops
+from rpgrl.models.flops import PhaseFlops, matmul_peaks, peak_for
 from rpgrl.algorithm.kl import kl_penalty
 from rpgrl.losses import METRIC_KEYS, BoundLoss, aggregation_count
 from rpgrl.loop.metrics import StepTimer
@@ -72,7 +72,7 @@ class Trainer:
         a = cfg.algorithm  # the anchor snapshot is a plain replica, taken before sharding
         self.anchor = Anchor.create(a.anchor.mode, self.model, period=a.anchor.period_optimizer_steps, kappa=a.anchor.kappa,
                                     ema=a.anchor.ema)
-        self.parallel = make_parallel(self.dist, cfg)
+        self.parallel = make_parallel(self.dist, cfg, self.data.precision, self.device)
         self.parallel.wrap(self.model)
         self.optimizer, self.scheduler = build_optimizer(
             self.model, cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -82,12 +82,13 @@ class Trainer:
                               agg=a.agg, kl_in_advantage=a.kl_in_advantage)
         self.sampler = Sampler(self.model, self.tokenizer, device=self.device, engine=cfg.rollout.engine,
                                batch_size=cfg.rollout.generate_batch_sequences, scorer=self.data.scorer,
-                               timeout_s=cfg.reward_timeout_s)
+                               timeout_s=cfg.reward_timeout_s, compute=self.parallel.compute)
         prompt_order = PromptOrder(len(self.data.train), cfg.seed)
         self.flops = self.peak = None
-        if cfg.trainer.profile:  # model FLOP utilisation per phase (rpgrl.models.flops)
-            self.flops, self.peak = PhaseFlops(self.model), matmul_peak_gflops(device=self.device)
-            self.log(f"profile: matmul peak {self.peak:.0f} GFLOP/s (fp32 2048^2)")
+        if cfg.trainer.profile:  # model FLOP utilisation per phase, against the compute dtype's peak
+            self.flops, self.peaks = PhaseFlops(self.model), matmul_peaks(self.device)
+            self.peak = peak_for(self.peaks, self.data.precision.compute_dtype)
+            self.log(f"profile: {M.peaks_text(self.peaks, self.peak)}")
         self.timer = StepTimer()
         # what a checkpoint holds besides the weights and optimizer tensors (rpgrl.loop.train_state)
         self.state = TrainState(prompt_order, self.anchor, self.scheduler, started=started)
@@ -268,6 +269,7 @@ class Trainer:
             counts = M.token_counts(r.attention_mask, r.prompt_len, mask, self.cfg.rollout.n)
             metrics.update(M.mfu_metrics(self.flops, *counts, self.timer.seconds, epochs=self.cfg.trainer.epochs,
                                          logprob_passes=self._logprob_passes, peak_gflops=self.peak))
+            metrics.update({f"{M.PEAK_GFLOPS}_{k}": v for k, v in self.peaks.items()})
             metrics[M.PEAK_RSS] = M.peak_rss_mb()
         metrics[M.LR] = float(self.optimizer.param_groups[0]["lr"])
         return self.dist.reduce_metrics(metrics, sum_prefixes=M.SUM_METRICS, max_keys=M.MAX_METRICS)

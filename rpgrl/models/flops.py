@@ -1,4 +1,6 @@
-"""Model FLOP utilisation: useful model FLOPs per second / the machine's measured matmul peak.
+"""Model FLOP utilisation: useful model FLOPs per second / the machine's measured matmul peak
+in the dtype the matmuls run in (:func:`matmul_peaks`: fp32 and bf16 both measured; under bf16
+mixed precision MFU divides by the bf16 peak, even for the fp32 LM head, so it never flatters).
 
 "Useful" counts real tokens only (no padding, each shared prompt once) at the usual
 2 FLOPs per weight-multiply per token (Kaplan et al.): a forward pass is 2 * N_matmul per
@@ -21,24 +23,61 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["matmul_peak_gflops", "matmul_params", "PhaseFlops"]
+__all__ = ["matmul_peak_gflops", "matmul_peaks", "peak_for", "matmul_params", "PhaseFlops"]
+
+#: The smallest square side :func:`matmul_peak_gflops` times.
+MIN_PEAK_SIZE = 256
 
 
 def matmul_peak_gflops(size: int = 2048, seconds: float = 1.0, dtype: torch.dtype = torch.float32,
                        device: str | torch.device = "cpu") -> float:
-    """Best-of GFLOP/s of a square matmul over about ``seconds`` (the denominator of MFU)."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    """Best GFLOP/s of square matmuls of side 256, 512, ... up to ``size`` in the three layouts
+    of a linear layer's forward and backward (``a @ b``, ``a @ b.T``, ``a.T @ b``), each timed
+    best-of over an equal share of about ``seconds`` (the denominator of MFU).
+
+    Fast kernels peak at the largest size whatever the layout (GPUs, AMX). Emulated ones (bf16
+    on a CPU without bf16 units) run 4-40x below fp32, slowest at large sizes and up to 10x
+    apart between layouts; the best of all counts, so MFU is never measured against a slow
+    kernel. A layout whose one matmul would take over ``seconds`` at the next size (8x its
+    time at this one) is not run there: bf16 ``a @ b`` at 2048^3 would take ~50 s on an AVX2 core.
+    """
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b  # warm-up: thread pool, allocator
-    sync()
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < seconds:
+
+    def once(fn) -> float:
         t0 = time.perf_counter()
-        a @ b
+        fn()
         sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
+        return time.perf_counter() - t0
+
+    sizes = [MIN_PEAK_SIZE * 2**i for i in range(8) if MIN_PEAK_SIZE * 2**i <= size] or [size]
+    share = seconds / (3 * len(sizes))
+    best_rate, last = 0.0, [0.0, 0.0, 0.0]  # each layout's best time at the previous size
+    for n in sizes:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        for i, fn in enumerate((lambda: a @ b, lambda: a @ b.T, lambda: a.T @ b)):
+            if last[i] * 8 > seconds:
+                continue
+            best = once(fn)  # warm-up (thread pool, allocator, kernel choice), kept if slower runs follow
+            start = time.perf_counter()
+            while time.perf_counter() - start < share:
+                best = min(best, once(fn))
+            best_rate, last[i] = max(best_rate, 2 * n**3 / best / 1e9), best
+        if min(last) * 8 > seconds:
+            break
+    return best_rate
+
+
+def matmul_peaks(device: str | torch.device = "cpu", seconds: float = 1.0) -> dict[str, float]:
+    """Measured matmul peaks in GFLOP/s, ``{"float32": ..., "bfloat16": ...}`` (the ``machine``
+    info of a profile: how far bf16 is ahead of fp32 on this hardware, if at all)."""
+    return {str(dt).removeprefix("torch."): matmul_peak_gflops(seconds=seconds, dtype=dt, device=device)
+            for dt in (torch.float32, torch.bfloat16)}
+
+
+def peak_for(peaks: dict[str, float], compute_dtype: torch.dtype) -> float:
+    """The peak MFU divides by: the one of the dtype the matmuls run in."""
+    return peaks[str(compute_dtype).removeprefix("torch.")]
 
 
 def matmul_params(model: nn.Module) -> tuple[int, int]:

@@ -78,6 +78,11 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, _grad_entropy):  # type: ignore[override]
+        with _no_autocast(grad_logp):  # as in forward, even if backward is called under autocast
+            return _ChunkedTokenLogprob._backward(ctx, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, grad_logp):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk_size, temperature = ctx.chunk_size, ctx.temperature
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -164,11 +169,19 @@ def token_logprobs_from_hidden(
             f"targets must be token ids in [0, {v}); got range "
             f"[{int(flat_targets.min())}, {int(flat_targets.max())}] (mask padding instead of using -100)"
         )
-    logp, entropy = _ChunkedTokenLogprob.apply(
-        hidden.reshape(b * t, h), lm_head_weight, lm_head_bias, flat_targets,
-        int(chunk_size), float(temperature), bool(with_entropy),
-    )
+    with _no_autocast(hidden):  # bf16 mixed precision: the head and log-softmax stay fp32
+        logp, entropy = _ChunkedTokenLogprob.apply(
+            hidden.reshape(b * t, h), lm_head_weight, lm_head_bias, flat_targets,
+            int(chunk_size), float(temperature), bool(with_entropy),
+        )
     return logp.view(b, t), (entropy.view(b, t) if with_entropy else None)
+
+
+def _no_autocast(t: Tensor):
+    """Autocast off on ``t``'s device: under bf16 autocast ``h @ W^T`` would be a bf16 matmul
+    (logits rounded to 8 mantissa bits, ~0.1 at |z| = 20); here it runs in the weights' dtype
+    (fp32 master weights: fp32) and the log-softmax after it in fp32 (docs/precision.md)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def _unwrap_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:

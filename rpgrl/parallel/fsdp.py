@@ -20,7 +20,7 @@ from rpgrl.models.logprobs import sequence_logprobs
 _LOGPROBS_METHOD = "rpgrl_sequence_logprobs"
 
 
-def shard_policy(model: torch.nn.Module) -> None:
+def shard_policy(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
     """``fully_shard`` each decoder layer, then the root (embeddings, final norm and the
     tied lm_head stay in the root group). Gradients are *summed* over ranks, as in
     :meth:`rpgrl.parallel.distributed.DistContext.all_reduce_grads` (the loss already has the global denominator of
@@ -29,8 +29,15 @@ def shard_policy(model: torch.nn.Module) -> None:
     ``sequence_logprobs`` calls the decoder and the LM-head weight directly, never the
     root ``forward``, so it is registered as an FSDP forward method on the root: the root
     group is all-gathered before it and its gradients are reduce-scattered after backward.
+
+    ``compute_dtype`` bf16 (mixed precision, docs/precision.md): the decoder layers get
+    ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` -- fp32 sharded parameters
+    and optimizer state, bf16 all-gathered weights and layer compute, gradients
+    reduce-scattered in fp32. The root keeps fp32 compute, so the LM head's logits and the
+    log-softmax after them are fp32 (its all-gather is then fp32: the price of exact logits).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
 
     if hasattr(model, "get_base_model"):
         raise ConfigError("trainer.fsdp: PEFT/LoRA models are not supported with FSDP; "
@@ -40,15 +47,23 @@ def shard_policy(model: torch.nn.Module) -> None:
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise ConfigError(f"trainer.fsdp: {type(model).__name__} has no decoder .layers to shard; "
                           "set trainer.fsdp=false")
+    mp = MixedPrecisionPolicy()  # fp32: no casts, as without a policy
+    if compute_dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model)  # the root: fp32 (embeddings, final norm, LM head)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
     object.__setattr__(model, _LOGPROBS_METHOD, lambda *a, **k: sequence_logprobs(model, *a, **k))
     register_fsdp_forward_method(model, _LOGPROBS_METHOD)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether :func:`shard_policy` sharded ``model`` (the anchor replica is not)."""
+    return _LOGPROBS_METHOD in model.__dict__
 
 
 def logprobs_fn(model: torch.nn.Module):

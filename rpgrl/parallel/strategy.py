@@ -6,10 +6,16 @@ calls these and holds no per-strategy branch.
 ``SingleProcess``: one process. ``Replicated``: torchrun, a full replica per rank and a
 manual gradient all-reduce (``rpgrl.parallel.distributed``). ``Fsdp2``: torchrun with
 ``trainer.fsdp=true``, FSDP2 shards (``rpgrl.parallel.fsdp``).
+
+Precision (``rpgrl.models.loading.Precision``, docs/precision.md): every forward of the
+policy -- sampling, pi_old, the update, the anchor -- runs in :meth:`SingleProcess.compute`,
+so under bf16 mixed precision they all see the same bf16 numerics; FSDP2 gets them from its
+``MixedPrecisionPolicy`` instead of autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,22 +25,30 @@ import torch
 from rpgrl.loop.checkpoint import load_checkpoint
 from rpgrl.config import Config
 from rpgrl.parallel.distributed import DistContext
+from rpgrl.models.loading import Precision
 from rpgrl.models.logprobs import sequence_logprobs
 from rpgrl.loop.optim import eval_mode
+
+_FP32 = Precision(torch.float32, torch.float32, "fp32")
 
 
 class SingleProcess:
     name = "none"
 
-    def __init__(self, dist: DistContext) -> None:
-        self.dist = dist
+    def __init__(self, dist: DistContext, precision: Precision = _FP32, device: torch.device | str = "cpu") -> None:
+        self.dist, self.precision, self.device = dist, precision, torch.device(device)
 
     def wrap(self, model: torch.nn.Module) -> None:
         """Prepare the policy for training (after the anchor snapshot, before the optimizer)."""
 
+    def compute(self):
+        """The context the policy's forwards run in (sampling included): bf16 autocast under
+        mixed precision, else nothing."""
+        return self.precision.autocast(self.device)
+
     def logprobs(self, model: torch.nn.Module) -> Callable:
-        """``sequence_logprobs`` bound to ``model``."""
-        return lambda *a, **k: sequence_logprobs(model, *a, **k)
+        """``sequence_logprobs`` bound to ``model``, in :meth:`compute`."""
+        return _in(self.compute, lambda *a, **k: sequence_logprobs(model, *a, **k))
 
     def reduce_grads(self, model: torch.nn.Module) -> None:
         """Make ``.grad`` the global gradient before clipping."""
@@ -75,12 +89,22 @@ class Fsdp2(Replicated):
     def wrap(self, model: torch.nn.Module) -> None:
         from rpgrl.parallel.fsdp import shard_policy
 
-        shard_policy(model)  # replaces the manual all-reduce; the optimizer sees the shards
+        # replaces the manual all-reduce; the optimizer sees the (fp32) shards
+        shard_policy(model, compute_dtype=self.precision.compute_dtype)
+
+    def compute(self):
+        """Nothing for the sharded policy: its ``MixedPrecisionPolicy`` casts (no autocast on
+        top, so the numerics are FSDP2's own, e.g. torchtitan's)."""
+        return contextlib.nullcontext()
 
     def logprobs(self, model: torch.nn.Module) -> Callable:
-        from rpgrl.parallel.fsdp import logprobs_fn
+        """The sharded policy through FSDP's hooks; an unsharded replica (the anchor) in
+        autocast, the nearest single-process equivalent of the policy's bf16 compute."""
+        from rpgrl.parallel.fsdp import is_sharded, logprobs_fn
 
-        return logprobs_fn(model)
+        if is_sharded(model):
+            return logprobs_fn(model)
+        return _in(lambda: self.precision.autocast(self.device), logprobs_fn(model))
 
     def reduce_grads(self, model: torch.nn.Module) -> None:
         pass  # FSDP2 has reduce-scattered (summed) them in backward
@@ -118,8 +142,17 @@ class Fsdp2(Replicated):
             return fsdp_full_state(model)[0]
 
 
-def make_parallel(dist: DistContext, cfg: Config) -> SingleProcess:
-    """The strategy for this process group and ``cfg.trainer.fsdp``."""
+def _in(context: Callable, fn: Callable) -> Callable:
+    """``fn`` called inside a fresh ``context()``."""
+    def call(*a, **k):
+        with context():
+            return fn(*a, **k)
+    return call
+
+
+def make_parallel(dist: DistContext, cfg: Config, precision: Precision = _FP32,
+                  device: torch.device | str = "cpu") -> SingleProcess:
+    """The strategy for this process group and ``cfg.trainer.fsdp``, computing in ``precision``."""
     if not dist.enabled:
-        return SingleProcess(dist)
-    return Fsdp2(dist) if cfg.trainer.fsdp else Replicated(dist)
+        return SingleProcess(dist, precision, device)
+    return (Fsdp2 if cfg.trainer.fsdp else Replicated)(dist, precision, device)
