@@ -186,7 +186,7 @@ class TrainerConfig:
     device: str = _f("auto", "auto | cpu | cuda")
     num_threads: int | None = _f(None, "CPU threads; null = torch's default")
     logprob_chunk_size: int = _f(1024, "tokens per log-softmax chunk (memory knob)")
-    profile: bool = _f(False, "measure the matmul peak at start-up (a few seconds), then log model FLOP "
+    profile: bool = _f(False, "measure the fp32 and bf16 matmul peaks at start-up (seconds), then log model FLOP "
                                  "utilisation per phase and print the step-time breakdown at the end")
     fsdp: bool = _f(False, "under torchrun: shard the policy with FSDP2 instead of replicating it")
     share_prompts: bool = _f(True, "forwards run each distinct prompt once and reuse its KV (exact)")

@@ -130,6 +130,7 @@ def test_eval_mode_blocks_nest_for_schedule_free():
     """An evaluation inside a gathered-weights block must still see the averaged weights."""
     from rpgrl.loop.optim import eval_mode
 
+    torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt, _ = build_optimizer(model, "schedulefree_adamw", lr=0.1)
     for _ in range(3):  # after a few steps the averaged x and the train iterate y differ

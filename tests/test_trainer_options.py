@@ -95,7 +95,7 @@ def test_eval_cli_writes_mean_and_pass_at_k(tiny_model_dir, tmp_path, capsys):
 def test_train_cli_rejects_bad_config_before_loading(capsys):
     rc = main(["train", "algorithm.dual_clip=0.5"])
     assert rc == 2
-    assert "algorithm.dual_clip: 0.5 must be > 1 (dual clip) or null" in capsys.readouterr().err
+    assert "algorithm.dual_clip: dual_clip must be > 1 (or None to disable), got 0.5" in capsys.readouterr().err
 
 
 def test_dropout_is_disabled_so_logprobs_are_deterministic(tiny_model_dir):
