@@ -7,6 +7,7 @@ Mean@k files (docs/math.md §9) repeat each problem k times; problems are de-dup
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -42,11 +43,12 @@ def evaluate_policy(
     model, tokenizer, examples: list[Example], prompts: list[list[int]], *, k: int = 1,
     temperature: float = 0.0, max_new_tokens: int, max_problems: int = 0, batch_size: int = 256,
     device: torch.device | str = "cpu", scorer: Callable | None = None, timeout_s: float = 10.0,
-    engine: str = "auto",
+    engine: str = "auto", compute=contextlib.nullcontext,
 ) -> dict:
-    """:func:`evaluate_with` a :class:`~rpgrl.loop.generation.Sampler` over ``model``."""
+    """:func:`evaluate_with` a :class:`~rpgrl.loop.generation.Sampler` over ``model``
+    (``compute``: the precision context generation runs in, as in training)."""
     sampler = Sampler(model, tokenizer, device=device, engine=engine, batch_size=batch_size,
-                      scorer=scorer, timeout_s=timeout_s)
+                      scorer=scorer, timeout_s=timeout_s, compute=compute)
     return evaluate_with(sampler, examples, prompts, k=k, temperature=temperature,
                          max_new_tokens=max_new_tokens, max_problems=max_problems)
 

@@ -15,8 +15,7 @@ import torch
 from rpgrl.config import Config
 from rpgrl.data.procedural import addition_splits
 from rpgrl.data.verl import Example, load_examples, tokenize_prompts
-from rpgrl.models.gguf import resolve_model_path
-from rpgrl.models.loading import Precision, load_policy, load_tokenizer, resolve_device, resolve_precision
+from rpgrl.models.loading import Precision, load_model, resolve_device, resolve_precision
 from rpgrl.rewards import load_scorer
 from rpgrl.models.tiny import TinyModelConfig
 from rpgrl.models.warmstart import warm_start_tiny
@@ -71,22 +70,19 @@ def setup_run(cfg: Config, log=print) -> tuple[RunData, torch.nn.Module, object,
     train, test = _examples(cfg, log)
     scorer = load_scorer(cfg.reward_fn) if cfg.reward_fn else None
     path = cfg.model.path
-    if path is not None:  # a GGUF file becomes a cached save_pretrained folder
-        path = resolve_model_path(path, cfg.model.gguf_file, cache_dir=cfg.warmstart.cache_dir, log=log)
-    else:
+    if path is None:  # the built-in tiny model, warm-started once (cached)
         ws, t = cfg.warmstart, cfg.model.tiny
         tiny = TinyModelConfig(t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size)
         path = str(warm_start_tiny(
             train, tiny=tiny, steps=ws.steps if ws.enabled else 0, batch_size=ws.batch_size,
             lr=ws.lr, seed=cfg.seed, teacher_accuracy=ws.teacher_accuracy, cache_dir=ws.cache_dir, log=log,
         ))
-    tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+    m = cfg.model
+    model, tokenizer, path = load_model(
+        path, device=device, precision=precision, gguf_file=m.gguf_file, cache_dir=cfg.warmstart.cache_dir,
+        trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=m.lora, log=log,
+    )
     train, train_prompts = _tokenize(train, tokenizer, cfg, "train", log)
     test, test_prompts = _tokenize(test, tokenizer, cfg, "held-out", log)
-    model = load_policy(
-        path, device=device, dtype=precision.param_dtype, trust_remote_code=cfg.model.trust_remote_code,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora,
-    )
-    precision.prepare(model)
     data = RunData(train, train_prompts, test, test_prompts, scorer, path, precision)
     return data, model, tokenizer, device

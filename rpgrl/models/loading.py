@@ -193,6 +193,22 @@ def load_policy(path: str | Path, *, device: torch.device, dtype: torch.dtype,
     return model
 
 
+def load_model(path: str, *, device: torch.device, precision: Precision, gguf_file: str | None = None,
+               cache_dir: str | None = None, trust_remote_code: bool = False,
+               gradient_checkpointing: bool = False, lora=None, log=print):
+    """(model, tokenizer, resolved path) for ``model.path``: the one loading path of
+    ``rpgrl train`` and ``rpgrl eval`` (a GGUF file becomes a cached folder; parameters in
+    ``precision.param_dtype``, prepared for its compute dtype)."""
+    from rpgrl.models.gguf import resolve_model_path
+
+    path = resolve_model_path(path, gguf_file, cache_dir=cache_dir, log=log)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = load_policy(path, device=device, dtype=precision.param_dtype, trust_remote_code=trust_remote_code,
+                        gradient_checkpointing=gradient_checkpointing, lora=lora)
+    precision.prepare(model)
+    return model, tokenizer, path
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """RL needs pi_old, pi_theta and the anchor to be one deterministic function of the weights
     (w = 1 on-policy); dropout would make every log-prob pass a different policy. verl and TRL
