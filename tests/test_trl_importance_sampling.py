@@ -308,7 +308,7 @@ def prefix_rank(completions, **_):
 SAMPLER_NOISE = 2.0  # LM-head noise, in units of the head's weight std
 #: 16 prompts x 4 samples per generation (2 optimizer steps of 32), so that whatever is drawn
 #: some ratios fall outside the mode's bounds and some inside: log r of the sampled sequences
-#: spans about -2..1.8 with ~30 % outside (0.4, 2.5), of the tokens -1.1..0.8 with ~8 % outside
+#: spans about -2..1.8 with ~30 % outside (0.4, 2.5), of the tokens -1.1..0.8 with ~7 % outside
 #: (0.5, 2) (4 seeds). With 8 samples (~36 tokens) no token was outside with probability of a few %.
 IS_PAIRS = [(a, b) for a in (3, 14, 25, 36) for b in (7, 18, 29, 40)]
 
