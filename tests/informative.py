@@ -7,14 +7,16 @@ rules make the training tests hold whatever is drawn:
 * The scorer is :data:`PREFIX_RANK` (``rpgrl.integrations.verl_cpu.reward``): two responses
   score alike only if their first 4 tokens agree, so a group's rewards are all equal only if
   its 4 samples share that prefix. For the tests' 30-step warm start that has probability
-  ~4e-5 per group (2,000 samples per prompt, 8 prompts), so a step of 4 groups has none that
-  differs with probability ~1e-18. The scorers it replaced (``parity``: ~0.2 per group;
-  exact match: most groups of a barely trained model) left whole steps without signal.
+  ~4e-5 per group (2,000 samples per prompt, 8 prompts). The scorers it replaced (``parity``:
+  ~0.2 per group; exact match: most groups of a barely trained model) left whole steps
+  without signal.
 * An assertion that needs a gradient is stated as what must follow from the drawn batch
   (:func:`check_grad_norms`): the first optimizer step of a batch is on-policy (w = 1, no
   trust-region clipping), so a row with a non-zero advantage among its rows gives it a
   non-zero gradient. Which rows that step takes is a random split, but if more rows have a
-  non-zero advantage than the later steps hold, one of them is in the first.
+  non-zero advantage than the later steps hold, one of them is in the first. With 4 groups
+  and 2 mini-batches that fails only if 2 groups tie (~1e-8 per step), so a test that needs it
+  in one step of two fails with probability ~1e-16.
 """
 
 from __future__ import annotations
