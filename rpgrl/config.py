@@ -91,7 +91,7 @@ class DataConfig:
 class RolloutConfig:
     n: int = _f(8, "responses per prompt (the group size G)")
     temperature: float = _f(1.0, "sampling temperature (also divides the logits the loss scores)")
-    top_p: float = _f(1.0, "nucleus sampling; < 1 truncates the sampler only")
+    top_p: float = _f(1.0, "nucleus sampling; < 1 truncates the sampler only (on-policy updates only)")
     max_new_tokens: int = _f(8, "response length limit in tokens")
     generate_batch_sequences: int = _f(256, "sequences per generate() call (memory knob)")
     engine: str = _f("auto", "rpgrl (KV-cached loop) | hf (HF generate) | auto (rpgrl where the cache allows)")
@@ -555,6 +555,23 @@ def validate(cfg: Config) -> None:
             "algorithm.kl_in_reward: a KL folded into the reward needs a reference; with "
             "algorithm.anchor.mode=rollout it is identically 0. Use anchor.mode=fixed|periodic|adaptive"
         )
+    if r.top_p < 1:
+        # The sampler draws from the top-p nucleus, pi_old is scored with the full softmax, so
+        # any ratio that assumes the samples came from pi_old (w, or v = pi_anc/pi_old) is wrong.
+        why = [k for k, on in (
+            (f"trainer.epochs={t.epochs}", t.epochs > 1),
+            (f"{t.prompts_per_step // t.mini_batch_prompts} mini-batches per batch", t.prompts_per_step // t.mini_batch_prompts > 1),
+            ("optim.name=schedulefree_adamw (samples with its averaged iterate)", cfg.optim.name == "schedulefree_adamw"),
+            (f"algorithm.anchor.mode={a.anchor.mode} with beta > 0 (v = pi_anc/pi_old)", a.anchor.mode != "rollout" and a.beta > 0),
+        ) if on]
+        if why:
+            raise ConfigError(
+                f"rollout.top_p: {r.top_p} < 1 samples from the truncated nucleus, but pi_old is the full "
+                f"softmax, so the importance weights of this off-policy setup ({'; '.join(why)}) are not ratios "
+                f"to the sampler and the trust region / KL act on the wrong ratio. Set rollout.top_p=1.0, or "
+                f"train on-policy: trainer.epochs=1, trainer.mini_batch_prompts=trainer.prompts_per_step, "
+                f"optim.name=adamw and algorithm.anchor.mode=rollout (or algorithm.beta=0)"
+            )
     if cfg.eval.k > 1 and cfg.eval.temperature == 0:
         raise ConfigError("eval.k: k > 1 samples per problem needs eval.temperature > 0")
     if a.overlong.enabled and a.overlong.buffer_len >= r.max_new_tokens:

@@ -104,8 +104,9 @@ def _tensors(seed: int = 0):
     return logp, torch.where(mask, old, zero), torch.where(mask, adv, zero), mask
 
 
-def _verl_call(config, logp, old, adv, mask, **batch_info):
-    """ppo_loss on a padded verl batch whose model output holds logp (gradient flows back)."""
+def _verl_call(config, logp, old, adv, mask, rollout_is_weights=None, **batch_info):
+    """ppo_loss on a padded verl batch whose model output holds logp (gradient flows back);
+    ``rollout_is_weights`` ([B, T]) is put in the batch as verl's rollout correction does."""
     B = logp.shape[0]
     lens = mask.sum(-1).tolist()
     # model log-probs over prompt+response tokens; ppo_loss reads the response slice shifted by one
@@ -123,6 +124,8 @@ def _verl_call(config, logp, old, adv, mask, **batch_info):
         },
         batch_size=[B],
     )
+    if rollout_is_weights is not None:
+        data["rollout_is_weights"] = rollout_is_weights
     info = dict(dp_size=DP_SIZE, batch_num_tokens=BATCH_NUM_TOKENS, global_batch_size=GLOBAL_BATCH_SIZE)
     info.update(batch_info)
     tu.assign_non_tensor(data, **info)
@@ -262,8 +265,8 @@ def test_unsupported_inputs_are_refused_or_flagged(actor_yaml):
     fn = core_algos.get_policy_loss_fn("rpg_reinforce_ufkl")
     logp, old, adv, mask = _tensors()
     config = _actor_config(actor_yaml)
-    with pytest.raises(ValueError, match="rollout_is=null"):
-        fn(old, logp, adv, mask, "token-mean", config, rollout_is_weights=torch.ones_like(logp))
+    with pytest.raises(ValueError, match="rollout_is_weights has shape"):
+        fn(old, logp, adv, mask, "token-mean", config, rollout_is_weights=torch.ones(len(LENS), 1, dtype=DT))
     with pytest.raises(ValueError, match="needs the actor config"):
         fn(old, logp, adv, mask, "token-mean", None)
     with pytest.warns(UserWarning, match="use_kl_loss=False"):
@@ -366,3 +369,126 @@ def test_example_reward_fn_is_rpgrl_scorer():
     right = mod.compute_score("amc_23", "so the sum is 27.\nAnswer: 27", "27", {})
     wrong = mod.compute_score("amc_23", "Answer: 26", "27", {})
     assert (right["score"], wrong["score"]) == (1.0, 0.0) and right["acc"] is True
+
+
+# --- rollout correction: verl's rollout_is_weights / rejection masks reach every rpgrl loss ---
+
+#: algorithm.rollout_correction settings of verl 0.9.1 (decoupled mode): token / sequence TIS,
+#: token / sequence IcePop (zeroed weights), and rejection alone or with TIS (modified mask).
+ROLLOUT_CORRECTIONS = {
+    "token_tis": dict(rollout_is="token", rollout_is_threshold=1.5),
+    "seq_tis": dict(rollout_is="sequence", rollout_is_threshold=2.0),
+    "token_icepop": dict(rollout_is="token", rollout_is_threshold="0.8_1.25"),
+    "seq_tis_batch_norm": dict(rollout_is="sequence", rollout_is_threshold=2.0, rollout_is_batch_normalize=True),
+    "token_rs": dict(rollout_is=None, rollout_rs="token_k1", rollout_rs_threshold="0.8_1.25"),
+    "seq_is_rs": dict(rollout_is="sequence", rollout_is_threshold=2.0, rollout_rs="seq_mean_k3",
+                      rollout_rs_threshold=0.01),
+}
+
+
+def _rollout_correction(old, mask, seed, **settings):
+    """verl's own decoupled-mode computation (ray_trainer.py: compute_rollout_correction_and_add_to_batch)
+    on rollout log-probs that differ from pi_old: (rollout_is_weights or None, modified response mask)."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    g = torch.Generator().manual_seed(seed)
+    rollout = torch.where(mask, old + 0.3 * torch.randn(old.shape, generator=g, dtype=DT), 0.0)
+    proto, new_mask, metrics = compute_rollout_correction_and_rejection_mask(
+        old_log_prob=old, rollout_log_prob=rollout, response_mask=mask.long(), **settings
+    )
+    weights = None if proto is None else proto.batch["rollout_is_weights"]
+    return weights, new_mask.bool(), metrics
+
+
+def test_rollout_corrections_produce_nontrivial_weights_and_masks():
+    """The cases below really exercise truncation, zeroed weights and rejection."""
+    logp, old, adv, mask = _tensors(seed=4)
+    w, m, _ = _rollout_correction(old, mask, 0, **ROLLOUT_CORRECTIONS["token_tis"])
+    assert (w[mask] == 1.5).any() and (w[mask] < 1).any() and torch.equal(m, mask)
+    w, _, _ = _rollout_correction(old, mask, 0, **ROLLOUT_CORRECTIONS["token_icepop"])
+    assert (w[mask] == 0).any() and (w[mask] > 0).any()
+    w, _, _ = _rollout_correction(old, mask, 0, **ROLLOUT_CORRECTIONS["seq_tis"])
+    assert all(len(set(w[i, : n].tolist())) == 1 for i, n in enumerate(LENS))  # one weight per sequence
+    w, m, _ = _rollout_correction(old, mask, 0, **ROLLOUT_CORRECTIONS["token_rs"])
+    assert w is None and 0 < (mask & ~m).sum() < mask.sum()  # some tokens rejected, not all
+    _, m, _ = _rollout_correction(old, mask, 0, **ROLLOUT_CORRECTIONS["seq_is_rs"])
+    assert 0 < (mask & ~m).sum() < mask.sum()
+
+
+#: The rpgrl losses that are verl's vanilla (dual-clip PPO) loss at beta = 0: rpgrl's ppo and
+#: the differentiable RPG surrogates (spec 3: pg_t is the dual-clip PPO term, beta * S_t vanishes).
+VANILLA_AT_BETA0 = ("rpgrl_ppo", "rpg_fkl", "rpg_rkl", "rpg_ufkl", "rpg_urkl")
+
+
+@pytest.mark.parametrize("agg_mode", list(EXPECTED_NORM))
+@pytest.mark.parametrize("correction", list(ROLLOUT_CORRECTIONS))
+@pytest.mark.parametrize("verl_name", VANILLA_AT_BETA0)
+def test_rollout_correction_equals_verl_vanilla_at_beta0(actor_yaml, verl_name, correction, agg_mode):
+    """Same weights, same (rejection-)mask: value and gradient equal verl's own vanilla loss."""
+    logp, old, adv, _ = _tensors(seed=5)
+    mask = torch.arange(T)[None, :] < torch.tensor(LENS)[:, None]
+    weights, rs_mask, _ = _rollout_correction(old, mask, 1, **ROLLOUT_CORRECTIONS[correction])
+    out = {}
+    with pytest.warns(UserWarning, match="not an rpgrl loss"):
+        vanilla = _actor_config(actor_yaml, policy_loss__loss_mode="vanilla", loss_agg_mode=agg_mode)
+    for mode in ("vanilla", verl_name):
+        config = vanilla if mode == "vanilla" else _actor_config(
+            actor_yaml, policy_loss__loss_mode=mode, loss_agg_mode=agg_mode, policy_loss__beta=0.0
+        )
+        out[mode] = _loss_and_grad(
+            lambda lp: _verl_call(config, lp, old, adv, rs_mask, rollout_is_weights=weights), logp
+        )
+    (v_loss, v_grad, _), (r_loss, r_grad, r_m) = out["vanilla"], out[verl_name]
+    # verl's seq-mean-token-mean divides by (length + 1e-8): up to 1e-9 relative here
+    rtol = 1e-8 if agg_mode == "seq-mean-token-mean" else 1e-10
+    torch.testing.assert_close(r_loss, v_loss, rtol=rtol, atol=0)
+    torch.testing.assert_close(r_grad, v_grad, rtol=rtol, atol=1e-15)
+    assert r_grad[~rs_mask].abs().max() == 0  # rejected and padding tokens: no gradient
+    if weights is not None:
+        # the weights changed the loss (else this comparison would prove little)
+        plain, _, _ = _loss_and_grad(lambda lp: _verl_call(config, lp, old, adv, rs_mask), logp)
+        assert not torch.isclose(plain, r_loss, rtol=1e-6, atol=0)
+        want = float(weights[rs_mask].mean())
+        assert r_m["actor/rpg/rollout_is_weight_mean"] == pytest.approx(want, rel=1e-12)
+    else:
+        assert "actor/rpg/rollout_is_weight_mean" not in r_m
+
+
+#: rpgrl losses whose token loss depends on that token's log-prob only (gspo's depends on the
+#: sequence ratio, so only sequence-constant weights scale its gradient token by token).
+TOKEN_FACTORED = [n for n in rv.VERL_LOSS_NAMES if rv.VERL_LOSS_NAMES[n] != "gspo"]
+
+
+@pytest.mark.parametrize("verl_name, correction", [
+    (n, c) for n in rv.VERL_LOSS_NAMES for c in ("token_tis", "token_icepop", "seq_tis")
+    if n in TOKEN_FACTORED or c == "seq_tis"
+])
+def test_rollout_weights_scale_each_token_gradient(actor_yaml, verl_name, correction):
+    """beta > 0 (KL term on): grad with weights = weight x grad without, token by token; so the
+    trust region, dual clip and KL act on w = pi_theta/pi_old, untouched by the weights."""
+    config = _actor_config(actor_yaml, policy_loss__loss_mode=verl_name)
+    assert config.policy_loss.beta == BETA
+    logp, old, adv, mask = _tensors(seed=6)
+    weights, _, _ = _rollout_correction(old, mask, 2, **ROLLOUT_CORRECTIONS[correction])
+    w_loss, w_grad, w_m = _loss_and_grad(lambda lp: _verl_call(config, lp, old, adv, mask, rollout_is_weights=weights), logp)
+    p_loss, p_grad, p_m = _loss_and_grad(lambda lp: _verl_call(config, lp, old, adv, mask), logp)
+    torch.testing.assert_close(w_grad, weights * p_grad, rtol=1e-12, atol=1e-16)
+    assert (p_grad[mask] != 0).sum() > mask.sum() / 2 and not torch.equal(w_grad, p_grad)
+    for key in ("actor/rpg/clipfrac_upper", "actor/rpg/clipfrac_lower", "actor/rpg/importance_weight_mean",
+                "actor/rpg/kl_rollout_k3"):
+        assert w_m[key] == p_m[key], key  # the trust region and KL see w alone
+
+
+def test_rollout_weights_are_the_only_change_to_policy_loss(actor_yaml):
+    """The plugin's call equals rpgrl.losses.policy_loss(..., weights=rollout_is_weights)."""
+    config = _actor_config(actor_yaml, policy_loss__loss_mode="rpg_reinforce_ufkl")
+    logp, old, adv, mask = _tensors(seed=7)
+    weights, _, _ = _rollout_correction(old, mask, 3, **ROLLOUT_CORRECTIONS["seq_tis"])
+    got, got_grad, _ = _loss_and_grad(lambda lp: _verl_call(config, lp, old, adv, mask, rollout_is_weights=weights), logp)
+    want, want_grad, _ = _loss_and_grad(
+        lambda lp: policy_loss("rpg_reinforce_ufkl", lp, old, adv, mask, beta=BETA, clip=CLIP, dual_clip=DUAL,
+                               norm=25.0, weights=weights),
+        logp,
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-16)

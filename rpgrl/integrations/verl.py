@@ -27,6 +27,11 @@ exactly ``agg_loss(token_loss, mask, mode, **global_batch_info)`` for all five v
 (docs/math.md §6: whole mini-batch denominators, times dp_size because FSDP averages
 gradients over ranks).
 
+Rollout correction: verl's ``algorithm.rollout_correction`` weights r = pi_old / pi_rollout
+(``rollout_is_weights``) multiply each token's whole rpgrl loss as constants, while the trust
+region, dual clip and KL act on w = pi_theta / pi_old (``rollout_correction_weights``);
+rejection arrives as a smaller ``response_mask``.
+
 The anchor: verl 0.9.1's ``ppo_loss`` (verl/workers/utils/losses.py) passes a policy loss
 only (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
 rollout_is_weights); ``ref_log_prob`` reaches only verl's own ``use_kl_loss`` term. So the
@@ -65,6 +70,7 @@ __all__ = [
     "RPGPolicyLossConfig",
     "make_policy_loss_fn",
     "register",
+    "rollout_correction_weights",
     "rpg_outcome_advantage",
     "verl_normalization",
 ]
@@ -190,6 +196,36 @@ def _verl_metrics(m: Mapping[str, Tensor]) -> dict[str, float]:
     return out
 
 
+def rollout_correction_weights(
+    rollout_is_weights: Optional[Tensor], log_prob: Tensor, name: str = "rpgrl"
+) -> Optional[Tensor]:
+    """verl's ``rollout_is_weights`` as rpgrl's fixed per-token loss weights (None if absent).
+
+    verl's ``algorithm.rollout_correction`` (decoupled mode) computes, once per batch,
+    r = pi_old / pi_rollout from the trainer's recomputed ``old_log_probs`` and the rollout
+    engine's ``rollout_log_probs`` (verl/trainer/ppo/rollout_corr_helper.py:522-657):
+    ``rollout_is=token`` gives one r per token, ``sequence`` the product over the response
+    broadcast to every token, both truncated at ``rollout_is_threshold`` (TIS) or zeroed
+    outside ``"lower_upper"`` (IcePop), 0 on padding, optionally batch-normalized to mean 1.
+    Rejection (``rollout_rs``) never reaches the loss as a weight: it zeroes the rejected
+    tokens of ``response_mask`` (rollout_corr_helper.py:1060-1061), which is the loss's mask
+    and the token count of its normalization.
+
+    They correct the sampler -> pi_old gap that w = pi_theta / pi_old cannot see, so they
+    multiply each token's whole loss as constants (as verl's own losses do,
+    core_algos.py:1364-1365, and as rpgrl's TRL integration does with TRL's vLLM ratio),
+    while the trust region, dual clip and KL term keep acting on w (docs/math.md §1, §3, §4.1).
+    """
+    if rollout_is_weights is None:
+        return None
+    if tuple(rollout_is_weights.shape) != tuple(log_prob.shape):
+        raise ValueError(
+            f"verl policy loss {name!r}: rollout_is_weights has shape {tuple(rollout_is_weights.shape)}, "
+            f"expected the response shape {tuple(log_prob.shape)} (verl broadcasts sequence weights to tokens)"
+        )
+    return rollout_is_weights.detach().to(log_prob.dtype)
+
+
 def _get(config: Any, key: str, default: Any = None) -> Any:
     value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
     return default if value is None else value
@@ -210,12 +246,7 @@ def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, floa
     ) -> tuple[Tensor, dict[str, float]]:
         if config is None:
             raise ValueError(f"verl policy loss {name!r} needs the actor config (got config=None)")
-        if rollout_is_weights is not None:
-            raise ValueError(
-                f"verl policy loss {name!r}: rollout-correction weights (algorithm.rollout_correction."
-                f"rollout_is) are not supported by rpgrl losses, whose importance weight w already "
-                f"corrects pi_old -> pi_theta; set algorithm.rollout_correction.rollout_is=null"
-            )
+        weights = rollout_correction_weights(rollout_is_weights, log_prob, name)
         if _get(config, "use_kl_loss", False) and spec.divergence is not None:
             warnings.warn(
                 f"actor.use_kl_loss=True adds verl's own KL term on top of {name!r}'s KL "
@@ -235,7 +266,13 @@ def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, floa
             anchor_logp=None,  # = old_log_prob: docs/math.md §1.1, mode 1 (see module docstring)
             beta=float(beta), clip=clip, dual_clip=float(_get(config, "clip_ratio_c", 3.0)),
             agg=agg, kl_in_advantage=bool(_get(pl, "kl_in_advantage", False)), norm=norm,
+            weights=weights,
         )
+        if weights is not None:  # proof on the dashboard that verl's weights reached the loss
+            valid = response_mask.bool()
+            metrics["rollout_is_weight_mean"] = (
+                torch.where(valid, weights, 0.0).sum() / valid.sum().clamp(min=1)
+            )
         return loss, _verl_metrics(metrics)
 
     rpg_policy_loss.__name__ = rpg_policy_loss.__qualname__ = f"rpgrl_{name}"
