@@ -84,7 +84,7 @@ def test_two_processes_train_write_once_and_resume(tiny_overrides, tmp_path):
     assert len(state["rng_per_rank"]) == 2  # each rank's sampler state, not only rank 0's
     assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
 
-    log = _torchrun("-m", "rpgrl", "train", *tiny_overrides(PARITY, "trainer.save_every=1",
+    log = _torchrun("-m", "rpgrl", "train", *tiny_overrides(PREFIX_RANK, "trainer.save_every=1",
                                                             "trainer.total_steps=3", out=out), "--resume")
     assert "at step 2" in log and log.count("resumed from") == 1
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
@@ -95,7 +95,7 @@ def test_two_processes_train_write_once_and_resume(tiny_overrides, tmp_path):
 
     # exact: every rank restored its own RNG, so the resumed run is the uninterrupted one
     full = tmp_path / "full"
-    _torchrun("-m", "rpgrl", "train", *tiny_overrides(PARITY, "trainer.total_steps=3",
+    _torchrun("-m", "rpgrl", "train", *tiny_overrides(PREFIX_RANK, "trainer.total_steps=3",
                                                       "eval.before_training=false", out=full))
     a = load_file(full / "final" / "model.safetensors")
     b = load_file(out / "final" / "model.safetensors")
