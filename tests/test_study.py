@@ -103,6 +103,7 @@ def test_two_methods_two_steps_on_the_real_model_are_off_policy(tmp_path, capsys
         assert r["peak_rss_mb"] > 1000 and r["peak_rss_source"].startswith("os.wait4")
         assert r["wall_s"] > 0 and r["run_command"].startswith("rpgrl train ")
         assert not (out / algo / "seed0" / "checkpoints").exists()  # --prune-checkpoints
+        assert (out / algo / "seed0" / "final" / "model.safetensors").is_file()
         records = [json.loads(x) for x in (out / algo / "seed0" / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in records if "actor/loss" in x] == [1, 2]
         assert all(math.isfinite(x["actor/loss"]) for x in records if "actor/loss" in x)
