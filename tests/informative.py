@@ -25,6 +25,19 @@ from dataclasses import dataclass
 
 #: rpgrl's tie-free scorer for the tiny tokenizer (a ``reward_fn=`` override).
 PREFIX_RANK = "reward_fn=rpgrl.integrations.verl_cpu.reward:compute_score"
+#: the same idea for any tokenizer (a real model's free text): ties only between identical
+#: replies. Needs this folder on PYTHONPATH in the training process.
+TEXT_RANK = "reward_fn=informative:text_rank_score"
+
+
+def text_rank_score(data_source: str, solution_str: str, ground_truth, extra_info=None, **_) -> float:
+    """A score in [0, 1) from the reply's hash: two replies tie only if their texts are equal
+    (or with probability 2**-24), so a group has signal unless all its replies are the same.
+    ``k / 2**24`` is exact in float32, as is the group mean of 8 of them up to rounding that
+    cannot make different scores equal."""
+    import hashlib
+
+    return int(hashlib.sha256((solution_str or "").encode()).hexdigest()[:6], 16) / 2.0 ** 24
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -107,3 +108,252 @@ def test_bad_algorithm_fails_before_any_training(tiny_overrides, tmp_path, capsy
                  *tiny_overrides()]) == 2
     assert "nope" in capsys.readouterr().err
     assert not (out / "grpo").exists()
+
+
+# --------------------------------------------------------------------------- seed statistics
+
+
+def test_student_t_quantiles_match_the_printed_table():
+    from rpgrl.tools.stats import student_t_cdf, student_t_quantile
+
+    # two-sided 95 % critical values of any statistics textbook's t table
+    for df, t in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (29, 2.0452)]:
+        assert student_t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    assert student_t_cdf(1.0, 1) == pytest.approx(0.75, abs=1e-12)  # Cauchy: 1/2 + atan(1)/pi
+    assert student_t_quantile(0.025, 2) == pytest.approx(-4.3027, abs=1e-4)
+
+
+def test_t_interval_and_paired_difference_by_hand():
+    from rpgrl.tools.stats import paired_difference, t_interval
+
+    iv = t_interval([0.5, 0.6, 0.7])
+    # mean 0.6, s = 0.1, half-width t(0.975, 2) * 0.1 / sqrt(3) = 4.302653 * 0.057735 = 0.248414
+    assert (iv.mean, iv.n) == (pytest.approx(0.6), 3) and iv.std == pytest.approx(0.1)
+    assert (iv.lo, iv.hi) == (pytest.approx(0.351586, abs=1e-6), pytest.approx(0.848414, abs=1e-6))
+    one = t_interval([0.4, float("nan")])  # one finite value: a mean, no interval
+    assert one.mean == 0.4 and one.n == 1 and math.isnan(one.lo) and not one.excludes_zero()
+    # pairs by seed: seed 3 exists only in b and is left out; diffs 0.10, 0.15, 0.05
+    d = paired_difference({0: 0.6, 1: 0.7, 2: 0.65}, {0: 0.5, 1: 0.55, 2: 0.6, 3: 0.9})
+    assert d.n == 3 and d.mean == pytest.approx(0.1) and d.std == pytest.approx(0.05)
+    assert (d.lo, d.hi) == (pytest.approx(-0.024207, abs=1e-6), pytest.approx(0.224207, abs=1e-6))
+    assert not d.excludes_zero()  # +10 points, but 3 seeds cannot tell it from noise
+
+
+def test_verdict_outcomes():
+    from rpgrl.tools.stats import Interval, verdict
+
+    diffs = {("a", "b"): Interval(0.11, 0.085, 0.135, 3, 0.01), ("b", "c"): Interval(-0.1, -0.17, -0.03, 3, 0.03),
+             ("a", "c"): Interval(0.03, -0.19, 0.26, 3, 0.09), ("d", "c"): Interval(0.2, math.nan, math.nan, 1, math.nan)}
+    v = verdict(diffs, [("a", "b"), ("b", "c"), ("a", "c"), ("d", "c"), ("e", "c")], {"a": "A"})
+    assert [c["outcome"] for c in v["claims"]] == ["holds", "reversed", "within-noise", "too-few-seeds", "missing"]
+    assert v["claims"][0]["text"] == "A > b beyond seed noise (+11.0 pts, 95% CI [+8.5, +13.5], 3 seeds)"
+    assert not v["holds"] and "does NOT hold" in v["line"]
+    assert verdict(diffs, [("a", "b")])["holds"]
+    one_seed = verdict(diffs, [("a", "b"), ("d", "c")])
+    assert not one_seed["holds"] and "cannot be judged yet" in one_seed["line"]
+
+
+def test_parse_seeds_and_algorithms():
+    from rpgrl.tools.compare import parse_algorithms, parse_seeds
+    from rpgrl.config import ConfigError
+
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds(2) == [0, 1]
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("4,") == [4] and parse_seeds("2-4") == [2, 3, 4]
+    for bad in ("0", "a", "1,1", "-1,"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+    assert parse_algorithms(["grpo,dapo", "rpg_ufkl"]) == ["grpo", "dapo", "rpg_ufkl"]
+
+
+# last held-out accuracy per (method, seed); the middle evaluation is last - 0.05, except
+# grpo seed 1, which peaks at 0.50 and falls to 0.42 (a drop of 8 points)
+STUDY_LAST = {"grpo": (0.40, 0.42, 0.38), "dapo": (0.50, 0.55, 0.45),
+              "rpg_reinforce_ufkl": (0.60, 0.66, 0.57), "rpg_reinforce_urkl": (0.52, 0.50, 0.58)}
+
+
+def _study_run(out: Path, algo: str, seed: int, last: float, *, kl: float, iw: float) -> Path:
+    d = out / algo / f"seed{seed}"
+    d.mkdir(parents=True)
+    mid = 0.50 if (algo, seed) == ("grpo", 1) else last - 0.05
+    evals = {0: 0.30, 2: mid, 4: last}
+    rows = []
+    for step in range(1, 5):
+        rows.append({"step": step, "actor/kl_anchor_k3": kl * step / 4, "actor/importance_weight_max": iw - 4 + step,
+                     "actor/clipfrac_upper": 0.01 * step, "actor/clipfrac_lower": 0.005, "actor/clipfrac_dual": 0.0,
+                     "actor/optimizer_steps": 8 if step != 3 else 6, "actor/skipped_steps_total": 0,
+                     "memory/peak_rss_mb": 9999.0, "timing/step": 10.0 * step})
+        if step in evals:
+            rows.append({"step": step, "eval/accuracy": evals[step], "eval/overall/n_problems": 256})
+    rows.insert(0, {"step": 0, "eval/accuracy": evals[0], "eval/overall/n_problems": 256})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "summary.json").write_text(json.dumps({
+        "eval_before": {"accuracy": 0.30, "strict_acc": 0.0}, "eval_after": {"accuracy": last, "strict_acc": 0.1},
+        "wall_seconds": 600.0 + seed, "train_seconds": 550.0, "steps": 4, "algorithm": algo, "skipped_steps": 0,
+        "eval_best_last": {"last": {"eval/overall/n_problems": 256}}}))
+    (d / "compare_run.json").write_text(json.dumps({"algorithm": algo, "seed": seed, "peak_rss_mb": 5000.0 + seed,
+                                                    "run_command": f"rpgrl train x.yaml algorithm.preset={algo}"}))
+    return d
+
+
+@pytest.fixture
+def study_out(tmp_path) -> Path:
+    out = tmp_path / "study"
+    for algo, lasts in STUDY_LAST.items():
+        for seed, last in enumerate(lasts):
+            _study_run(out, algo, seed, last, kl=0.02 * (seed + 1), iw=5.0 + seed)
+    (out / "dapo" / "seed9").mkdir()  # an unfinished run: not in the report
+    (out / "dapo" / "seed9" / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.1}\n')
+    return out
+
+
+def test_report_of_finished_runs_numbers_and_verdict(study_out, tmp_path):
+    """``--report-only`` over real run folders: per-run fields, intervals, paired differences,
+    stability, the verdict; the JSON has the documented shape."""
+    js = tmp_path / "docs" / "real-study.json"
+    rc = _cli(["compare", "--algorithms", "grpo,dapo", "--seeds", "0,1", "--out", str(study_out), "--report-only",
+               "--json", str(js)])
+    assert rc == 0
+    study = json.loads(js.read_text())
+    assert study == json.loads((study_out / "study.json").read_text())
+    assert study["command"].startswith("rpgrl compare --algorithms grpo,dapo --seeds 0,1")
+    assert study["task"]["n_heldout"] == 256 and study["task"]["disjoint"] is True
+    runs = study["runs"]
+    # every finished run under --out, not only the requested chunk; requested methods first
+    assert [(r["algorithm"], r["seed"]) for r in runs][:4] == [("grpo", 0), ("grpo", 1), ("grpo", 2), ("dapo", 0)]
+    assert len(runs) == 12
+    g1 = next(r for r in runs if (r["algorithm"], r["seed"]) == ("grpo", 1))
+    assert (g1["before"], g1["last"], g1["best"]) == (0.30, 0.42, 0.50)
+    assert g1["max_accuracy_drop"] == pytest.approx(0.08)  # 0.50 -> 0.42
+    assert g1["n_heldout"] == 256 and g1["skipped_steps"] == 0
+    assert g1["kl_anchor_max"] == pytest.approx(0.04) and g1["importance_weight_max"] == pytest.approx(6.0)
+    assert g1["clipfrac_max"] == pytest.approx(0.045) and g1["clipfrac_mean"] == pytest.approx(0.03)
+    assert g1["optimizer_steps_per_batch"] == pytest.approx(7.5) and g1["optimizer_steps_per_batch_min"] == 6
+    assert g1["peak_rss_mb"] == 5001.0 and g1["wall_s"] == 601.0  # compare_run.json's own-process peak
+    assert g1["eval_curve"] == [[0, 0.30], [2, 0.50], [4, 0.42]]
+    d0 = next(r for r in runs if (r["algorithm"], r["seed"]) == ("dapo", 0))
+    assert d0["max_accuracy_drop"] == 0.0 and d0["best"] == 0.50
+
+    m = study["methods"]
+    assert m["grpo"]["last"]["mean"] == pytest.approx(0.40)
+    # grpo last: 0.40, 0.42, 0.38: s = 0.02, half = 4.302653 * 0.02 / sqrt(3) = 0.049683
+    assert m["grpo"]["last"]["lo"] == pytest.approx(0.40 - 0.049683, abs=1e-6)
+    assert m["grpo"]["max_accuracy_drop"] == pytest.approx(0.08)
+    assert m["rpg_reinforce_ufkl"]["importance_weight_max"] == pytest.approx(7.0)
+    assert m["dapo"]["peak_rss_mb"] == 5002.0
+    p = study["paired"]
+    # ufkl - dapo: 0.10, 0.11, 0.12 -> mean 0.11, s 0.01, half 0.024841
+    u = p["rpg_reinforce_ufkl"]["last_minus_dapo"]
+    assert (u["mean"], u["lo"], u["hi"]) == (pytest.approx(0.11), pytest.approx(0.085159, abs=1e-6),
+                                              pytest.approx(0.134841, abs=1e-6))
+    # dapo - grpo: 0.10, 0.13, 0.07 -> mean 0.10, s 0.03, half 0.074524
+    dg = p["dapo"]["last_minus_grpo"]
+    assert (dg["lo"], dg["hi"]) == (pytest.approx(0.025476, abs=1e-6), pytest.approx(0.174524, abs=1e-6))
+    # urkl - dapo: 0.02, -0.05, 0.13 -> mean 0.0333, s 0.090738, half 0.225404: straddles 0
+    ur = p["rpg_reinforce_urkl"]["last_minus_dapo"]
+    assert ur["std"] == pytest.approx(0.0907377, abs=1e-6) and ur["lo"] < 0 < ur["hi"]
+    assert "last_minus_dapo" not in p["dapo"] and "last_minus_grpo" in p["dapo"]
+    v = study["verdict"]
+    assert [c["outcome"] for c in v["claims"]] == ["holds", "within-noise", "holds"]
+    assert v["holds"] is False
+    md = (study_out / "comparison.md").read_text()
+    assert v["line"] in md
+    assert "| RPG-REINFORCE-UFKL | +11.0 [+8.5, +13.5] |" in md
+    assert "| GRPO | 0,1,2 | 30.0 [30.0, 30.0] | 40.0 [35.0, 45.0] |" in md
+    assert (study_out / "comparison.png").stat().st_size > 10_000
+
+
+def test_report_refuses_runs_made_with_another_setting(study_out, capsys):
+    cfg = study_out / "dapo" / "seed1" / "config.yaml"
+    from rpgrl.config import dump_yaml, load_config
+
+    other = load_config(None, ["algorithm.preset=dapo", "seed=1", f"output_dir={cfg.parent}", "optim.lr=1e-3"])
+    cfg.write_text(dump_yaml(other))
+    assert _cli(["compare", "--algorithms", "dapo", "--seeds", "1,", "--out", str(study_out), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.001 there, 0.0002 here" in err and str(cfg.parent) in err
+    # the same setting (here: the default) is accepted
+    cfg.write_text(dump_yaml(load_config(None, ["algorithm.preset=dapo", "seed=1", f"output_dir={cfg.parent}"])))
+    assert _cli(["compare", "--algorithms", "dapo", "--seeds", "1,", "--out", str(study_out), "--report-only"]) == 0
+
+
+@pytest.mark.medium
+def test_resume_continues_an_unfinished_run_and_restarts_one_without_checkpoint(tiny_overrides, tmp_path, capsys):
+    """A chunk killed mid-run: --resume continues it from its checkpoint (no duplicated
+    metric lines); a run killed before its first checkpoint starts again from scratch."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--seeds", "0,1", "--out", str(out), "--algorithms", "rpg_reinforce_ufkl",
+            *tiny_overrides("trainer.total_steps=3", "trainer.save_every=2")]
+    assert _cli(argv) == 0
+    s0, s1 = out / "rpg_reinforce_ufkl" / "seed0", out / "rpg_reinforce_ufkl" / "seed1"
+    full = [(r["step"], sorted(r)) for r in read_metrics(s0)]
+    # seed 0 "killed" during step 3, after its step-2 checkpoint; seed 1 before any checkpoint
+    import shutil
+
+    (s0 / "summary.json").unlink()
+    shutil.rmtree(s0 / "checkpoints" / "step_000003")
+    (s1 / "summary.json").unlink()
+    shutil.rmtree(s1 / "checkpoints")
+    assert _cli([*argv, "--resume"]) == 0
+    log = capsys.readouterr().out
+    assert "resumed from" in log and "unfinished and without a checkpoint; starting it again" in log
+    for run in (s0, s1):
+        steps = [r["step"] for r in read_metrics(run) if "actor/loss" in r]
+        assert steps == [1, 2, 3], run  # nothing twice
+        assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert [(r["step"], sorted(r)) for r in read_metrics(s0)] == full  # same lines, same keys
+    info = json.loads((s0 / "compare_run.json").read_text())
+    assert len(info["attempts"]) == 2 and info["seed"] == 0
+
+
+def test_config_and_overrides_may_come_between_and_after_the_options(study_out):
+    """``CONFIG.yaml --algorithms a --seeds 0, key=value`` (positionals in two runs) parses:
+    plain argparse rejected the trailing overrides as unrecognized arguments."""
+    from rpgrl.cli import build_parser
+
+    cfg = study_out / "x.yaml"
+    cfg.write_text("trainer:\n  total_steps: 4\n")
+    args = build_parser().parse_args(["compare", str(cfg), "--algorithms", "dapo", "--seeds", "0,",
+                                      "trainer.eval_every=2", "--out", str(study_out), "optim.lr=1e-5"])
+    assert (args.items, args.seeds, args.out) == ([str(cfg), "trainer.eval_every=2", "optim.lr=1e-5"], "0,",
+                                                  str(study_out))
+    assert _cli(["compare", str(cfg), "--algorithms", "dapo", "--seeds", "0,", "trainer.eval_every=2",
+                 "--out", str(study_out), "--report-only"]) == 0
+    study = json.loads((study_out / "study.json").read_text())
+    assert study["config"] == str(cfg) and study["overrides"] == ["trainer.eval_every=2"]
+
+
+def test_shared_before_fills_runs_that_skipped_their_own(study_out, tmp_path):
+    """``--shared-before``: runs without a before-RL evaluation report the one measured run's,
+    and their largest accuracy drop counts the fall from it."""
+    for algo in ("dapo", "grpo"):
+        d = study_out / algo / "seed2"
+        s = json.loads((d / "summary.json").read_text())
+        s["eval_before"] = {"accuracy": float("nan")}  # what the trainer writes when it skipped it
+        (d / "summary.json").write_text(json.dumps(s))
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] > 0))
+    rc = _cli(["compare", "--algorithms", "grpo,dapo", "--seeds", "0,1,2", "--out", str(study_out), "--report-only",
+               "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    runs = {(r["algorithm"], r["seed"]): r for r in json.loads((tmp_path / "s.json").read_text())["runs"]}
+    g2 = runs[("grpo", 2)]
+    assert g2["before"] == 0.30 and g2["strict_before"] == 0.0
+    assert g2["before_source"] == "shared: measured once by dapo/seed0"
+    assert g2["eval_curve"][0] == [0, 0.30]
+    assert runs[("grpo", 0)]["before_source"] == "own"
+
+
+def test_shared_baseline_is_the_first_measured_run_and_drop_counts_it():
+    from rpgrl.tools.compare_report import fill_shared_before, shared_baseline
+
+    nan = float("nan")
+    results = {"b": [{"seed": 0, "before": nan, "strict_before": nan, "eval_curve": [[2, 0.1], [4, 0.2]],
+                      "max_accuracy_drop": 0.0}],
+               "a": [{"seed": 1, "before": 0.5, "strict_before": 0.25, "eval_curve": [[0, 0.5]],
+                      "max_accuracy_drop": nan}]}
+    base = shared_baseline(results)
+    assert base == {"run": "a/seed1", "before": 0.5, "strict_before": 0.25}
+    fill_shared_before(results, base)
+    b = results["b"][0]
+    assert b["eval_curve"] == [[0, 0.5], [2, 0.1], [4, 0.2]] and b["max_accuracy_drop"] == pytest.approx(0.4)
+    assert shared_baseline({"x": [{"seed": 0, "before": nan}]}) is None

@@ -111,3 +111,17 @@ def test_dropout_is_disabled_so_logprobs_are_deterministic(tiny_model_dir):
     a, _ = sequence_logprobs(model, ids, mask, 6)
     b, _ = sequence_logprobs(model, ids, mask, 6)
     assert torch.equal(a, b)
+
+
+def test_optimizer_steps_per_batch_are_the_configs_when_dynamic_sampling_keeps_fewer_groups():
+    """8 prompts in mini-batches of 1 prompt: 8 optimizer steps whether 8, 3 or 1 groups were
+    kept (the paper's and verl's count), never more than one per sequence."""
+    from rpgrl.config import load_config
+    from rpgrl.loop.schedule import mini_batch_schedule, num_mini_batches
+
+    cfg = load_config(None, ["trainer.prompts_per_step=8", "trainer.mini_batch_prompts=1", "rollout.n=4",
+                             "trainer.micro_batch_sequences=4",
+                             "algorithm.dynamic_sampling.enabled=true"])
+    assert [num_mini_batches(cfg, 4 * k) for k in (8, 3, 1)] == [8, 8, 4]
+    rows = mini_batch_schedule(12, 8, 1, seed=0, step=1)
+    assert len(rows) == 8 and sorted(torch.cat(rows).tolist()) == list(range(12))

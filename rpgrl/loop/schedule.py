@@ -19,10 +19,14 @@ SHUFFLE_SEED_STRIDE = 7919
 
 
 def num_mini_batches(cfg: Config, n_seq: int) -> int:
-    """Optimizer steps per epoch: prompts_per_step / mini_batch_prompts, fewer when dynamic
-    sampling kept fewer groups (``n_seq // rollout.n``), at least one."""
+    """Optimizer steps per epoch: prompts_per_step / mini_batch_prompts, whatever dynamic
+    sampling kept (each mini-batch then holds fewer sequences), but at most one per sequence.
+
+    The count is the config's, as in the paper's recipe (a full batch of 512 prompts in
+    32-prompt mini-batches: 16 steps) and verl's (its dynamic sampling always fills the
+    batch): a batch that kept fewer groups is not reused less off-policy."""
     t = cfg.trainer
-    return max(1, min(t.prompts_per_step // t.mini_batch_prompts, n_seq // cfg.rollout.n))
+    return max(1, min(t.prompts_per_step // t.mini_batch_prompts, n_seq))
 
 
 def mini_batch_schedule(n_seq: int, n_mini: int, epochs: int, *, seed: int, step: int) -> list[torch.Tensor]:

@@ -3,8 +3,18 @@
 ``compare`` trains every (algorithm, seed) pair one after another through the same
 ``Trainer`` as ``rpgrl train`` (only ``algorithm.preset``, ``seed`` and ``output_dir`` differ),
 then writes the paper's table layout (docs/math.md §8: held-out accuracy "last" and "best",
-mean ± std over seeds) to ``comparison.md`` and the training curves of docs/math.md §7
-(one line per algorithm, a band over seeds) to ``comparison.png``.
+mean ± std over seeds) to ``comparison.md``, the seed statistics of
+``rpgrl.tools.compare_report`` (95 % t-intervals, paired differences to DAPO and GRPO,
+stability, cost, a verdict line) below it, the per-run numbers to ``study.json`` (and
+``--json PATH``), and the training curves of docs/math.md §7 (one line per algorithm, a
+band over seeds) to ``comparison.png``.
+
+A study is run in chunks: ``--algorithms a,b --seeds 0,1`` trains a subset, ``--resume``
+reuses finished runs (summary.json) and continues unfinished ones from their latest
+checkpoint, and every report covers *all* finished runs under ``--out`` -- after checking
+that they were made with the same config and overrides, so chunks cannot silently mix
+settings. ``--isolate`` trains each run in its own process: its peak RSS is its own
+(``os.wait4``), and a crash ends one run, not the study.
 
 Seeds and the warm start: the tiny model's warm start is keyed by ``seed``
 (``rpgrl.models.warmstart``), so seed k is warm-started once (by the first algorithm) and every
@@ -18,51 +28,92 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shlex
+import shutil
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from rpgrl.loop.metrics import EVAL_ACCURACY
-from rpgrl.loop.tracking import is_finite_number, read_metrics
+from rpgrl.tools.compare_report import (RUN_INFO, collect_finished, fill_shared_before, markdown_report, run_info,
+                                        run_result, shared_baseline, study_summary)
+from rpgrl.loop.tracking import is_finite_number
 
-__all__ = ["add_subcommands", "compare", "format_table", "main", "plot_runs", "run_result"]
+__all__ = ["add_subcommands", "compare", "config_differences", "format_table", "main", "parse_algorithms",
+           "parse_seeds", "plot_runs", "run_result"]
 
-ACCURACY_KEY = EVAL_ACCURACY
+#: keys that differ between the methods of one study by design
+PER_METHOD_KEYS = ("algorithm.preset", "algorithm.loss", "algorithm.advantage")
+#: keys that differ between the runs of one method, or that do not change what is computed
+#: (so chunks of a study may be run with different values)
+PER_RUN_KEYS = ("seed", "output_dir", "eval.before_training", "logging.run_name", "logging.progress", "logging.tensorboard",
+                "logging.wandb", "logging.wandb_project", "trainer.num_threads", "trainer.profile",
+                "warmstart.cache_dir")
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_seeds(spec: str | int | list[int]) -> list[int]:
+    """``3`` -> seeds 0, 1, 2 (a count); ``0,1,2`` or ``4,`` -> those seeds; ``2-4`` -> 2, 3, 4."""
+    from rpgrl.config import ConfigError
+
+    if isinstance(spec, int):
+        spec = str(spec)
+    if isinstance(spec, list):
+        seeds = [int(s) for s in spec]
+    else:
+        text = str(spec).strip()
+        try:
+            if "," in text:
+                seeds = [int(x) for x in text.split(",") if x.strip()]
+            elif "-" in text.lstrip("-"):
+                lo, hi = (int(x) for x in text.split("-"))
+                seeds = list(range(lo, hi + 1))
+            else:
+                n = int(text)
+                if n < 1:
+                    raise ConfigError(f"compare: --seeds must be >= 1, got {n}")
+                seeds = list(range(n))
+        except ValueError:
+            raise ConfigError(f"compare: --seeds {spec!r}: expected a count (3 = seeds 0,1,2), a list (0,1,2 or 4,) "
+                              "or a range (2-4)") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise ConfigError(f"compare: --seeds {spec!r}: give at least one seed, each >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"compare: --seeds lists a seed twice: {seeds}")
+    return seeds
+
+
+def parse_algorithms(items: list[str]) -> list[str]:
+    """``["grpo,dapo", "rpg_ufkl"]`` -> ``["grpo", "dapo", "rpg_ufkl"]``."""
+    return [a.strip() for item in items for a in item.split(",") if a.strip()]
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = PER_RUN_KEYS) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (a's value, b's value)}`` of two config dicts (``rpgrl.config.to_dict``
+    or a run's config.yaml), leaving out ``ignore``."""
+    fa, fb = _flat(a), _flat(b)
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if k not in ignore and fa.get(k) != fb.get(k)}
 
 
 # --------------------------------------------------------------------------- one run's numbers
-
-
-def run_result(run_dir: str | Path) -> dict[str, Any]:
-    """Numbers of one finished run: before-RL, last and best held-out accuracy, wall time.
-
-    "best" is the maximum of ``eval/accuracy`` over the evaluations *after* step 0 in
-    ``metrics.jsonl`` (step 0 is the before-RL evaluation, reported in its own column, so
-    best >= before is not forced); a run evaluated only at the end has best == last.
-    """
-
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{summary_path} does not exist: is {run_dir} a finished rpgrl run?")
-    summary = json.loads(summary_path.read_text())
-    evals = [(int(r["step"]), float(r[ACCURACY_KEY])) for r in read_metrics(run_dir)
-             if is_finite_number(r.get(ACCURACY_KEY))]
-    last = float(summary["eval_after"]["accuracy"])
-    after = [v for s, v in evals if s > 0]
-    return {
-        "run_dir": str(run_dir),
-        "algorithm": algorithm_of(run_dir),
-        "before": float(summary.get("eval_before", {}).get("accuracy", math.nan)),
-        "last": last,
-        "best": max(after) if after else last,
-        # RL training + evaluation only: the warm start is shared by every algorithm of a seed
-        "wall_seconds": float(summary.get("train_seconds", summary.get("wall_seconds", math.nan))),
-        "steps": int(summary.get("steps", 0)),
-    }
 
 
 def algorithm_of(run_dir: str | Path) -> str:
@@ -119,7 +170,7 @@ def format_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(results: dict[str, list[dict]], header: list[str]) -> str:
+def _markdown(results: dict[str, list[dict]], header: list[str], summary: dict[str, Any] | None = None) -> str:
     return "\n".join([
         "# Algorithm comparison", "",
         *header, "",
@@ -127,8 +178,9 @@ def _markdown(results: dict[str, list[dict]], header: list[str]) -> str:
         "Held-out accuracy of greedy decoding on the held-out split. *Last*: after the final "
         "step; *Best*: maximum over the run's evaluations after step 0 (trainer.eval_every); "
         "mean ± sample std over seeds. Curves: comparison.png (band = min-max over seeds).", "",
+        *(markdown_report(results, summary) + [""] if summary is not None else []),
         "Runs:", "",
-        *[f"- {a} seed {i}: `{r['run_dir']}`" for a, runs in results.items() for i, r in enumerate(runs)],
+        *[f"- {a} seed {r.get('seed', i)}: `{r['run_dir']}`" for a, runs in results.items() for i, r in enumerate(runs)],
         "",
     ])
 
@@ -140,62 +192,254 @@ def _run_dir(out_dir: Path, algo: str, seed: int) -> Path:
     return out_dir / algo / f"seed{seed}"
 
 
+def _select(algo: str) -> str:
+    """A preset, or a loss name (built-in, entry point, module:function) run with the default
+    preset's hyper-parameters and the shared overrides."""
+    from rpgrl.config import PRESETS
+    from rpgrl.losses import LOSSES
+
+    return f"algorithm.preset={algo}" if algo in PRESETS or algo not in LOSSES else f"algorithm.loss={algo}"
+
+
+def _run_items(config_path: str | None, overrides: list[str], algo: str, seed: int, run_dir: Path) -> list[str]:
+    return [*([config_path] if config_path else []), *overrides, _select(algo), f"seed={seed}", f"output_dir={run_dir}"]
+
+
+def _check_same_setting(run_dir: Path, expected: dict) -> None:
+    """A finished run merged into the report must have been made with this config."""
+    from rpgrl.config import ConfigError
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    diff = config_differences(yaml.safe_load(path.read_text()) or {}, expected)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:8])
+        raise ConfigError(f"compare: {run_dir} was made with another setting ({shown}); give the same config and "
+                          "overrides as for the other chunks, or another --out")
+
+
+def _prepare_unfinished(run_dir: Path, log: Callable) -> bool:
+    """An unfinished run dir: True if it holds a checkpoint to continue from; else its partial
+    metrics are removed (nothing of it can be continued, and appending would duplicate steps)."""
+    from rpgrl.loop.checkpoint import find_latest_checkpoint
+
+    if not run_dir.exists():
+        return False
+    if find_latest_checkpoint(run_dir) is not None:
+        return True
+    for name in ("metrics.jsonl", "tensorboard"):
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    if (run_dir / "metrics.jsonl.tmp").exists():
+        (run_dir / "metrics.jsonl.tmp").unlink()
+    log(f"[compare] {run_dir}: unfinished and without a checkpoint; starting it again")
+    return False
+
+
+def _write_info(run_dir: Path, info: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RUN_INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, run_dir / RUN_INFO)
+
+
+def _train_one(cfg, items: list[str], run_dir: Path, *, resume: bool, isolate: bool, log: Callable) -> dict:
+    """Train one run, in this process or (``isolate``) in a child; returns what was measured."""
+    from rpgrl.loop.trainer import Trainer, TrainingError
+
+    t0 = time.perf_counter()
+    if not isolate:
+        Trainer(cfg, resume=resume, log=log).train()
+        return {"process_wall_s": time.perf_counter() - t0}
+    argv = [sys.executable, "-m", "rpgrl.cli", "train", *items, *(["--resume"] if resume else [])]
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parents[1])  # the child runs this very rpgrl
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a", encoding="utf-8") as logfile:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logfile.write(line)
+            logfile.flush()
+            log(line.rstrip("\n"))
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise TrainingError(f"{run_dir}: `rpgrl train` exited with {proc.returncode}; see {run_dir / 'train.log'}")
+    # Linux ru_maxrss is in KiB: the child's own peak (the scorer's forked worker not included)
+    return {"process_wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
 def compare(
-    algorithms: list[str], seeds: int, config_path: str | None, overrides: list[str],
+    algorithms: list[str], seeds: int | list[int] | str, config_path: str | None, overrides: list[str],
     out_dir: str | Path, *, resume: bool = False, band: str = "minmax", log: Callable = print,
+    isolate: bool = False, report_only: bool = False, json_path: str | Path | None = None,
+    prune_checkpoints: bool = False, command: str | None = None, shared_before: bool = False,
 ) -> dict[str, Any]:
-    """Train each algorithm x seed (0..seeds-1) sequentially, then write the table and figure.
+    """Train each algorithm x seed sequentially, then write the report of every finished run under ``out_dir``.
 
-    Every config is built and validated before the first run starts, so a typo fails in
-    seconds rather than after hours. A run dir that already holds metrics would be appended
-    to, so it is refused unless ``resume``: then finished runs (summary.json) are reused and
-    unfinished ones continue from their latest checkpoint.
+    ``seeds``: a count N (seeds 0..N-1) or a list of seeds. Every config is built and
+    validated before the first run starts, so a typo fails in seconds rather than after
+    hours. A run dir that already holds metrics would be appended to, so it is refused
+    unless ``resume``: then finished runs (summary.json) are reused and unfinished ones
+    continue from their latest checkpoint (or start again if they have none).
+    ``report_only``: train nothing, report what has finished.
+    ``shared_before``: only the first run evaluates before RL; the others skip it and report
+    that number (``compare_report.shared_baseline`` says why that is the same measurement).
 
-    Returns ``{"results": {algo: [run_result per seed]}, "markdown": path, "png": path}``.
+    Returns ``{"results": {algo: [run_result per seed]}, "summary": study_summary, "markdown":
+    path, "png": path, "json": path}``.
     """
-    from rpgrl.config import ConfigError, load_config
-    from rpgrl.loop.trainer import Trainer
+    from rpgrl.config import ConfigError, load_config, to_dict
 
     if not algorithms:
         raise ConfigError("compare: give at least one algorithm (--algorithms grpo rpg_reinforce_ufkl ...)")
     if len(set(algorithms)) != len(algorithms):
         raise ConfigError(f"compare: --algorithms lists a name twice: {algorithms}")
-    if seeds < 1:
-        raise ConfigError(f"compare: --seeds must be >= 1, got {seeds}")
-    from rpgrl.config import PRESETS
-    from rpgrl.losses import LOSSES
-
+    seed_list = parse_seeds(seeds)
     out = Path(out_dir)
     plan = []
     for algo in algorithms:
-        # a preset, or a loss name (built-in, entry point, module:function) run with the
-        # default preset's hyper-parameters and the shared overrides
-        select = f"algorithm.preset={algo}" if algo in PRESETS or algo not in LOSSES else f"algorithm.loss={algo}"
-        for seed in range(seeds):
+        for seed in seed_list:
             run_dir = _run_dir(out, algo.replace(":", "_"), seed)
-            cfg = load_config(config_path, [*overrides, select, f"seed={seed}", f"output_dir={run_dir}"])
-            if not resume and (run_dir / "metrics.jsonl").exists():
+            items = _run_items(config_path, overrides, algo, seed, run_dir)
+            cfg = load_config(config_path, items[1:] if config_path else items)
+            if not (resume or report_only) and (run_dir / "metrics.jsonl").exists():
                 raise ConfigError(f"compare: {run_dir} already holds a run; pass --resume to reuse/continue "
                                   "it, or choose another --out")
-            plan.append((algo, seed, cfg))
-    results: dict[str, list[dict]] = {a: [] for a in algorithms}
-    for i, (algo, seed, cfg) in enumerate(plan, 1):
+            if (resume or report_only) and (run_dir / "summary.json").is_file():
+                _check_same_setting(run_dir, to_dict(cfg))
+            plan.append((algo, seed, cfg, items))
+    for i, (algo, seed, cfg, items) in enumerate(plan, 1):
         run_dir = Path(cfg.output_dir)
-        if resume and (run_dir / "summary.json").is_file():
-            log(f"[compare {i}/{len(plan)}] {algo} seed {seed}: finished earlier, reusing {run_dir}")
+        finished = (run_dir / "summary.json").is_file()
+        if report_only or (resume and finished):
+            if finished:
+                log(f"[compare {i}/{len(plan)}] {algo} seed {seed}: finished earlier, reusing {run_dir}")
+            else:
+                log(f"[compare {i}/{len(plan)}] {algo} seed {seed}: not finished, left out of the report")
         else:
-            log(f"[compare {i}/{len(plan)}] {algo} seed {seed} -> {run_dir}")
-            Trainer(cfg, resume=resume, log=log).train()
-        results[algo].append({**run_result(run_dir), "algorithm": algo})
+            cont = _prepare_unfinished(run_dir, log) if resume else False
+            log(f"[compare {i}/{len(plan)}] {algo} seed {seed} -> {run_dir}" + (" (continuing)" if cont else ""))
+            info = run_info(run_dir) if cont else {}
+            if shared_before and shared_baseline(collect_finished(out)) is not None:
+                items = [*items, "eval.before_training=false"]
+                cfg = load_config(config_path, items[1:] if config_path else items)
+            run_command = "rpgrl train " + shlex.join(items)
+            _write_info(run_dir, {"algorithm": algo, "seed": seed, "config": config_path, "overrides": overrides,
+                                  "run_command": run_command, **{k: info[k] for k in ("attempts",) if k in info}})
+            measured = _train_one(cfg, items, run_dir, resume=cont, isolate=isolate, log=log)
+            attempts = [*info.get("attempts", []), measured]
+            rss = [a["peak_rss_mb"] for a in attempts if "peak_rss_mb" in a]
+            _write_info(run_dir, {
+                "algorithm": algo, "seed": seed, "config": config_path, "overrides": overrides,
+                "run_command": run_command, "attempts": attempts,
+                "process_wall_s": sum(a["process_wall_s"] for a in attempts),
+                **({"peak_rss_mb": max(rss), "peak_rss_source": "os.wait4 ru_maxrss of the run's own process"}
+                   if rss else {}),
+            })
+        if prune_checkpoints and (run_dir / "summary.json").is_file() and (run_dir / "checkpoints").is_dir():
+            shutil.rmtree(run_dir / "checkpoints")
+    results = _merge_finished(out, algorithms, config_path, overrides, log)
+    if not results:
+        raise ConfigError(f"compare: no finished run under {out} to report")
+    fill_shared_before(results, shared_baseline(results))
+    summary = study_summary(results)
     header = [f"Config: `{config_path or '(CPU default)'}`; overrides: "
-              f"`{' '.join(overrides) or '(none)'}`; seeds 0..{seeds - 1}."]
+              f"`{' '.join(overrides) or '(none)'}`; seeds {','.join(map(str, seed_list))} requested; "
+              f"this report covers every finished run under `{out}`."]
     md = out / "comparison.md"
-    md.write_text(_markdown(results, header))
+    md.write_text(_markdown(results, header, summary))
     (out / "comparison.json").write_text(json.dumps(results, indent=2))
+    study = study_json(results, summary, command=command, config_path=config_path, overrides=overrides)
+    paths = [out / "study.json", *([Path(json_path)] if json_path else [])]
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(study, indent=2, default=_json_default) + "\n")
     png = _plot(results, out / "comparison.png", band)
     log(format_table(results))
-    log(f"comparison: {md}; curves: {png}")
-    return {"results": results, "markdown": str(md), "png": str(png)}
+    log(summary["verdict"]["line"])
+    log(f"comparison: {md}; curves: {png}; per-run numbers: {', '.join(map(str, paths))}")
+    return {"results": results, "summary": summary, "markdown": str(md), "png": str(png), "json": str(paths[-1])}
+
+
+def _merge_finished(out: Path, algorithms: list[str], config_path: str | None, overrides: list[str],
+                    log: Callable) -> dict[str, list[dict]]:
+    """Every finished run under ``out``: this call's algorithms first (in the order given), then
+    the others by name; each checked to have been made with this config and these overrides."""
+    from rpgrl.config import ConfigError, load_config, to_dict
+
+    found = collect_finished(out)
+    order = [a for a in algorithms if a in found] + sorted(a for a in found if a not in algorithms)
+    results: dict[str, list[dict]] = {}
+    for algo in order:
+        for r in found[algo]:
+            run_dir = Path(r["run_dir"])
+            try:
+                expected = load_config(config_path, _run_items(config_path, overrides, algo, r["seed"], run_dir)[
+                    1 if config_path else 0:])
+            except ConfigError as exc:
+                raise ConfigError(f"compare: cannot rebuild the config of {run_dir} to check it: {exc}") from None
+            _check_same_setting(run_dir, to_dict(expected))
+            results.setdefault(algo, []).append({**r, "algorithm": algo})
+    return results
+
+
+def _json_default(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
+
+
+def _finite(x: Any) -> Any:
+    """JSON-safe: nan/inf -> None, recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _task(config_path: str | None, overrides: list[str]) -> tuple[str | None, dict]:
+    from rpgrl.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    d = cfg.data
+    task: dict[str, Any] = {"name": d.task if not d.train_files else "files", "train_files": d.train_files,
+                            "val_files": d.val_files}
+    if not d.train_files:
+        from rpgrl.data.procedural import addition_splits
+
+        train, test = addition_splits(d.operand_min, d.operand_max, test_size=d.test_size, task=d.task)
+        task.update({"operand_min": d.operand_min, "operand_max": d.operand_max, "test_size": d.test_size,
+                     "n_train": len(train), "n_heldout": len({e.uid for e in test}),
+                     "disjoint": not ({(e.uid.rsplit("/", 1)[1]) for e in train}
+                                      & {e.uid.rsplit("/", 1)[1] for e in test})})
+    task.update({"eval_temperature": cfg.eval.temperature, "eval_max_new_tokens":
+                 cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens})
+    return cfg.model.path, task
+
+
+_RUN_FIELDS = ("algorithm", "seed", "before", "before_source", "last", "best", "strict_before", "strict_last", "steps",
+               "optimizer_steps_per_batch", "optimizer_steps_per_batch_min", "n_heldout", "max_accuracy_drop",
+               "skipped_steps", "kl_anchor_max", "importance_weight_max", "clipfrac_mean", "clipfrac_max",
+               "gen_batches_mean", "kept_groups_mean", "step_seconds_mean", "peak_rss_mb", "peak_rss_source",
+               "wall_s", "process_wall_s", "eval_curve", "run_dir", "run_command")
+
+
+def study_json(results: dict[str, list[dict]], summary: dict[str, Any], *, command: str | None,
+               config_path: str | None, overrides: list[str]) -> dict[str, Any]:
+    """``{"command", "model", "task", "runs": [...], "methods", "paired", "verdict"}``."""
+    model, task = _task(config_path, overrides)
+    runs = [{k: r.get(k) for k in _RUN_FIELDS} for rs in results.values() for r in rs]
+    return _finite({"command": command, "config": config_path, "overrides": overrides, "model": model,
+                    "task": task, "runs": runs, **summary})
 
 
 def _plot(results: dict[str, list[dict]], out_png: Path, band: str) -> Path:
@@ -234,11 +478,19 @@ def _compare_cmd(args: argparse.Namespace) -> int:
 
     # "--algorithms A B cfg.yaml k=v": nargs="+" swallows what follows; give it back to items.
     moved = [a for a in args.algorithms if "=" in a or a.endswith((".yaml", ".yml"))]
-    algorithms = [a for a in args.algorithms if a not in moved]
+    algorithms = parse_algorithms([a for a in args.algorithms if a not in moved])
     try:
         config_path, overrides = split_config_args(moved + args.items)
+        command = shlex.join(["rpgrl", "compare", "--algorithms", ",".join(algorithms), "--seeds", str(args.seeds),
+                              *([config_path] if config_path else []), *overrides, "--out", str(args.out),
+                              *(["--resume"] if args.resume else []), *(["--isolate"] if args.isolate else []),
+                              *(["--prune-checkpoints"] if args.prune_checkpoints else []),
+                              *(["--shared-before"] if args.shared_before else []),
+                              *(["--report-only"] if args.report_only else []),
+                              *(["--json", str(args.json)] if args.json else [])])
         compare(algorithms, args.seeds, config_path, overrides, args.out, resume=args.resume,
-                band=args.band)
+                band=args.band, isolate=args.isolate, report_only=args.report_only, json_path=args.json,
+                prune_checkpoints=args.prune_checkpoints, command=command, shared_before=args.shared_before)
     except (ConfigError, ValueError) as exc:
         print(f"rpgrl compare: {exc}", file=sys.stderr)
         return 2
@@ -258,18 +510,47 @@ def _plot_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """``rpgrl compare``'s parser: CONFIG.yaml and key=value items may come before, between
+    or after the options (``cfg.yaml --seeds 0, k=v``); plain argparse stops taking
+    positionals after their first run and rejects the rest."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back into this method
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def add_subcommands(subparsers) -> None:
     """Register ``compare`` and ``plot`` on an ``add_subparsers()`` object (rpgrl.cli)."""
     c = subparsers.add_parser("compare", help="train several algorithms x seeds; table + comparison.png")
+    c.__class__ = _IntermixedParser  # same parser, intermixed positionals (a subclass adds no state)
     c.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
-                   help="algorithm presets (algorithm.preset), e.g. grpo dapo rpg_reinforce_ufkl, or loss "
-                        "names (algorithm.loss: an rpgrl.losses entry point or module:function)")
-    c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per algorithm (default 3)")
+                   help="algorithm presets (algorithm.preset), e.g. grpo dapo rpg_reinforce_ufkl (or grpo,dapo,...), "
+                        "or loss names (algorithm.loss: an rpgrl.losses entry point or module:function)")
+    c.add_argument("--seeds", default="3",
+                   help="a count N (seeds 0..N-1, default 3), a list 0,1,2 (one seed k: 'k,') or a range 2-4")
     c.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                    help="an optional YAML config, then dotted overrides shared by every run")
     c.add_argument("--out", default="runs/compare", help="runs go to OUT/<algorithm>/seed<k>")
     c.add_argument("--resume", action="store_true",
                    help="reuse finished runs under --out and continue unfinished ones from checkpoints")
+    c.add_argument("--isolate", action="store_true",
+                   help="train each run in its own process (its own peak RSS; a crash ends one run)")
+    c.add_argument("--report-only", action="store_true",
+                   help="train nothing: report every finished run under --out (same config and overrides)")
+    c.add_argument("--json", default=None, metavar="PATH", help="also write the per-run numbers (study.json) here")
+    c.add_argument("--prune-checkpoints", action="store_true",
+                   help="delete a run's checkpoints/ once it has finished (its final/ model stays)")
+    c.add_argument("--shared-before", action="store_true",
+                   help="evaluate before RL once (the first run) and report it for every run: the same "
+                        "initial weights and held-out set give the same greedy replies")
     c.add_argument("--band", choices=("minmax", "std"), default="minmax", help="seed band in the figure")
     c.set_defaults(func=_compare_cmd)
     p = subparsers.add_parser("plot", help="comparison.png of existing run directories")

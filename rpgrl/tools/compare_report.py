@@ -1,0 +1,308 @@
+"""What ``rpgrl compare`` reports: one run's numbers from its folder, and the study's tables.
+
+Everything here reads finished run folders (``summary.json``, ``metrics.jsonl``, and the
+``compare_run.json`` that ``rpgrl compare`` writes beside them), so a report can be rebuilt
+at any time from whatever runs have finished, chunk by chunk.
+
+Per method: held-out accuracy "last" and "best" as a mean with a 95 % t-interval over
+seeds; the paired (same seed) difference to DAPO and to GRPO with its interval; stability
+(the largest drop between consecutive evaluations, skipped optimizer steps, the largest
+KL to the anchor, clip fractions, the largest importance weight); cost (peak RSS, wall
+time). The verdict line is computed from the paired intervals (``rpgrl.tools.stats.verdict``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rpgrl.loop import metrics as M
+from rpgrl.tools.stats import Interval, paired_difference, t_interval, verdict
+from rpgrl.loop.tracking import is_finite_number, read_metrics
+
+__all__ = ["BASELINES", "LABELS", "RUN_INFO", "VERDICT_CLAIMS", "collect_finished", "label", "markdown_report",
+           "run_result", "study_summary"]
+
+#: written by ``rpgrl compare`` into each run folder: how the run was launched and measured
+RUN_INFO = "compare_run.json"
+#: the paper's names of rpgrl's presets (configs/paper/)
+LABELS = {"grpo": "GRPO", "dapo": "DAPO", "rpg_ufkl": "RPG-UFKL", "rpg_urkl": "RPG-URKL",
+          "rpg_fkl": "RPG-FKL", "rpg_rkl": "RPG-RKL", "rpg_reinforce_ufkl": "RPG-REINFORCE-UFKL",
+          "rpg_reinforce_urkl": "RPG-REINFORCE-URKL", "rpg_reinforce_fkl": "RPG-REINFORCE-FKL",
+          "rpg_reinforce_rkl": "RPG-REINFORCE-RKL"}
+#: every method's paired difference is reported against these (when they were run)
+BASELINES = ("dapo", "grpo")
+#: the paper's claim, RPG-REINFORCE-UFKL/URKL >= DAPO >= GRPO, as (better, worse) pairs
+VERDICT_CLAIMS = (("rpg_reinforce_ufkl", "dapo"), ("rpg_reinforce_urkl", "dapo"), ("dapo", "grpo"))
+_CLIPFRAC_TOTAL = "clipfrac_total"
+
+
+def label(algo: str) -> str:
+    return LABELS.get(algo, algo)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of the finite values of ``key``, the last one per step, by step."""
+    per: dict[int, float] = {}
+    for r in records:
+        if is_finite_number(r.get(key)):
+            per[int(r["step"])] = float(r[key])
+    return sorted(per.items())
+
+
+def _max(vals: list[float]) -> float:
+    return max(vals) if vals else math.nan
+
+
+def _mean(vals: list[float]) -> float:
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def max_drop(curve: list[float]) -> float:
+    """Largest fall between consecutive values (0 if the curve never falls; nan if < 2 points)."""
+    if len(curve) < 2:
+        return math.nan
+    return max(0.0, max(a - b for a, b in zip(curve, curve[1:])))
+
+
+def _seed_of(run_dir: Path, info: dict) -> int:
+    if "seed" in info:
+        return int(info["seed"])
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        seed = (yaml.safe_load(cfg.read_text()) or {}).get("seed")
+        if seed is not None:
+            return int(seed)
+    m = re.fullmatch(r"seed(\d+)", run_dir.name)
+    return int(m.group(1)) if m else 0
+
+
+def run_info(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_result(run_dir: str | Path) -> dict[str, Any]:
+    """Numbers of one finished run (``summary.json`` must exist).
+
+    "best" is the maximum of ``eval/accuracy`` over the evaluations *after* step 0 (step 0
+    is the before-RL evaluation, reported in its own column, so best >= before is not
+    forced); a run evaluated only at the end has best == last. ``max_accuracy_drop`` is the
+    largest fall of held-out accuracy between consecutive evaluations, step 0 included.
+    """
+    from rpgrl.tools.compare import algorithm_of
+
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path} does not exist: is {run_dir} a finished rpgrl run?")
+    summary = json.loads(summary_path.read_text())
+    info = run_info(run_dir)
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    evals = _series(records, M.EVAL_ACCURACY)
+    last = float(summary["eval_after"]["accuracy"])
+    after = [v for s, v in evals if s > 0]
+    clip_total: dict[int, float] = {}
+    for key in M.CLIPFRACS:
+        for s, v in _series(records, key):
+            clip_total[s] = clip_total.get(s, 0.0) + v
+    opt_steps = [v for _, v in _series(records, M.OPTIMIZER_STEPS)]
+    skipped = summary.get("skipped_steps")
+    if skipped is None:
+        skipped = _max([v for _, v in _series(records, M.SKIPPED_STEPS_TOTAL)])
+    # the trainer logs each evaluation's problem count as eval/overall/n_problems
+    n_heldout = _series(records, "eval/overall/n_problems")
+    n_heldout = n_heldout[-1][1] if n_heldout else (summary.get("eval_best_last") or {}).get("last", {}).get(
+        "eval/overall/n_problems", math.nan)
+    rss = info.get("peak_rss_mb")
+    if rss is None:  # in-process compare: the process's peak so far (earlier runs included)
+        rss = _max([v for _, v in _series(records, M.PEAK_RSS)])
+    return {
+        "run_dir": str(run_dir),
+        "algorithm": info.get("algorithm") or algorithm_of(run_dir),
+        "seed": _seed_of(run_dir, info),
+        "before": float(summary.get("eval_before", {}).get("accuracy", math.nan)),
+        "before_source": "own",
+        "last": last,
+        "best": max(after) if after else last,
+        "strict_before": float(summary.get("eval_before", {}).get("strict_acc", math.nan)),
+        "strict_last": float(summary["eval_after"].get("strict_acc", math.nan)),
+        "steps": int(summary.get("steps", 0)),
+        "n_heldout": int(n_heldout) if is_finite_number(n_heldout) else None,
+        "optimizer_steps_per_batch": _mean(opt_steps),
+        "optimizer_steps_per_batch_min": min(opt_steps) if opt_steps else math.nan,
+        "max_accuracy_drop": max_drop([v for _, v in evals]),
+        "skipped_steps": int(skipped) if is_finite_number(skipped) else 0,
+        "kl_anchor_max": _max([v for _, v in _series(records, M.KL_ANCHOR)]),
+        "importance_weight_max": _max([v for _, v in _series(records, M.actor("importance_weight_max"))]),
+        "clipfrac_mean": _mean(list(clip_total.values())),
+        "clipfrac_max": _max(list(clip_total.values())),
+        "gen_batches_mean": _mean([v for _, v in _series(records, M.GEN_BATCHES)]),
+        "kept_groups_mean": _mean([v for _, v in _series(records, M.KEPT_GROUPS)]),
+        "step_seconds_mean": _mean([v for s, v in _series(records, M.TIMING_STEP) if s > 1]),
+        "peak_rss_mb": float(rss) if is_finite_number(rss) else math.nan,
+        "peak_rss_source": info.get("peak_rss_source") or (
+            RUN_INFO if "peak_rss_mb" in info else "memory/peak_rss_mb (the process's peak so far)"),
+        # the trainer's own clock: model load, evaluations and RL steps (not Python start-up)
+        "wall_s": float(summary.get("wall_seconds", math.nan)),
+        "wall_seconds": float(summary.get("train_seconds", summary.get("wall_seconds", math.nan))),
+        "process_wall_s": info.get("process_wall_s"),
+        "eval_curve": [[s, v] for s, v in evals],
+        "run_command": info.get("run_command"),
+    }
+
+
+def shared_baseline(results: dict[str, list[dict]]) -> dict | None:
+    """The one before-RL evaluation a study with ``--shared-before`` measures: the first run
+    (by algorithm, then seed) that evaluated before training. Valid for every run because the
+    held-out split does not depend on the seed and greedy decoding of the same initial
+    weights gives the same replies."""
+    for algo in sorted(results):
+        for r in results[algo]:
+            if is_finite_number(r["before"]):
+                return {"run": f"{algo}/seed{r['seed']}", "before": r["before"],
+                        "strict_before": r["strict_before"]}
+    return None
+
+
+def fill_shared_before(results: dict[str, list[dict]], baseline: dict | None) -> None:
+    """Runs that skipped their own before-RL evaluation take the shared one (in place): the
+    "before" columns, and step 0 of the accuracy curve (so the largest drop counts it)."""
+    if baseline is None:
+        return
+    for runs in results.values():
+        for r in runs:
+            if is_finite_number(r["before"]):
+                continue
+            r["before"], r["strict_before"] = baseline["before"], baseline["strict_before"]
+            r["before_source"] = f"shared: measured once by {baseline['run']}"
+            r["eval_curve"] = [[0, baseline["before"]], *[c for c in r["eval_curve"] if c[0] > 0]]
+            r["max_accuracy_drop"] = max_drop([v for _, v in r["eval_curve"]])
+
+
+def collect_finished(out_dir: str | Path) -> dict[str, list[dict]]:
+    """Every finished run under ``out_dir/<algorithm>/seed<k>``, by algorithm, seeds in order."""
+    out: dict[str, list[dict]] = {}
+    for summary in sorted(Path(out_dir).glob("*/seed*/summary.json")):
+        r = run_result(summary.parent)
+        out.setdefault(r["algorithm"], []).append(r)
+    for runs in out.values():
+        runs.sort(key=lambda r: r["seed"])
+    return out
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def _by_seed(runs: list[dict], key: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r[key]) for r in runs}
+
+
+def study_summary(results: dict[str, list[dict]]) -> dict[str, Any]:
+    """Per-method intervals, paired differences to the baselines, stability, the verdict."""
+    methods: dict[str, Any] = {}
+    for algo, runs in results.items():
+        stab = {
+            "max_accuracy_drop": _max([r["max_accuracy_drop"] for r in runs if is_finite_number(r["max_accuracy_drop"])]),
+            "skipped_steps": sum(int(r["skipped_steps"]) for r in runs),
+            "kl_anchor_max": _max([r["kl_anchor_max"] for r in runs if is_finite_number(r["kl_anchor_max"])]),
+            "clipfrac_mean": _mean([r["clipfrac_mean"] for r in runs if is_finite_number(r["clipfrac_mean"])]),
+            "clipfrac_max": _max([r["clipfrac_max"] for r in runs if is_finite_number(r["clipfrac_max"])]),
+            "importance_weight_max": _max([r["importance_weight_max"] for r in runs
+                                           if is_finite_number(r["importance_weight_max"])]),
+            "optimizer_steps_per_batch": _mean([r["optimizer_steps_per_batch"] for r in runs
+                                                if is_finite_number(r["optimizer_steps_per_batch"])]),
+            "peak_rss_mb": _max([r["peak_rss_mb"] for r in runs if is_finite_number(r["peak_rss_mb"])]),
+            "wall_s": _mean([r["wall_s"] for r in runs if is_finite_number(r["wall_s"])]),
+        }
+        methods[algo] = {
+            "label": label(algo), "seeds": [r["seed"] for r in runs],
+            **{k: t_interval([r[k] for r in runs]).to_dict() for k in ("before", "last", "best")},
+            **stab,
+        }
+    paired: dict[str, dict[str, Any]] = {}
+    diffs: dict[tuple[str, str], Interval] = {}
+    for base in BASELINES:
+        if base not in results:
+            continue
+        for algo, runs in results.items():
+            if algo == base:
+                continue
+            for key in ("last", "best"):
+                d = paired_difference(_by_seed(runs, key), _by_seed(results[base], key))
+                paired.setdefault(algo, {})[f"{key}_minus_{base}"] = d.to_dict()
+                if key == "last":
+                    diffs[(algo, base)] = d
+    claims = [c for c in VERDICT_CLAIMS if c[0] in results and c[1] in results]
+    v = verdict(diffs, claims, LABELS) if claims else {
+        "claims": [], "holds": False,
+        "line": "Verdict: not computed (needs DAPO with GRPO and/or RPG-REINFORCE-UFKL/URKL in the runs)"}
+    v["metric"] = "last held-out accuracy, paired by seed, 95% t-interval"
+    return {"methods": methods, "paired": paired, "verdict": v}
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _pct(x: float, signed: bool = False) -> str:
+    return "n/a" if not is_finite_number(x) else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}")
+
+
+def _ci(d: dict, signed: bool = False) -> str:
+    """"mean [lo, hi]" in percent; just the mean for one seed."""
+    if not d or d.get("n", 0) == 0:
+        return "n/a"
+    if d["n"] < 2:
+        return f"{_pct(d['mean'], signed)} (1 seed)"
+    return f"{_pct(d['mean'], signed)} [{_pct(d['lo'], signed)}, {_pct(d['hi'], signed)}]"
+
+
+def _num(x: Any, fmt: str) -> str:
+    return format(x, fmt) if is_finite_number(x) else "n/a"
+
+
+def markdown_report(results: dict[str, list[dict]], summary: dict[str, Any]) -> list[str]:
+    """The study's tables (accuracy intervals, paired differences, stability and cost) and
+    the verdict line, as markdown lines."""
+    methods, paired = summary["methods"], summary["paired"]
+    bases = [b for b in BASELINES if b in results]
+    lines = ["## Held-out accuracy: mean [95 % t-interval] over seeds (%)", "",
+             "| Method | Seeds | Before RL | Last | Best |", "|---|---|---:|---:|---:|"]
+    for algo, m in methods.items():
+        lines.append(f"| {m['label']} | {','.join(map(str, m['seeds']))} | {_ci(m['before'])} | {_ci(m['last'])} | "
+                     f"{_ci(m['best'])} |")
+    if bases:
+        lines += ["", "## Paired difference to the baselines (same seed): mean [95 % t-interval], points", "",
+                  "| Method | " + " | ".join(f"Last − {label(b)} | Best − {label(b)}" for b in bases) + " |",
+                  "|---|" + "---:|---:|" * len(bases)]
+        for algo in methods:
+            cells = []
+            for b in bases:
+                p = paired.get(algo, {})
+                cells += [_ci(p.get(f"last_minus_{b}", {}), True), _ci(p.get(f"best_minus_{b}", {}), True)]
+            if algo in bases and all(c == "n/a" for c in cells[2 * bases.index(algo):2 * bases.index(algo) + 2]):
+                cells[2 * bases.index(algo):2 * bases.index(algo) + 2] = ["—", "—"]
+            lines.append(f"| {label(algo)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Stability and cost (over all seeds of a method)", "",
+              "| Method | Largest accuracy drop (pts) | Skipped steps | Max KL to anchor (k3) | Clip fraction mean / max "
+              "(%) | Max importance weight | Optimizer steps per batch | Peak RSS (MiB) | Wall time per run (s) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for algo, m in methods.items():
+        lines.append(
+            f"| {m['label']} | {_pct(m['max_accuracy_drop'])} | {m['skipped_steps']} | {_num(m['kl_anchor_max'], '.3g')} | "
+            f"{_pct(m['clipfrac_mean'])} / {_pct(m['clipfrac_max'])} | {_num(m['importance_weight_max'], '.3g')} | "
+            f"{_num(m['optimizer_steps_per_batch'], '.1f')} | {_num(m['peak_rss_mb'], '.0f')} | "
+            f"{_num(m['wall_s'], '.0f')} |")
+    lines += ["", summary["verdict"]["line"], "",
+              "The verdict compares *last* held-out accuracy paired by seed: a claim \"A > B\" holds beyond seed "
+              "noise when the 95 % t-interval of the per-seed difference lies above 0 (with 3 seeds the interval "
+              "is mean ± 2.48 x std / sqrt(3) of the differences)."]
+    return lines
