@@ -3,7 +3,7 @@
     python benchmarks/bench_losses.py                       # B=512, T=4096, CPU float32
     python benchmarks/bench_losses.py --anchor separate --out docs/bench_losses.md
 
-The target (issue bar) is <= 1.5x ppo for every RPG loss. Inputs are synthetic: logp in
+The target is <= 1.5x ppo for every RPG loss. Inputs are synthetic: logp in
 [-3, 0], log-ratios ~ N(0, 0.1^2), right-padded responses of random length, default
 hyper-parameters (clip (0.2, 0.28), dual clip 10, beta 1e-4, token-mean). Both wall time
 and process CPU time are reported: on a shared machine wall time is noisy, CPU time much

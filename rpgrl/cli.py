@@ -21,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     import os
 
-    from rpgrl.trainer import Trainer, TrainingError
+    from rpgrl.loop.trainer import Trainer, TrainingError
 
     try:
         summary = Trainer(cfg, resume=args.resume).train()
@@ -49,16 +49,15 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from rpgrl.data.verl import load_examples, tokenize_prompts
-    from rpgrl.evaluation import evaluate_policy
-    from rpgrl.gguf import resolve_model_path
-    from rpgrl.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
+    from rpgrl.loop.evaluation import evaluate_policy
+    from rpgrl.models.loading import load_model, resolve_device, resolve_precision
     from rpgrl.rewards import load_scorer
 
     device = resolve_device(args.device)
-    args.model = resolve_model_path(args.model, args.gguf_file)
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_policy(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-                        trust_remote_code=args.trust_remote_code)
+    precision = resolve_precision(args.dtype, device)
+    print(precision.describe())
+    model, tokenizer, args.model = load_model(args.model, device=device, precision=precision,
+                                              gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
     model.eval()
     torch.manual_seed(args.seed)
     scorer = load_scorer(args.reward_fn) if args.reward_fn else None
@@ -71,7 +70,7 @@ def _eval(args: argparse.Namespace) -> int:
             model, tokenizer, [examples[i] for i in kept], ids, k=args.k,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             max_problems=args.max_problems, batch_size=args.batch_size, device=device, scorer=scorer,
-            timeout_s=args.reward_timeout, engine=args.engine,
+            timeout_s=args.reward_timeout, engine=args.engine, compute=lambda: precision.autocast(device),
         )
         results[str(path)] = res
         print(f"{path}: mean@{args.k} = {res['accuracy']:.4f} "
@@ -87,7 +86,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rpgrl.rollout import ENGINES
+    from rpgrl.config import choices as config_choices
+    from rpgrl.loop.generation import ENGINES
 
     p = argparse.ArgumentParser(prog="rpgrl", description="Regularized Policy Gradient for LLM reasoning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,16 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward-fn", default=None, help="module:function with verl's compute_score signature")
     e.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    e.add_argument("--dtype", default="auto", choices=config_choices()["model.dtype"],
+                   help="as model.dtype: auto = bf16 mixed precision where the hardware does bf16")
     e.add_argument("--reward-timeout", type=float, default=10.0, help="seconds per scored response")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--out", default=None, help="write the JSON results here")
     e.set_defaults(func=_eval)
-    from rpgrl.compare import add_subcommands
+    from rpgrl.tools.compare import add_subcommands
 
     add_subcommands(sub)
-    __import__("rpgrl.loss_cli").loss_cli.add_subcommands(sub)  # check-loss, explain (issue 15)
+    from rpgrl.tools import loss_cli
+
+    loss_cli.add_subcommands(sub)  # check-loss, explain
     return p
 
 

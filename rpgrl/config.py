@@ -53,7 +53,9 @@ class ModelConfig:
     path: str | None = _f(None, "HF hub name, local dir, .gguf file or pkg:PACKAGE/file.gguf; null = the built-in tiny model")
     gguf_file: str | None = _f(None, "a .gguf file inside the model.path folder (de-quantized once, cached)")
     tiny: TinyConfig = _f(TinyConfig, "shape of the built-in tiny model")
-    dtype: str = _f("auto", "parameter dtype: auto = bf16 on GPU, fp32 on CPU")
+    dtype: str = _f("auto", "compute precision: auto = bf16 mixed precision (bf16 matmuls, fp32 weights, "
+                    "log-probs and loss) where the hardware does bf16 (CUDA, AMX/AVX512-BF16 CPUs), else "
+                    "fp32; bfloat16 | float32 force it (docs/precision.md)")
     trust_remote_code: bool = _f(False, "allow the model repo's own Python code (HF trust_remote_code)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     lora: LoraConfig = _f(LoraConfig, "LoRA adapters")
@@ -91,18 +93,28 @@ class RolloutConfig:
     temperature: float = _f(1.0, "sampling temperature (also divides the logits the loss scores)")
     top_p: float = _f(1.0, "nucleus sampling; < 1 truncates the sampler only (on-policy updates only)")
     max_new_tokens: int = _f(8, "response length limit in tokens")
-    batch_size: int = _f(256, "sequences per generate() call")
+    generate_batch_sequences: int = _f(256, "sequences per generate() call (memory knob)")
     engine: str = _f("auto", "rpgrl (KV-cached loop) | hf (HF generate) | auto (rpgrl where the cache allows)")
+
+    @property
+    def batch_size(self) -> int:
+        """Deprecated name of :attr:`generate_batch_sequences`."""
+        return self.generate_batch_sequences
 
 
 @dataclass
 class AnchorConfig:
-    """KL anchor (spec 1.1): rollout | periodic | adaptive | fixed."""
+    """KL anchor (docs/math.md §1.1): rollout | periodic | adaptive | fixed."""
 
-    mode: str = _f("rollout", "KL anchor (spec 1.1): rollout | periodic | adaptive | fixed")
-    period: int = _f(20, "periodic: refresh every K optimizer steps (also mid-batch)")
+    mode: str = _f("rollout", "KL anchor (docs/math.md §1.1): rollout | periodic | adaptive | fixed")
+    period_optimizer_steps: int = _f(20, "periodic: refresh every K optimizer steps (also mid-batch)")
     kappa: float = _f(0.05, "adaptive: refresh when the KL moving average exceeds kappa")
     ema: float = _f(0.9, "adaptive: moving-average factor of the KL")
+
+    @property
+    def period(self) -> int:
+        """Deprecated name of :attr:`period_optimizer_steps`."""
+        return self.period_optimizer_steps
 
 
 @dataclass
@@ -120,14 +132,15 @@ class OverlongConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = _f("rpg_reinforce_ufkl", "preset that sets the fields below (see PRESETS)")
+    preset: str = _f("rpg_reinforce_ufkl", "applied first (before the YAML and overrides): sets the "
+                                           "fields below to a named recipe (see PRESETS); each stays overridable")
     loss: str = _f("rpg_reinforce_ufkl", "policy loss (rpgrl.losses.LOSSES)")
-    advantage: str = _f("rpg", "advantage estimator (rpgrl.advantages.ADVANTAGES)")
+    advantage: str = _f("rpg", "advantage estimator (rpgrl.algorithm.advantages.ADVANTAGES)")
     beta: float = _f(1e-4, "KL coefficient of the loss")
     clip_low: float = _f(0.2, "trust region: ratio clipped below 1 - clip_low")
     clip_high: float = _f(0.28, "trust region: ratio clipped above 1 + clip_high")
     dual_clip: float | None = _f(10.0, "dual clip c > 1 for negative advantages; null = off")
-    agg: str = _f("token-mean", "loss aggregation (spec 6)")
+    agg: str = _f("token-mean", "loss aggregation (docs/math.md §6)")
     kl_in_advantage: bool = _f(False, "Algorithm 1's KL-in-advantage option (differentiable RPG losses)")
     kl_in_reward: float = _f(0.0, "REINFORCE++: coefficient of the k1 KL folded into the reward")
     anchor: AnchorConfig = _f(AnchorConfig, "KL anchor")
@@ -139,19 +152,29 @@ class AlgorithmConfig:
         """Deprecated name of :attr:`dual_clip`."""
         return self.dual_clip
 
+    @property
+    def name(self) -> str:
+        """Deprecated name of :attr:`preset`."""
+        return self.preset
+
 
 @dataclass
 class OptimConfig:
     name: str = _f("adamw", "optimizer: adamw | schedulefree_adamw")
     lr: float = _f(2e-4, "learning rate")
     weight_decay: float = _f(0.0, "decoupled weight decay")
-    warmup_steps: int = _f(0, "linear warm-up optimizer steps")
+    warmup_optimizer_steps: int = _f(0, "linear LR warm-up over this many optimizer steps")
     grad_clip: float = _f(1.0, "global gradient-norm clip")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Deprecated name of :attr:`warmup_optimizer_steps`."""
+        return self.warmup_optimizer_steps
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = _f(60, "RL steps (one batch of prompts each)")
+    total_steps: int = _f(60, "RL steps (one batch of prompts each; every '*_every' counts these)")
     prompts_per_step: int = _f(32, "prompts per RL step (each gets rollout.n responses)")
     mini_batch_prompts: int = _f(8, "prompts per optimizer step (prompts_per_step / this = steps per batch)")
     micro_batch_sequences: int = _f(64, "sequences per forward/backward (memory knob)")
@@ -161,9 +184,10 @@ class TrainerConfig:
     eval_every: int = _f(10, "held-out evaluation every N RL steps; 0 = only before/after")
     max_consecutive_skips: int = _f(5, "stop after this many non-finite optimizer steps in a row")
     device: str = _f("auto", "auto | cpu | cuda")
-    num_threads: int = _f(0, "CPU threads; 0 = torch's default")
+    num_threads: int | None = _f(None, "CPU threads; null = torch's default")
     logprob_chunk_size: int = _f(1024, "tokens per log-softmax chunk (memory knob)")
-    profile: bool = _f(False, "print the step-time breakdown (timing/* means) at the end")
+    profile: bool = _f(False, "measure the fp32 and bf16 matmul peaks at start-up (seconds), then log model FLOP "
+                                 "utilisation per phase and print the step-time breakdown at the end")
     fsdp: bool = _f(False, "under torchrun: shard the policy with FSDP2 instead of replicating it")
     share_prompts: bool = _f(True, "forwards run each distinct prompt once and reuse its KV (exact)")
 
@@ -182,8 +206,8 @@ class TrainerConfig:
 class EvalConfig:
     k: int = _f(1, "samples per problem (mean@k, pass@k)")
     temperature: float = _f(0.0, "0 = greedy")
-    max_problems: int = _f(0, "held-out problems evaluated; 0 = all")
-    max_new_tokens: int = _f(0, "0 = rollout.max_new_tokens")
+    max_problems: int | None = _f(None, "held-out problems evaluated; null = all")
+    max_new_tokens: int | None = _f(None, "response length limit; null = rollout.max_new_tokens")
     before_training: bool = _f(True, "evaluate before the first RL step")
 
 
@@ -218,14 +242,20 @@ DEPRECATED: dict[str, str] = {
     "trainer.mini_batch_size": "trainer.mini_batch_prompts",
     "trainer.micro_batch_size": "trainer.micro_batch_sequences",
     "algorithm.clip_c": "algorithm.dual_clip",
+    "algorithm.name": "algorithm.preset",
+    "algorithm.anchor.period": "algorithm.anchor.period_optimizer_steps",
+    "rollout.batch_size": "rollout.generate_batch_sequences",
+    "optim.warmup_steps": "optim.warmup_optimizer_steps",
 }
+#: Keys whose old "0 = default / all" spelling still works (as null), with a FutureWarning.
+ZERO_MEANS_NULL = ("trainer.num_threads", "eval.max_problems", "eval.max_new_tokens")
 
 
 # --------------------------------------------------------------------------- presets
 
 _RPG = dict(advantage="rpg", beta=1e-4, clip_low=0.2, clip_high=0.28, dual_clip=10.0,
             kl_in_reward=0.0, dynamic_sampling={"enabled": False})
-#: One word sets the paper's hyperparameters (spec sections 5 and 7); any field stays overridable.
+#: One word sets the paper's hyperparameters (docs/math.md §5 and §7); any field stays overridable.
 PRESETS: dict[str, dict[str, Any]] = {
     "grpo": dict(loss="grpo", advantage="grpo", beta=1e-3, clip_low=0.2, clip_high=0.2,
                  dual_clip=None, kl_in_reward=0.0, anchor={"mode": "fixed"},
@@ -244,7 +274,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                   anchor={"mode": "fixed"}, dynamic_sampling={"enabled": False}),
     "ppo": dict(loss="ppo", advantage="grpo", beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=10.0),
 }
-# The field's other baselines (issue 15; rpgrl.losses.baselines), as their papers set them.
+# The field's other baselines (rpgrl.losses.baselines), as their papers set them.
 # Dr. GRPO [arXiv 2503.20783]: PPO clip, A = R - mean_group (no std), no length normalization
 # (token sums / sequences; the paper's extra constant 1/L_max only rescales the step).
 PRESETS["dr_grpo"] = dict(loss="ppo", advantage="rpg", beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
@@ -263,19 +293,19 @@ for _kl in ("fkl", "rkl", "ufkl", "urkl"):
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the enumerated keys, from the modules that define them.
     (``algorithm.loss`` is resolved by the loss registry instead: it also takes plugins.)"""
-    from rpgrl.advantages import ADVANTAGES
-    from rpgrl.anchor import ANCHOR_MODES
+    from rpgrl.algorithm.advantages import ADVANTAGES
+    from rpgrl.algorithm.anchor import ANCHOR_MODES
     from rpgrl.data.procedural import TASKS
     from rpgrl.losses import AGG_MODES
-    from rpgrl.optim import OPTIMIZERS
-    from rpgrl.rollout import ENGINES
+    from rpgrl.loop.optim import OPTIMIZERS
+    from rpgrl.loop.generation import ENGINES
 
     return {
-        "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+        "model.dtype": ("auto", "float32", "bfloat16"),
         "data.prompt_overlong": ("truncate_left", "drop", "error"),
         "data.on_bad_row": ("error", "skip"),
         "data.task": tuple(TASKS),
-        "algorithm.name": tuple(PRESETS),
+        "algorithm.preset": tuple(PRESETS),
         "algorithm.advantage": tuple(ADVANTAGES),
         "algorithm.agg": tuple(AGG_MODES),
         "algorithm.anchor.mode": tuple(ANCHOR_MODES),
@@ -349,6 +379,9 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
                 raise ConfigError(f"{full} and {new} are the same key (the first is its deprecated name); set only {new}")
             warnings.warn(f"config key {full} is deprecated; use {new}", FutureWarning, stacklevel=2)
             full = new
+        if full in ZERO_MEANS_NULL and value == 0 and not isinstance(value, bool):
+            warnings.warn(f"{full}=0 is deprecated; use null (the default)", FutureWarning, stacklevel=2)
+            value = None
         if key not in names:
             close = difflib.get_close_matches(key, names, n=3)
             hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
@@ -427,13 +460,14 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """defaults -> preset named by ``algorithm.name`` -> YAML -> overrides, then validate."""
+    """defaults -> preset named by ``algorithm.preset`` -> YAML -> overrides, then validate."""
     raw = read_yaml(path) if path is not None else {}
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = Config()
-    name = (raw.get("algorithm") or {}).get("name", cfg.algorithm.name)
+    algo = raw.get("algorithm") or {}
+    name = algo.get("preset", algo.get("name", cfg.algorithm.preset))  # "name": its deprecated spelling
     if name not in PRESETS:
-        raise ConfigError(f"algorithm.name: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+        raise ConfigError(f"algorithm.preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     _apply(cfg.algorithm, PRESETS[name], "algorithm.")
     _apply(cfg, raw)
     validate(cfg)
@@ -453,19 +487,19 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
     from rpgrl.losses import LOSSES
+    from rpgrl.losses.policy import hyperparameter_problems
 
     a, t, r = cfg.algorithm, cfg.trainer, cfg.rollout
     try:  # built-in, rpgrl.losses entry point or module:function (rpgrl.losses.registry)
         LOSSES.resolve(a.loss)
     except ValueError as exc:
         raise ConfigError(f"algorithm.loss: {exc}") from None
+    # the loss hyperparameters' ranges are stated once, in rpgrl.losses.policy
+    for param, problem in hyperparameter_problems(a.beta, (a.clip_low, a.clip_high), a.dual_clip, a.agg):
+        raise ConfigError(f"algorithm.{param}: {problem}")
     checks = [
-        ("algorithm.beta", a.beta >= 0, "must be >= 0"),
         ("algorithm.kl_in_reward", a.kl_in_reward >= 0, "must be >= 0"),
-        ("algorithm.clip_low", 0 <= a.clip_low < 1, "must be in [0, 1)"),
-        ("algorithm.clip_high", a.clip_high >= 0, "must be >= 0"),
-        ("algorithm.dual_clip", a.dual_clip is None or a.dual_clip > 1, "must be > 1 (dual clip) or null"),
-        ("algorithm.anchor.period", a.anchor.period >= 1, "must be >= 1"),
+        ("algorithm.anchor.period_optimizer_steps", a.anchor.period_optimizer_steps >= 1, "must be >= 1"),
         ("algorithm.anchor.kappa", a.anchor.kappa > 0, "must be > 0"),
         ("algorithm.anchor.ema", 0 <= a.anchor.ema < 1, "must be in [0, 1)"),
         ("algorithm.dynamic_sampling.max_gen_batches", a.dynamic_sampling.max_gen_batches >= 1, "must be >= 1"),
@@ -474,10 +508,10 @@ def validate(cfg: Config) -> None:
         ("rollout.temperature", r.temperature > 0, "must be > 0"),
         ("rollout.top_p", 0 < r.top_p <= 1, "must be in (0, 1]"),
         ("rollout.max_new_tokens", r.max_new_tokens >= 1, "must be >= 1"),
-        ("rollout.batch_size", r.batch_size >= 1, "must be >= 1"),
+        ("rollout.generate_batch_sequences", r.generate_batch_sequences >= 1, "must be >= 1"),
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
-        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "must be >= 0"),
+        ("optim.warmup_optimizer_steps", cfg.optim.warmup_optimizer_steps >= 0, "must be >= 0"),
         ("optim.grad_clip", cfg.optim.grad_clip > 0, "must be > 0"),
         ("trainer.total_steps", t.total_steps >= 1, "must be >= 1"),
         ("trainer.prompts_per_step", t.prompts_per_step >= 1, "must be >= 1"),
@@ -493,6 +527,10 @@ def validate(cfg: Config) -> None:
         ("data.operand_min", cfg.data.operand_min >= 0, "must be >= 0"),
         ("data.operand_max", cfg.data.operand_max >= cfg.data.operand_min, "must be >= data.operand_min"),
         ("eval.k", cfg.eval.k >= 1, "must be >= 1"),
+        ("eval.max_problems", cfg.eval.max_problems is None or cfg.eval.max_problems >= 1, "must be >= 1 or null (all)"),
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1,
+         "must be >= 1 or null (rollout.max_new_tokens)"),
+        ("trainer.num_threads", t.num_threads is None or t.num_threads >= 1, "must be >= 1 or null (torch's default)"),
         ("eval.temperature", cfg.eval.temperature >= 0, "must be >= 0 (0 = greedy)"),
         ("reward_timeout_s", cfg.reward_timeout_s > 0, "must be > 0"),
         ("warmstart.steps", cfg.warmstart.steps >= 0, "must be >= 0"),
@@ -553,6 +591,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.val_files: also set data.train_files (the procedural task has its own test split)")
 
 
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """The part of ``validate`` that needs the number of processes (known once torchrun has
+    started): fail before any work if the batch cannot be split into whole groups per rank."""
+    if world_size <= 1:
+        return
+    t = cfg.trainer
+    for key, value in (("trainer.prompts_per_step", t.prompts_per_step),
+                       ("trainer.mini_batch_prompts", t.mini_batch_prompts)):
+        if value % world_size:
+            raise ConfigError(
+                f"{key}: {value} is not divisible by the world size {world_size} (processes over all "
+                f"nodes); each process takes whole prompt groups, so use a multiple of {world_size}"
+            )
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -587,9 +640,9 @@ def help_text() -> str:
     wd = max(len(r[2]) for r in rows)
     lines = [f"{'key':<{wk}}  {'type':<{wt}}  {'default':<{wd}}  description"]
     for key, typ, default, doc in rows:
-        extra = f" [{', '.join(allowed[key])}]" if key in allowed and key != "algorithm.name" else ""
+        extra = f" [{', '.join(allowed[key])}]" if key in allowed and key != "algorithm.preset" else ""
         lines.append(f"{key:<{wk}}  {typ:<{wt}}  {default:<{wd}}  {doc}{extra}")
     lines.append("")
-    lines.append("algorithm.name presets: " + ", ".join(PRESETS))
+    lines.append("algorithm.preset presets: " + ", ".join(PRESETS))
     lines += [f"deprecated: {old} -> {new}" for old, new in DEPRECATED.items()]
     return "\n".join(lines)

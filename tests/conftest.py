@@ -22,7 +22,7 @@ TINY_OVERRIDES = [
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A width-32, 2-layer built-in tiny model + tokenizer as a save_pretrained folder."""
-    from rpgrl.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer
+    from rpgrl.models.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))

@@ -4,7 +4,8 @@ import os
 
 
 def parity(data_source, solution_str, ground_truth, extra_info=None):
-    """Non-constant within most groups, so every preset gets non-zero advantages."""
+    """Non-constant within most groups: 4 samples of the tests' warm start share a length parity
+    with probability ~0.2, so a test that needs a gradient uses tests/informative.py instead."""
     return float(len(solution_str) % 2)
 
 

@@ -1,4 +1,4 @@
-"""Advantage estimators (spec section 5): hand-computed cases, singletons, masking."""
+"""Advantage estimators (docs/math.md §5): hand-computed cases, singletons, masking."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rpgrl.advantages import ADVANTAGES, compute_advantages, masked_whiten
+from rpgrl.algorithm.advantages import ADVANTAGES, compute_advantages, global_advantages, masked_whiten
 
 DT = torch.float64
 # groups (non-contiguous ids): 7 -> [1, 0, 1], 2 -> [0.5, 0.5] (zero std), 5 -> [3] (singleton)
@@ -158,3 +158,33 @@ def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         compute_advantages(args.pop("name"), args.pop("rewards"), args.pop("group_ids"),
                            args.pop("mask"), **args)
+
+
+@pytest.mark.parametrize("name", ["batch_mean", "reinforce_pp", "reinforce_pp_baseline", "grpo"])
+def test_global_advantages_equal_the_full_batch(name):
+    """Two shards of different response widths and overlapping local group ids, gathered,
+    give the rows of the full-batch estimator (float64, exact up to rounding)."""
+    from dataclasses import dataclass
+
+    from rpgrl.parallel.distributed import DistContext
+
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.rand(12, generator=gen, dtype=torch.float64)
+    group_ids = torch.arange(12) // 4  # 3 groups of 4: rank 0 holds groups 0-1, rank 1 group 2
+    lengths = torch.tensor([5, 3, 1, 4, 2, 5, 5, 1, 3, 2, 2, 1])  # rank 1's rows are <= 3 wide
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).double()
+    token_kl = torch.rand(12, 5, generator=gen, dtype=torch.float64) * mask
+    full = compute_advantages(name, rewards, group_ids, mask, token_kl=token_kl, kl_coef=0.1)
+    shards = [(slice(0, 8), 5), (slice(8, 12), 3)]  # rank 1: 1 group, width 3
+    parts = [(rewards[s], group_ids[s] - group_ids[s].min(), mask[s, :w], token_kl[s, :w]) for s, w in shards]
+
+    @dataclass(frozen=True)
+    class TwoRanks(DistContext):
+        def all_gather_object(self, obj):
+            return parts
+
+    for rank, (rows, w) in enumerate(shards):
+        got = global_advantages(TwoRanks(rank=rank, world_size=2), name, *parts[rank][:3],
+                                token_kl=parts[rank][3], kl_coef=0.1)
+        torch.testing.assert_close(got, full[rows, :w], atol=1e-12, rtol=0)
+        assert full[rows, w:].abs().sum() == 0

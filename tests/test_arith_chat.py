@@ -8,7 +8,7 @@ import time
 import pytest
 
 from rpgrl.data.procedural import CHAT_DATA_SOURCE, addition_splits
-from rpgrl.evaluation import secondary_metrics
+from rpgrl.loop.evaluation import secondary_metrics
 from rpgrl.rewards import compute_score, score_batch
 from rpgrl.rewards.arith_chat import (FORMAT_BONUS, _last_number, _strict_answer,
                                       score_arith_chat)

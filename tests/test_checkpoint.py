@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rpgrl.checkpoint import (
+from rpgrl.loop.checkpoint import (
     CheckpointError,
     capture_rng_state,
     find_latest_checkpoint,
@@ -20,7 +20,7 @@ from rpgrl.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from rpgrl.optim import build_optimizer, eval_mode, set_train_mode
+from rpgrl.loop.optim import build_optimizer, eval_mode, set_train_mode
 
 
 class TiedLM(torch.nn.Module):

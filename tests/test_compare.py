@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rpgrl.compare import algorithm_of, format_table, main as compare_main, plot_runs, run_result
-from rpgrl.tracking import read_metrics
+from rpgrl.tools.compare import algorithm_of, format_table, main as compare_main, plot_runs, run_result
+from rpgrl.loop.tracking import read_metrics
 
 
 def _cli(argv: list[str]) -> int:

@@ -4,15 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from rpgrl.config import PRESETS, ConfigError, load_config, parse_overrides
-from rpgrl.distributed import check_world_size
+from rpgrl.config import PRESETS, ConfigError, check_world_size, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_cpu_default():
     cfg = load_config()
-    assert cfg.algorithm.name == "rpg_reinforce_ufkl"
+    assert cfg.algorithm.preset == "rpg_reinforce_ufkl"
     assert cfg.algorithm.loss == "rpg_reinforce_ufkl"
     assert cfg.algorithm.anchor.mode == "rollout"
     assert cfg.model.path is None
@@ -30,7 +29,7 @@ def test_overrides_are_typed_and_nested():
 
 def test_preset_then_yaml_then_override(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("algorithm:\n  name: grpo\n  clip_high: 0.3\n")
+    y.write_text("algorithm:\n  preset: grpo\n  clip_high: 0.3\n")
     cfg = load_config(y, ["algorithm.beta=0.5"])
     assert cfg.algorithm.loss == "grpo" and cfg.algorithm.advantage == "grpo"
     assert cfg.algorithm.clip_low == 0.2 and cfg.algorithm.clip_high == 0.3  # yaml beats preset
@@ -47,8 +46,8 @@ def test_yaml_base_chain(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_validates(name):
-    cfg = load_config(overrides=[f"algorithm.name={name}"])
-    assert cfg.algorithm.name == name
+    cfg = load_config(overrides=[f"algorithm.preset={name}"])
+    assert cfg.algorithm.preset == name
 
 
 #: base.yaml files are merged under the per-algorithm files, so only the latter are runnable configs
@@ -59,7 +58,7 @@ SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name != "bas
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     if path.parent.parent.name == "paper":  # paper configs: the preset named by the file is applied
-        assert cfg.algorithm.name == path.stem
+        assert cfg.algorithm.preset == path.stem
         check_world_size(cfg, 8)  # the paper's 8-GPU runs, dynamic sampling included
     if path.stem.startswith("rpg_"):  # the paper trains RPG with DAPO's dynamic sampling and
         # overlong shaping (its run scripts: enable_filter_groups, enable_overlong_buffer)
@@ -69,8 +68,8 @@ def test_shipped_configs_load(path):
 
 
 BAD = [
-    (["algorithm.dual_clip=1.0"], "algorithm.dual_clip: 1.0 must be > 1 (dual clip) or null"),
-    (["algorithm.beta=-0.1"], "algorithm.beta: -0.1 must be >= 0"),
+    (["algorithm.dual_clip=1.0"], "algorithm.dual_clip: dual_clip must be > 1 (or None to disable), got 1.0"),
+    (["algorithm.beta=-0.1"], "algorithm.beta: beta must be a finite number >= 0, got -0.1"),
     (["trainer.prompts_per_step=10", "trainer.mini_batch_prompts=4"],
      "trainer.mini_batch_prompts: 4 must divide trainer.prompts_per_step (10)"),
     (["trainer.micro_batch_sequences=48"],
@@ -78,7 +77,7 @@ BAD = [
      "trainer.mini_batch_prompts * rollout.n = 64"),
     (["algorithm.betta=1"], "unknown config key 'algorithm.betta'. Did you mean algorithm.beta?"),
     (["trainer.total_steps=abc"], "trainer.total_steps: expected an integer, got 'abc'"),
-    (["algorithm.name=ppo2"], "algorithm.name: unknown preset 'ppo2'; allowed:"),
+    (["algorithm.preset=ppo2"], "algorithm.preset: unknown preset 'ppo2'; allowed:"),
     (["algorithm.loss=foo"], "algorithm.loss: 'foo' is not one of"),
     (["algorithm.agg=mean"], "algorithm.agg: 'mean' is not one of token-mean, seq-mean-token-sum, seq-mean-token-mean"),
     (["algorithm.anchor.mode=sometimes"], "algorithm.anchor.mode: 'sometimes' is not one of rollout, periodic, adaptive, fixed"),
@@ -154,3 +153,57 @@ def test_help_config_lists_every_key_with_a_description(capsys):
     for key, typ, default, doc in rows:
         assert any(line.split()[:2] == [key, typ.split()[0]] and line.rstrip().find(doc) > 0
                    for line in out.splitlines()), key
+
+
+def test_world_size_checks_name_the_key():
+    from rpgrl.parallel.distributed import DistContext
+
+    cfg = load_config(overrides=["trainer.prompts_per_step=6", "trainer.mini_batch_prompts=3",
+                                 "algorithm.dynamic_sampling.enabled=false", "trainer.micro_batch_sequences=8"])
+    check_world_size(cfg, 1)
+    check_world_size(cfg, 3)
+    with pytest.raises(ConfigError, match=r"trainer.prompts_per_step: 6 is not divisible by the world size 4"):
+        check_world_size(cfg, 4)
+    with pytest.raises(ConfigError, match=r"trainer.mini_batch_prompts: 3 is not divisible by the world size 2"):
+        check_world_size(cfg, 2)
+    dapo = load_config(overrides=["algorithm.preset=dapo", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2",
+                                  "trainer.micro_batch_sequences=8"])
+    check_world_size(dapo, 2)  # dynamic sampling runs under torchrun
+    assert DistContext(rank=1, world_size=2).shard([10, 11, 12, 13]) == [12, 13]
+
+
+@pytest.mark.parametrize("old, new, value", [
+    ("algorithm.name", "algorithm.preset", "grpo"),
+    ("algorithm.anchor.period", "algorithm.anchor.period_optimizer_steps", 7),
+    ("rollout.batch_size", "rollout.generate_batch_sequences", 32),
+    ("optim.warmup_steps", "optim.warmup_optimizer_steps", 5),
+])
+def test_renamed_keys_keep_working_with_a_warning(tmp_path, old, new, value):
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated; use {new}"):
+        cfg = load_config(overrides=[f"{old}={value}"])
+    obj = cfg
+    for part in new.split("."):
+        obj = getattr(obj, part)
+    assert obj == value
+    if old == "algorithm.name":  # the preset really applied, also spelled the old way in YAML
+        y = tmp_path / "c.yaml"
+        y.write_text("algorithm:\n  name: grpo\n")
+        with pytest.warns(FutureWarning):
+            assert load_config(y).algorithm.loss == "grpo"
+    with pytest.raises(ConfigError, match="same key"):
+        load_config(overrides=[f"{old}={value}", f"{new}={value}"])
+
+
+@pytest.mark.parametrize("key", ["trainer.num_threads", "eval.max_problems", "eval.max_new_tokens"])
+def test_zero_for_default_is_null_now(key):
+    assert _dotted(load_config(), key) is None
+    with pytest.warns(FutureWarning, match=f"{key}=0 is deprecated; use null"):
+        assert _dotted(load_config(overrides=[f"{key}=0"]), key) is None
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=[f"{key}=-1"])
+
+
+def _dotted(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

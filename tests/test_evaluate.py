@@ -8,7 +8,7 @@ from math import comb
 
 import pytest
 
-from rpgrl.eval_metrics import BestLastTracker, flatten, format_table, pass_at_k, pass_ks, summarize
+from rpgrl.loop.eval_metrics import BestLastTracker, flatten, format_table, pass_at_k, pass_ks, summarize
 
 
 @pytest.mark.parametrize("n,c,k,expected", [

@@ -1,11 +1,11 @@
-"""rpgrl.flops: the parameter counts and token arithmetic behind model FLOP utilisation."""
+"""rpgrl.models.flops: the parameter counts and token arithmetic behind model FLOP utilisation."""
 
 from __future__ import annotations
 
 import pytest
 
 from hf_tiny import tiny_causal_lm
-from rpgrl.flops import PhaseFlops, matmul_params, matmul_peak_gflops
+from rpgrl.models.flops import PhaseFlops, matmul_params, matmul_peak_gflops
 
 
 @pytest.mark.parametrize("arch, tied", [("qwen2", True), ("llama", False)])

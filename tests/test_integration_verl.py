@@ -427,7 +427,7 @@ def test_rollout_corrections_produce_nontrivial_weights_and_masks():
 
 
 #: The rpgrl losses that are verl's vanilla (dual-clip PPO) loss at beta = 0: rpgrl's ppo and
-#: the differentiable RPG surrogates (spec 3: pg_t is the dual-clip PPO term, beta * S_t vanishes).
+#: the differentiable RPG surrogates (docs/math.md §3: pg_t is the dual-clip PPO term, beta * S_t vanishes).
 VANILLA_AT_BETA0 = ("rpgrl_ppo", "rpg_fkl", "rpg_rkl", "rpg_ufkl", "rpg_urkl")
 
 

@@ -1,4 +1,4 @@
-"""KL estimators k1/k2/k3 (spec section 2, App. D)."""
+"""KL estimators k1/k2/k3 (docs/math.md §2, App. D)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rpgrl.kl import k1, k2, k3, kl_penalty
+from rpgrl.algorithm.kl import k1, k2, k3, kl_penalty
 
 DT = torch.float64
 

@@ -1,4 +1,4 @@
-"""Tests for rpgrl.logprobs: chunked log-probs/entropy vs the naive full-logits path."""
+"""Tests for rpgrl.models.logprobs: chunked log-probs/entropy vs the naive full-logits path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from hf_tiny import tiny_causal_lm
 
-from rpgrl.logprobs import sequence_logprobs, token_logprobs_from_hidden
+from rpgrl.models.logprobs import sequence_logprobs, token_logprobs_from_hidden
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,6 +201,57 @@ def test_per_row_response_start():
         sequence_logprobs(model, ids, mask, 0)
 
 
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("case", ["all_empty", "no_response_column", "per_row_past_the_end"])
+def test_nothing_to_score_gives_zeros_with_a_graph(case, share):
+    """A micro-batch whose responses are all empty (TRL/verl can hand one over), or with no
+    response column at all: zeros of the right shape and dtype, entropy too, and
+    loss.backward() runs (zero gradients) instead of failing."""
+    model = _tiny("qwen2").double()
+    ids, mask = _batch()
+    start = P
+    if case == "all_empty":
+        mask = mask.clone()
+        mask[:, P:] = 0
+        shape = (2, ids.shape[1] - P)
+    elif case == "no_response_column":
+        ids, mask = ids[:, :P], mask[:, :P]
+        shape = (2, 0)
+    else:  # per-row starts at the end of every row: no column to score either
+        start = torch.tensor([ids.shape[1], ids.shape[1]])
+        shape = (2, 0)
+    lp, ent = sequence_logprobs(model, ids, mask, start, with_entropy=True, share_prompts=share)
+    assert lp.shape == ent.shape == shape and lp.dtype == ent.dtype == torch.float64
+    assert not lp.any() and not ent.any()
+    model.zero_grad(set_to_none=True)
+    (lp * 3.0).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # present (the graph ran) and zero
+    with torch.no_grad():
+        lp_ng, ent_ng = sequence_logprobs(model, ids, mask, start, with_entropy=True, share_prompts=share)
+    assert lp_ng.shape == shape and not lp_ng.any() and not ent_ng.any()
+
+
+def test_right_padded_prompt_is_refused():
+    """A prompt block padded on the right would predict the first response token from a pad
+    (silently wrong): refused, naming the row and column; per-row starts are checked alike."""
+    model = _tiny("qwen2")
+    ids, mask = _batch()
+    right = ids.clone(), mask.clone()
+    right[0][0, :P], right[1][0, :P] = torch.tensor([7, 8, 9, 0, 0]), torch.tensor([1, 1, 1, 0, 0])
+    with pytest.raises(ValueError, match=r"row 0: attention_mask\[0, 4\] == 0 .*left-padded"):
+        sequence_logprobs(model, *right, P)
+    with pytest.raises(ValueError, match=r"row 1: attention_mask\[1, 5\] == 0"):
+        m = mask.clone()
+        m[1, P] = 0  # row 1's start column 6 follows a pad
+        sequence_logprobs(model, ids, m, torch.tensor([P, P + 1]))
+    # the same prompt left-padded is fine; an all-pad prompt (nothing to misplace) is let through
+    sequence_logprobs(model, ids, mask, P)
+    empty_prompt = mask.clone()
+    empty_prompt[0, :P] = 0
+    sequence_logprobs(model, ids, empty_prompt, P)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])  # gpt2: absolute positions feel left padding
 def test_generate_logprobs_consistent_at_temperature(arch):
     """The loss-side log-probs at tau equal the sampler's own log softmax(logits / tau)."""
@@ -257,7 +308,7 @@ def test_peft_lora_on_lm_head_is_refused():
 _MEM_SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
-    from rpgrl.logprobs import token_logprobs_from_hidden
+    from rpgrl.models.logprobs import token_logprobs_from_hidden
     mode, chunk = sys.argv[1], int(sys.argv[2])
     B, T, H, V = 8, 2048, 64, 32000
     grad = mode == "fwdbwd"
@@ -303,7 +354,7 @@ def test_memory_bar_b8_t2048_v32000():
 
 
 def test_no_full_vocabulary_logits_in_logprob_passes():
-    """Memory (issue 12): log-probs, entropy and their backward never call the LM-head module
+    """Memory: log-probs, entropy and their backward never call the LM-head module
     (no [B, L, V] logits); the chunked head sees at most chunk_size real tokens at a time."""
     model = _tiny("qwen2")
     ids, mask = _batch()

@@ -1,4 +1,4 @@
-"""``rpgrl check-loss`` / ``rpgrl explain`` (issue 15): the exact-enumeration proof of a
+"""``rpgrl check-loss`` / ``rpgrl explain``: the exact-enumeration proof of a
 loss's gradient, shared by the CLI and these tests (rpgrl.losses.check)."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def test_explain_coefficients_are_the_spec_weights():
 
 
 def test_explain_cli_prints_what_a_config_optimises(capsys):
-    assert main(["explain", "algorithm.name=grpo"]) == 0
+    assert main(["explain", "algorithm.preset=grpo"]) == 0
     out = capsys.readouterr().out
     assert "loss grpo (built-in)" in out and "beta*(pi_ref/pi_theta - 1) (no w)" in out
     assert "caveat:" in out and "frozen" in out

@@ -1,4 +1,4 @@
-"""User losses (issue 15): a real ``rpgrl.losses`` entry point (a dist-info with
+"""User losses: a real ``rpgrl.losses`` entry point (a dist-info with
 entry_points.txt on sys.path, found by importlib.metadata) and ``module:function`` paths,
 resolved in one place (``rpgrl.losses.LOSSES``) and then usable by ``policy_loss``, the
 config, ``rpgrl train``, ``RPGTrainer`` and the verl plugin without further code.
@@ -145,25 +145,32 @@ def test_config_accepts_plugins_and_names_import_errors(plugin):
 
 
 @pytest.mark.medium
-def test_entry_point_loss_trains_two_steps_with_rpgrl_train(plugin, tiny_overrides, tmp_path, capsys):
+def test_entry_point_loss_trains_two_steps_with_rpgrl_train(plugin, tiny_overrides, tmp_path, capsys, monkeypatch):
+    """The plugin's loss trains: a step whose first optimizer step holds a non-zero advantage
+    has a non-zero gradient (tests/informative.py; with the built-in exact-match scorer a
+    30-step warm start rarely answers right, and on one CPU a whole step drew equal rewards)."""
+    from informative import PREFIX_RANK, check_grad_norms, record_batches
+
     from rpgrl.cli import main
-    from rpgrl.tracking import read_metrics
+    from rpgrl.loop.tracking import read_metrics
 
     plugin.CALLS.clear()
+    seen = record_batches(monkeypatch)
     rc = main(["train", *tiny_overrides("algorithm.loss=my_urkl", "algorithm.beta=0.05",
-                                        "eval.before_training=false")])
+                                        "eval.before_training=false", PREFIX_RANK)])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2
     assert len(plugin.CALLS) > 0  # the plugin computed the loss of every micro-batch
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "actor/loss" in r]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["actor/grad_norm"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2]
+    check_grad_norms(rows, seen)
 
 
 @pytest.mark.medium
 def test_entry_point_loss_in_rpgrl_compare(plugin, tiny_overrides, tmp_path):
     """``rpgrl compare --algorithms ppo my_urkl``: a loss name runs beside a preset."""
-    from rpgrl.compare import main as compare_main
+    from rpgrl.tools.compare import main as compare_main
 
     plugin.CALLS.clear()
     rc = compare_main(["compare", "--algorithms", "ppo", "my_urkl", "--seeds", "1", "--out", str(tmp_path / "cmp"),
@@ -182,7 +189,7 @@ def test_entry_point_loss_trains_two_steps_with_rpg_trainer(plugin, tmp_path):
     from datasets import Dataset
 
     from rpgrl.integrations.trl import RPGConfig, RPGTrainer
-    from rpgrl.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer
+    from rpgrl.models.tiny import TinyModelConfig, build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))

@@ -1,4 +1,4 @@
-"""Dr. GRPO, GSPO and CISPO (issue 15) against verl 0.9.1's registered implementations.
+"""Dr. GRPO, GSPO and CISPO against verl 0.9.1's registered implementations.
 
 Values and gradients of ``rpgrl.losses.policy_loss`` must equal verl's
 ``core_algos.compute_policy_loss_{gspo,cispo,vanilla}`` (called with verl's own ActorConfig
@@ -23,7 +23,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 
-from rpgrl.advantages import compute_advantages  # noqa: E402
+from rpgrl.algorithm.advantages import compute_advantages  # noqa: E402
 from rpgrl.config import load_config  # noqa: E402
 from rpgrl.integrations.verl import verl_normalization  # noqa: E402
 from rpgrl.losses import LOSSES, policy_loss  # noqa: E402
@@ -143,18 +143,18 @@ def test_dr_grpo_advantage_matches_verl_without_std():
 
 
 def test_presets_are_the_papers_settings():
-    dr = load_config(overrides=["algorithm.name=dr_grpo"]).algorithm
+    dr = load_config(overrides=["algorithm.preset=dr_grpo"]).algorithm
     assert (dr.loss, dr.advantage, dr.beta, dr.agg, dr.clip_c) == ("ppo", "rpg", 0.0, "seq-mean-token-sum", None)
-    gs = load_config(overrides=["algorithm.name=gspo"]).algorithm
+    gs = load_config(overrides=["algorithm.preset=gspo"]).algorithm
     assert (gs.loss, gs.clip_low, gs.clip_high, gs.agg, gs.beta) == ("gspo", 3e-4, 4e-4, "seq-mean-token-mean", 0.0)
-    ci = load_config(overrides=["algorithm.name=cispo"]).algorithm
+    ci = load_config(overrides=["algorithm.preset=cispo"]).algorithm
     assert (ci.loss, ci.clip_high, ci.agg, ci.beta) == ("cispo", 4.0, "token-mean", 0.0)
     assert not LOSSES["gspo"].uses_dual_clip and not LOSSES["cispo"].uses_beta
 
 
 @pytest.mark.medium
 def test_baseline_presets_run_in_compare(tiny_overrides, tmp_path):
-    from rpgrl.compare import compare
+    from rpgrl.tools.compare import compare
 
     out = compare(["dr_grpo", "gspo", "cispo"], 1, None, tiny_overrides("eval.before_training=false"),
                   tmp_path / "cmp", log=lambda *a, **k: None)

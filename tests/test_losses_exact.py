@@ -1,4 +1,4 @@
-"""Exactness of the RPG losses by enumeration (spec sections 2-5), float64.
+"""Exactness of the RPG losses by enumeration (docs/math.md §2-5), float64.
 
 A single-token categorical policy over K outcomes: the expected loss gradient
 sum_x pi_old(x) * grad loss(x) must equal -grad J with J = E_theta[R] - beta*D, where D is
@@ -78,7 +78,7 @@ def test_expected_gradient_equals_exact_objective_gradient(name, separate_anchor
 @pytest.mark.parametrize("separate_anchor", [False, True], ids=["anchor=rollout", "anchor=separate"])
 @pytest.mark.parametrize("name", RPG_NAMES)
 def test_unnormalized_measures_distinguish_mass_correction(name, separate_anchor):
-    """With unnormalized pi_theta(x) = exp(theta_x), D's mass terms matter (spec section 2):
+    """With unnormalized pi_theta(x) = exp(theta_x), D's mass terms matter (docs/math.md §2):
     each loss is exact for its own D, and FKL != UFKL, RKL != URKL."""
     theta, old, anchor, reward = _policies(1)
     anc_logp = anchor if separate_anchor else None
@@ -163,7 +163,7 @@ def test_grpo_corrected_has_urkl_gradient_and_grpo_does_not():
 
 def test_monte_carlo_reinforce_gradient_converges_to_exact():
     """Sampling tokens from pi_old (fixed seed), the mean REINFORCE gradient is within
-    4 standard errors of the exact -grad J, per component (spec 4, Prop. 3.6)."""
+    4 standard errors of the exact -grad J, per component (docs/math.md §4, Prop. 3.6)."""
     theta, old, anchor, reward = _policies(7)
     old_logp, anc_logp = torch.log_softmax(old, 0), torch.log_softmax(anchor, 0)
     baseline = (old_logp.exp() * reward).sum()

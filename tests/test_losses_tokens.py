@@ -1,4 +1,4 @@
-"""Token-level behaviour of ``policy_loss`` on [B, T] batches (spec sections 3, 4.1, 6).
+"""Token-level behaviour of ``policy_loss`` on [B, T] batches (docs/math.md §3, §4.1, §6).
 
 Closed-form per-token gradients, every branch of Algorithm 2, the dual clip, masking with
 extreme inputs, gradient accumulation, metrics and argument validation.
@@ -71,7 +71,7 @@ def test_unclipped_token_gradient_is_closed_form(div, kernel, separate_anchor, a
 
 
 def test_unclipped_loss_values_match_table_1():
-    """Loss values (not only gradients) are the Table 1/4 surrogates, spec section 3."""
+    """Loss values (not only gradients) are the Table 1/4 surrogates, docs/math.md §3."""
     lp, old, anc, adv, mask = _batch(1)
     beta = 0.1
     w, rho, v = (lp - old).exp(), (lp - anc).exp(), (anc - old).exp()
@@ -108,7 +108,7 @@ def _one_token(adv_value, log_w):
 @pytest.mark.parametrize("branch", list(BRANCHES))
 def test_algorithm2_branch(branch, div):
     """Each branch of RPG-Style Clip [Algorithm 2]: gradient -g where it flows, exactly 0 in the
-    constant branches; the loss value is the spec's expression in every branch."""
+    constant branches; the loss value is the expression of docs/math.md §4.1 in every branch."""
     adv_value, log_w, flows, k = BRANCHES[branch]
     lp, old, anc, adv, mask = _one_token(adv_value, log_w)
     beta = 0.01

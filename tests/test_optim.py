@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rpgrl.optim import LinearWarmup, build_optimizer, clip_and_check, eval_mode, set_eval_mode, set_train_mode
+from rpgrl.loop.optim import LinearWarmup, build_optimizer, clip_and_check, eval_mode, set_eval_mode, set_train_mode
 
 
 def quad_step(p: torch.nn.Parameter, opt, sched=None) -> None:
@@ -128,8 +128,9 @@ def test_clip_edge_cases():
 
 def test_eval_mode_blocks_nest_for_schedule_free():
     """An evaluation inside a gathered-weights block must still see the averaged weights."""
-    from rpgrl.optim import eval_mode
+    from rpgrl.loop.optim import eval_mode
 
+    torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt, _ = build_optimizer(model, "schedulefree_adamw", lr=0.1)
     for _ in range(3):  # after a few steps the averaged x and the train iterate y differ

@@ -8,9 +8,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-import rpgrl.plots as plots
-from rpgrl.plots import CLIPFRAC_KEYS, CURVE_PANELS, metric_series, plot_comparison, plot_curves
-from rpgrl.tracking import Tracker
+import rpgrl.tools.plots as plots
+from rpgrl.tools.plots import CLIPFRAC_KEYS, CURVE_PANELS, metric_series, plot_comparison, plot_curves
+from rpgrl.loop.tracking import Tracker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""Shared prompts (rpgrl.prefix): each distinct prompt runs once, and nothing changes.
+"""Shared prompts (rpgrl.models.prefix): each distinct prompt runs once, and nothing changes.
 
 The claim is exactness: log-probs, entropies and gradients of every parameter equal the
 padded forward's, for rotary (Qwen2, Llama), absolute-position (GPT-2) and sliding-window
@@ -18,8 +18,8 @@ import pytest
 import torch
 from hf_tiny import ARCHS, tiny_causal_lm
 
-from rpgrl import prefix
-from rpgrl.logprobs import sequence_logprobs
+from rpgrl.models import prefix
+from rpgrl.models.logprobs import sequence_logprobs
 
 P = 5
 
@@ -235,7 +235,7 @@ def _untrimmed(model, ids, mask, p, with_entropy=False):
 
 
 def test_plan_buckets_minimises_padded_work():
-    from rpgrl.logprobs import plan_buckets
+    from rpgrl.models.logprobs import plan_buckets
 
     widths = torch.tensor([5, 0, 2, 5, 2, 3, 64, 60])
     one = plan_buckets(widths, float("inf"))

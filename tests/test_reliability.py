@@ -1,4 +1,4 @@
-"""Kill-safety and failure handling of the whole trainer (issue: reliability)."""
+"""Kill-safety and failure handling of the whole trainer."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rpgrl.checkpoint import find_latest_checkpoint, list_checkpoints
+from informative import PREFIX_RANK, record_batches
+
+from rpgrl.loop.checkpoint import find_latest_checkpoint, list_checkpoints
 from rpgrl.config import load_config
-from rpgrl.tracking import read_metrics
-from rpgrl.trainer import Trainer, TrainingError
+from rpgrl.loop.tracking import read_metrics
+from rpgrl.loop.trainer import Trainer, TrainingError
 
 pytestmark = pytest.mark.medium
-
-PARITY = f"reward_fn={Path(__file__).parent / 'scorers.py'}:parity"
 
 
 def _cli(overrides: list[str], *extra: str) -> list[str]:
@@ -40,7 +40,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("optim", ["adamw", "schedulefree_adamw"])
 def test_sigkill_then_resume_equals_uninterrupted(optim, tiny_overrides, tmp_path):
     steps = 6
-    common = [f"optim.name={optim}", f"trainer.total_steps={steps}", "trainer.save_every=1", PARITY]
+    common = [f"optim.name={optim}", f"trainer.total_steps={steps}", "trainer.save_every=1", PREFIX_RANK]
     full, killed = tmp_path / "full", tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(_cli(tiny_overrides(*common, out=full)), check=True, env=env, capture_output=True)
@@ -68,31 +68,33 @@ def test_sigkill_then_resume_equals_uninterrupted(optim, tiny_overrides, tmp_pat
     assert rows == list(range(1, steps + 1))  # continuous, no duplicates
 
 
-def test_nan_gradients_are_skipped_and_counted(tiny_overrides):
-    cfg = load_config(overrides=tiny_overrides("trainer.total_steps=4", PARITY))
+def test_nan_gradients_are_skipped_and_counted(tiny_overrides, monkeypatch):
+    seen = record_batches(monkeypatch)
+    cfg = load_config(overrides=tiny_overrides("trainer.total_steps=4", PREFIX_RANK))
     t = Trainer(cfg, log=lambda *a: None)
     poisoned = {2}  # trainer steps (1-based) whose gradients become NaN
     param = next(t.model.parameters())
-    param.register_hook(lambda g: g * float("nan") if t.step_count + 1 in poisoned else g)
+    param.register_hook(lambda g: g * float("nan") if t.state.step + 1 in poisoned else g)
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.step()
+    assert seen[0].first_update_has_signal, seen  # so step 1 moved the weights, whatever was drawn
     after_first = {k: v.clone() for k, v in t.model.state_dict().items()}
     metrics = t.step()  # both optimizer steps of this batch are non-finite
     assert metrics["actor/skipped_steps_total"] == 2
     for k, v in t.model.state_dict().items():
         assert torch.equal(v, after_first[k]), f"{k} changed during a skipped step"
     assert any(not torch.equal(before[k], after_first[k]) for k in before)
-    t.step_count = 2
+    t.state.step = 2
     summary = t.train()  # the run goes on and ends normally
     assert summary["steps"] == 4 and summary["skipped_steps"] == 2
 
 
 def test_consecutive_nans_stop_the_run_with_a_message(tiny_overrides, tmp_path):
     cfg = load_config(overrides=tiny_overrides("trainer.total_steps=6", "trainer.max_consecutive_skips=3",
-                                               PARITY))
+                                               PREFIX_RANK))
     t = Trainer(cfg, log=lambda *a: None)
     param = next(t.model.parameters())
-    param.register_hook(lambda g: g * float("nan") if t.step_count >= 2 else g)
+    param.register_hook(lambda g: g * float("nan") if t.state.step >= 2 else g)
     with pytest.raises(TrainingError) as info:
         t.train()
     msg = str(info.value)
@@ -117,5 +119,5 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tiny_overrides, tmp_path):
     with pytest.warns(RuntimeWarning, match="step_000003"):
         t = Trainer(load_config(overrides=tiny_overrides("trainer.total_steps=4")), resume=True,
                     log=lambda *a: None)
-    assert t.step_count == 2  # fell back to the previous complete checkpoint
+    assert t.state.step == 2  # fell back to the previous complete checkpoint
     assert t.train()["steps"] == 4

@@ -260,7 +260,7 @@ def test_fast_path_speed_256_short_responses() -> None:
     assert rewards == [float(r == f"Answer:{g}" or r == f"Answer: {g}") for r, g in zip(rs, gts, strict=True)]
 
 
-# ---- every scorer path is linear-time or capped (issue 13, item 4) -------------------
+# ---- every scorer path is linear-time or capped ------------------------------------
 # The built-in scorers run in-process (verl calls compute_score directly), so one response
 # must never stall training: each call below must finish far inside a second.
 
@@ -286,7 +286,7 @@ def warm_scorers():
 
 
 @pytest.mark.parametrize("response", [
-    "Answer: " + "1" * 8000 + "x",         # issue 13: 0.8 s (quadratic _DECIMAL)
+    "Answer: " + "1" * 8000 + "x",         # was 0.8 s (quadratic _DECIMAL)
     "Answer: " + "1" * 30000 + "x",        # 7.9 s
     "Answer: " + "1 " * 50000 + "x",       # 22.6 s
     "Answer: " + "\\text{" * 20000,        # a brace scan from every unclosed \text{
@@ -494,7 +494,7 @@ def test_load_scorer_specs(tmp_path) -> None:
         assert spec in str(ei.value)
 
 
-# ---- overlong shaping (spec section 7) ----------------------------------------------
+# ---- overlong shaping (docs/math.md §7) -------------------------------------
 
 def test_overlong_penalty_hand_computed() -> None:
     # Lmax = 20, Lb = 4: free up to 16, linear to -factor at 20.

@@ -1,4 +1,4 @@
-"""The scorer against the real AIME24 / AIME25 / AMC23 Mean@32 files (spec section 9)."""
+"""The scorer against the real AIME24 / AIME25 / AMC23 Mean@32 files (docs/math.md §9)."""
 
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hf_tiny import ARCHS, tiny_causal_lm
 
-from rpgrl.logprobs import sequence_logprobs
-from rpgrl.rollout import _decode, generate, left_pad, sample_tokens
-from rpgrl.tiny import build_tiny_tokenizer
+from rpgrl.models.logprobs import sequence_logprobs
+from rpgrl.loop.generation import _decode, generate, left_pad, sample_tokens
+from rpgrl.models.tiny import build_tiny_tokenizer
 
 TOK = build_tiny_tokenizer()
 PROMPTS = [[5, 6, 7], [8, 9], [5, 6, 7], [10, 11, 12, 13], [14]]  # different lengths, one repeated
@@ -122,7 +122,7 @@ def test_first_token_of_n_samples_follows_the_models_tempered_softmax():
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_sampler_logprobs_equal_the_loss_side_logprobs(arch, monkeypatch):
     """What the loop samples from at each step is what sequence_logprobs scores (same tau)."""
-    import rpgrl.rollout as rollout
+    import rpgrl.loop.generation as rollout
 
     model = _model(arch)
     tau = 0.7
@@ -178,7 +178,7 @@ def test_sample_tokens_mixes_top_k_and_full_sort_rows():
 
 
 def test_generation_never_forms_logits_beyond_the_last_position():
-    """Memory (issue 12): the prefill asks the LM head for the last position only and every
+    """Memory: the prefill asks the LM head for the last position only and every
     decode step feeds one token, so no [batch, length, vocab] logits exist during sampling."""
     model = _model("qwen2")
     shapes = []

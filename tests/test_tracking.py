@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from rpgrl.tracking import Tracker, read_metrics
+from rpgrl.loop.tracking import Tracker, read_metrics
 
 
 def test_jsonl_written_and_flushed_per_line(tmp_path):

@@ -13,15 +13,15 @@ import torch
 from rpgrl.cli import main
 from rpgrl.config import load_config
 from rpgrl.data.procedural import addition_splits
-from rpgrl.models import load_policy
-from rpgrl.tracking import read_metrics
-from rpgrl.trainer import Trainer
+from rpgrl.models.loading import load_policy
+from rpgrl.loop.tracking import read_metrics
+from rpgrl.loop.trainer import Trainer
 
 pytestmark = pytest.mark.medium
 
 
 def write_verl_parquet(path: Path, problems, repeat: int = 1, source: str = "math_dapo") -> Path:
-    """Rows in the verl layout of spec section 9 (the layout of ../shared/data)."""
+    """Rows in the verl layout of docs/math.md §9 (the layout of the AIME/AMC eval files)."""
     rows = []
     for i, ex in enumerate(problems):
         for _ in range(repeat):
@@ -95,13 +95,13 @@ def test_eval_cli_writes_mean_and_pass_at_k(tiny_model_dir, tmp_path, capsys):
 def test_train_cli_rejects_bad_config_before_loading(capsys):
     rc = main(["train", "algorithm.dual_clip=0.5"])
     assert rc == 2
-    assert "algorithm.dual_clip: 0.5 must be > 1 (dual clip) or null" in capsys.readouterr().err
+    assert "algorithm.dual_clip: dual_clip must be > 1 (or None to disable), got 0.5" in capsys.readouterr().err
 
 
 def test_dropout_is_disabled_so_logprobs_are_deterministic(tiny_model_dir):
     """With LoRA dropout 0.5 left on, two train-mode passes would be two different policies."""
     from rpgrl.config import LoraConfig
-    from rpgrl.logprobs import sequence_logprobs
+    from rpgrl.models.logprobs import sequence_logprobs
 
     lora = LoraConfig(enabled=True, r=4, dropout=0.5, target_modules="q_proj,v_proj")
     model = load_policy(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32, lora=lora)

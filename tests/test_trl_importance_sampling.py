@@ -1,5 +1,5 @@
 """RPGTrainer vs TRL's own GRPOTrainer loss on identical inputs: the vLLM correction r and
-TRL's other per-token multipliers (issue 13, items 1-2).
+TRL's other per-token multipliers.
 
 Both trainers are real (same tiny Qwen2 loaded from disk); each ``_compute_loss`` runs on the
 same hand-built batch (fixed w = pi_theta/pi_old per sequence, fixed r as TRL's
@@ -25,12 +25,13 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rpgrl.integrations.trl import RPGConfig, RPGTrainer, token_weights  # noqa: E402
+from rpgrl.integrations.verl_cpu.reward import compute_score as toy_score  # noqa: E402
 from rpgrl.losses import LOSSES, policy_loss  # noqa: E402
-from rpgrl.tiny import build_tiny_tokenizer  # noqa: E402
+from rpgrl.models.tiny import build_tiny_tokenizer  # noqa: E402
 
 B, P, T = 4, 3, 5  # sequences, prompt tokens, completion tokens
 ADV = [1.0, 1.0, -1.0, -1.0]
-R_SEQ = [1.0, 1.5, 0.7, 2.5]  # the issue's example: kept by sequence_mask (cap 3)
+R_SEQ = [1.0, 1.5, 0.7, 2.5]  # docs/trl.md's worked example: kept by sequence_mask (cap 3)
 # Off-policy w per sequence: seq 0 w > 1+eps_high with A > 0 and seq 3 w < 1-eps with A < 0
 # (clipped by w alone); seqs 1, 2 inside the trust region although w*r is not (1.65, 0.63).
 W_OFF = [1.35, 1.1, 0.9, 0.7]
@@ -142,7 +143,7 @@ def _r_token():
 
 @pytest.mark.parametrize("rpg_loss", ["rpg_reinforce_ufkl", "ppo"])
 def test_issue_example_matches_trl_sequence_ratio(trl_dapo, make, rpg_loss):
-    """Issue 13 item 2: r = [1, 1.5, 0.7, 2.5], A = [1, 1, -1, -1], w = 1: TRL's per-sequence
+    """docs/trl.md's worked example: r = [1, 1.5, 0.7, 2.5], A = [1, 1, -1, -1], w = 1: TRL's per-sequence
     gradient sums are -r*A*T = [-5, -7.5, 3.5, 12.5] (token-mean over 20 tokens, x 20); the old
     fold of r into the sampler clipped w*r and gave [-5, 0, 0, 12.5]."""
     rpg = make(RPGTrainer, rpg_loss=rpg_loss)
@@ -296,12 +297,20 @@ class _VersusTRL(RPGTrainer):
         return ours
 
 
-def digits(completions, **_):
+def prefix_rank(completions, **_):
+    """Ties only completions with a common 4-token prefix, so every group has advantages
+    whatever is drawn (tests/informative.py; the share of digits tied a group of 4 with probability
+    ~1.5e-3)."""
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+    return [toy_score("rpgrl/add", t, "") for t in texts]
 
 
 SAMPLER_NOISE = 2.0  # LM-head noise, in units of the head's weight std
+#: 16 prompts x 4 samples per generation (2 optimizer steps of 32), so that whatever is drawn
+#: some ratios fall outside the mode's bounds and some inside: log r of the sampled sequences
+#: spans about -2..1.8 with ~30 % outside (0.4, 2.5), of the tokens -1.1..0.8 with ~7 % outside
+#: (0.5, 2) (4 seeds). With 8 samples (~36 tokens) no token was outside with probability of a few %.
+IS_PAIRS = [(a, b) for a in (3, 14, 25, 36) for b in (7, 18, 29, 40)]
 
 
 @pytest.mark.medium
@@ -312,13 +321,12 @@ def test_trl_computed_ratio_matches_trl_loss_end_to_end(tiny_dir, tmp_path, mode
     optimizer steps of a generation (the second off-policy) RPG's loss and per-token gradient
     equal TRL's own GRPOTrainer loss (rpg_loss='ppo', beta = 0, no dual clip)."""
     torch.manual_seed(0)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}+{b}"}]} for a, b in
-                            [(12, 34), (5, 7), (20, 22), (31, 8)]])
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}+{b}"}]} for a, b in IS_PAIRS])
     args = RPGConfig(**_kw(tmp_path, rpg_loss="ppo", rpg_dual_clip=None, max_steps=2, steps_per_generation=2,
-                           num_generations=4, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1,
+                           num_generations=4, per_device_train_batch_size=32, learning_rate=5e-2, logging_steps=1,
                            save_strategy="no", seed=0, vllm_importance_sampling_mode=mode,
                            vllm_importance_sampling_clip_min=clip[0], vllm_importance_sampling_clip_max=clip[1]))
-    trainer = _VersusTRL(model=str(tiny_dir), reward_funcs=digits, args=args, train_dataset=ds,
+    trainer = _VersusTRL(model=str(tiny_dir), reward_funcs=prefix_rank, args=args, train_dataset=ds,
                          processing_class=build_tiny_tokenizer(), rollout_func=_Sampler(tiny_dir, SAMPLER_NOISE))
     trainer.use_vllm = True  # what use_vllm=True sets; the rollout_func is the sampler
     trainer._last_loaded_step = 0  # one generation at step 0: no weight sync to a vLLM engine

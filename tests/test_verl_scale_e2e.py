@@ -1,4 +1,4 @@
-"""verl 0.9.1's real trainer on CPU: rollout correction and the iterative reference (spec 1.1).
+"""verl 0.9.1's real trainer on CPU: rollout correction and the iterative reference (docs/math.md §1.1).
 
 Marker ``verl_e2e`` (real ``main_ppo`` through :mod:`rpgrl.integrations.verl_cpu`, minutes each):
 

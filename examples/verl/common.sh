@@ -1,4 +1,4 @@
-# Shared settings of the paper's Qwen3-4B runs (spec section 7) on verl 0.9 with an rpgrl loss.
+# Shared settings of the paper's Qwen3-4B runs (docs/math.md §7) on verl 0.9 with an rpgrl loss.
 # Sourced by run_*.sh after they set LOSS (a verl loss_mode registered by rpgrl) and EXP_NAME.
 # Every setting can be overridden from the environment; extra arguments of run_*.sh are
 # appended as hydra overrides (they win). PRINT_ONLY=1 prints the overrides, one per line,
@@ -8,7 +8,7 @@
 : "${EXP_NAME:?set EXP_NAME}"
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-# Paths (local files: verl reads parquet in the verl format of spec section 9)
+# Paths (local files: verl reads parquet in the verl format of docs/math.md §9)
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-4B}
 DATA_DIR=${DATA_DIR:-$HOME/data/rpg}
 TRAIN_FILE=${TRAIN_FILE:-$DATA_DIR/dapo-math-17k-eng.parquet}
@@ -18,7 +18,7 @@ NNODES=${NNODES:-1}
 NGPUS_PER_NODE=${NGPUS_PER_NODE:-8}
 ROLLOUT_TP=${ROLLOUT_TP:-1}
 
-# The paper's recipe (spec section 7)
+# The paper's recipe (docs/math.md §7)
 BETA=${BETA:-1e-4}
 LR=${LR:-1e-6}
 TRAIN_STEPS=${TRAIN_STEPS:-400}

@@ -1,4 +1,4 @@
-"""verl custom reward function for the paper's runs: rpgrl's scorer (spec section 9).
+"""verl custom reward function for the paper's runs: rpgrl's scorer (docs/math.md §9).
 
 ``rpgrl.rewards.compute_score(data_source, solution_str, ground_truth, extra_info)`` has
 verl's signature; it reads the ``Answer:`` line first, then ``\\boxed{}``, with a

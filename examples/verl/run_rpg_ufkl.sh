@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # RPG-UFKL (differentiable surrogate, Table 1/4; Algorithm 1 dual clip) on Qwen3-4B, DAPO-Math-17k, 8K responses:
-# the paper's run (spec sections 7-8) on verl 0.9 with rpgrl's loss. Needs 8 GPUs.
+# the paper's run (docs/math.md §7-8) on verl 0.9 with rpgrl's loss. Needs 8 GPUs.
 # Usage: bash examples/verl/run_rpg_ufkl.sh [extra hydra overrides]
 set -euo pipefail
 LOSS=rpg_ufkl

@@ -1,6 +1,6 @@
 """The procedural math task of the CPU default: two-digit addition, "Answer: N" form.
 
-Rows are built in the same shape as verl parquet rows (spec section 9) so they flow
+Rows are built in the same shape as verl parquet rows (docs/math.md §9) so they flow
 through the same prompt templating and the same scorer (``rpgrl.rewards``) as AIME/AMC.
 Train and test are disjoint over *unordered* operand pairs, so ``a+b`` in the test split
 never appears as ``b+a`` in training.

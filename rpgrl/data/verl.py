@@ -1,5 +1,5 @@
 """verl-format prompt data: parquet / JSONL loading, validation and prompt tokenisation
-(spec section 9).
+(docs/math.md §9).
 
 Each row holds ``data_source`` (str), ``prompt`` (list of ``{role, content}``),
 ``ability`` (str, optional), ``reward_model`` (``{ground_truth, style}``) and

@@ -5,7 +5,7 @@
     RPGTrainer(model="Qwen/Qwen3-4B", reward_funcs=my_reward, args=args, train_dataset=ds).train()
 
 Only the loss changes: ``_compute_loss`` hands TRL's per-token log-probs, rollout log-probs,
-advantages and completion mask to ``rpgrl.losses.policy_loss`` (spec 2-6). Generation (incl.
+advantages and completion mask to ``rpgrl.losses.policy_loss`` (docs/math.md §2-6). Generation (incl.
 vLLM), rewards, advantages, PEFT and accelerate/DeepSpeed/FSDP stay TRL's. Tested with
 ``TRL_TESTED`` below; see docs/trl.md for the field mapping.
 """
@@ -26,13 +26,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
         "rpgrl.integrations.trl needs TRL: pip install 'trl>=1.9.2,!=1.15.0,<2' (or rpgrl[trl])"
     ) from exc
 
-from rpgrl.losses import AGG_MODES, LOSSES, policy_loss
+from rpgrl.losses import AGG_MODES, LOSSES, MAX_METRIC_KEYS, policy_loss
 
 __all__ = ["ANCHORS", "TRL_TESTED", "VLLM_IS_MODES", "RPGConfig", "RPGTrainer", "rpg_norm", "token_weights"]
 
 #: The TRL versions this adapter is tested with (it overrides GRPOTrainer internals).
 TRL_TESTED = ">=1.9.2,!=1.15.0,<2"
-#: rpg_anchor values: the KL anchor pi_anc of spec 1.1.
+#: rpg_anchor values: the KL anchor pi_anc of docs/math.md §1.1.
 ANCHORS = ("rollout", "reference")
 #: TRL's vllm_importance_sampling_mode values (how it truncates or masks the ratio r).
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -49,7 +49,7 @@ def _fail(key: str, value: Any, expected: str) -> None:
 
 @dataclass
 class RPGConfig(GRPOConfig):
-    """GRPOConfig + the RPG loss. Defaults follow the paper's recipe (spec 7): beta 1e-4,
+    """GRPOConfig + the RPG loss. Defaults follow the paper's recipe (docs/math.md §7): beta 1e-4,
     clip (epsilon, epsilon_high) = (0.2, 0.28), dual clip 10, token-mean, advantages
     R - mean_group (``scale_rewards="none"``), KL anchor = rollout policy (no reference model).
     """
@@ -59,7 +59,7 @@ class RPGConfig(GRPOConfig):
         metadata={"help": f"rpgrl loss name, one of {', '.join(LOSSES)}."},
     )
     rpg_dual_clip: Optional[float] = field(
-        default=10.0, metadata={"help": "Dual-clip constant c > 1 for A < 0 (spec 3, 4.1); None disables."}
+        default=10.0, metadata={"help": "Dual-clip constant c > 1 for A < 0 (docs/math.md §3, §4.1); None disables."}
     )
     rpg_agg: str = field(
         default="token-mean",
@@ -123,7 +123,7 @@ class RPGConfig(GRPOConfig):
                   "model_init_kwargs={'use_kernels': True}")
         if not getattr(self, "use_bias_correction_kl", True):
             _fail("use_bias_correction_kl", False, "RPG's KL terms are importance-weighted by construction "
-                  "(spec 2); for GRPO's uncorrected k3 penalty choose rpg_loss='grpo'")
+                  "(docs/math.md §2); for GRPO's uncorrected k3 penalty choose rpg_loss='grpo'")
         mode = self.vllm_importance_sampling_mode
         if self.use_vllm and self.vllm_importance_sampling_correction and mode not in VLLM_IS_MODES:
             _fail("vllm_importance_sampling_mode", mode, f"expected one of {VLLM_IS_MODES}")
@@ -137,8 +137,8 @@ def token_weights(like: Tensor, *factors: Optional[Tensor]) -> Optional[Tensor]:
 
     They multiply each token's whole RPG loss, exactly where TRL multiplies its per-token loss,
     and change neither w = pi_theta/pi_old (so the clip, dual clip and KL term act on the
-    policy change since sampling, spec 1, 3, 4.1) nor any denominator (a masked token still
-    counts, as in TRL). Why r also weights the KL term: spec 2's gradient is E_old[g_t grad lp_t]
+    policy change since sampling, docs/math.md §1, §3, §4.1) nor any denominator (a masked token still
+    counts, as in TRL). Why r also weights the KL term: the gradient of docs/math.md §2 is E_old[g_t grad lp_t]
     for the whole g_t, and r = pi_old/pi_vllm turns the sampler's expectation into pi_old's.
     """
     out = None
@@ -153,7 +153,7 @@ def token_weights(like: Tensor, *factors: Optional[Tensor]) -> Optional[Tensor]:
 def rpg_norm(count: float, num_processes: int, accumulation_steps: int, steps_per_generation: int,
              training: bool) -> float:
     """Per-process aggregation denominator so that the optimizer step's loss is the global
-    mean (spec 6): ``count`` is the generation batch's count over all processes (tokens for
+    mean (docs/math.md §6): ``count`` is the generation batch's count over all processes (tokens for
     token-mean, sequences for seq-mean-*); one optimizer step consumes accumulation_steps /
     steps_per_generation of it, and DDP averages gradients over processes. This is TRL's own
     "dapo" normalizer, exact when steps_per_generation == gradient_accumulation_steps (default).
@@ -173,7 +173,7 @@ class RPGTrainer(GRPOTrainer):
     batch is on-policy and logp.detach() is exact; anchor = rollout policy, or
     ``ref_per_token_logps`` with rpg_anchor="reference"; advantages; completion_mask (x tool mask);
     ``weights`` = TRL's per-token multipliers (vLLM ratio r, entropy / off-policy masks, see
-    ``token_weights``), so w = pi_theta/pi_old stays the spec's ratio even under vLLM.
+    ``token_weights``), so w = pi_theta/pi_old stays the ratio of docs/math.md §1 even under vLLM.
     With rpg_anchor="rollout" no reference model is loaded whatever beta is (TRL's internal
     ``self.beta`` is 0 there; the RPG coefficient is ``self.rpg_beta``).
     """
@@ -254,7 +254,7 @@ class RPGTrainer(GRPOTrainer):
             is_ratio = inputs["importance_sampling_ratio"]  # r ~ pi_old / pi_vllm, TRL-truncated or masked
         weights = token_weights(logp, is_ratio, entropy_mask, off_policy_mask)
 
-        anchor = None  # rollout anchor: pi_anc = pi_old, so rho = w (spec 1.1)
+        anchor = None  # rollout anchor: pi_anc = pi_old, so rho = w (docs/math.md §1.1)
         if args.rpg_anchor == "reference" and self.beta != 0.0:
             anchor = inputs["ref_per_token_logps"]
 
@@ -277,7 +277,7 @@ class RPGTrainer(GRPOTrainer):
         return loss
 
     def _log_rpg_metrics(self, mode: str, metrics: dict[str, Tensor], entropies: Tensor, valid: Tensor) -> None:
-        """rpgrl's metrics under ``rpg/<key>`` (process mean; max for importance_weight_max),
+        """rpgrl's metrics under ``rpg/<key>`` (process mean; max for ``MAX_METRIC_KEYS``),
         plus TRL's ``entropy``; one collective for all of them."""
         keys = sorted(metrics)
         ent = torch.where(valid, entropies.detach(), 0.0).sum() / valid.sum().clamp(min=1)
@@ -285,6 +285,6 @@ class RPGTrainer(GRPOTrainer):
         rows = self.accelerator.gather(local[None]).reshape(-1, local.numel())
         for i, key in enumerate(keys):
             col = rows[:, i]
-            value = col.max() if key == "importance_weight_max" else col.mean()
+            value = col.max() if key in MAX_METRIC_KEYS else col.mean()
             self._metrics[mode][f"rpg/{key}"].append(value.item())
         self._metrics[mode]["entropy"].append(rows[:, -1].mean().item())

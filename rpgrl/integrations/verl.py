@@ -1,4 +1,4 @@
-"""Every rpgrl policy loss and the ``rpg`` advantage estimator inside verl 0.9 (issue 6).
+"""Every rpgrl policy loss and the ``rpg`` advantage estimator inside verl 0.9.
 
 ``pip install "rpgrl[verl]"`` installs an entry point in verl's ``verl.plugins`` group;
 verl 0.9's ``verl/__init__.py`` loads every such entry point on ``import verl`` (in the
@@ -13,7 +13,7 @@ it imports this module, which registers:
   ``package.module:function`` loss_mode is registered under that name when
   ``RPGPolicyLossConfig`` is built; select one with
   ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``;
-* ``rpg`` (A = R - mean of the group, spec section 5) with ``register_adv_est``; select it
+* ``rpg`` (A = R - mean of the group, docs/math.md §5) with ``register_adv_est``; select it
   with ``algorithm.adv_estimator=rpg``.
 
 ``RPGPolicyLossConfig`` (``actor_rollout_ref.actor.policy_loss._target_``) carries beta,
@@ -24,7 +24,7 @@ Normalization is verl's: ``ppo_loss`` stores the mini-batch's global token / seq
 and the data-parallel size in ``config.global_batch_info`` (what verl's ``agg_loss`` reads),
 and ``verl_normalization`` turns them into rpgrl's ``(agg, norm)`` so that the value is
 exactly ``agg_loss(token_loss, mask, mode, **global_batch_info)`` for all five verl modes
-(spec section 6: whole mini-batch denominators, times dp_size because FSDP averages
+(docs/math.md §6: whole mini-batch denominators, times dp_size because FSDP averages
 gradients over ranks).
 
 Rollout correction: verl's ``algorithm.rollout_correction`` weights r = pi_old / pi_rollout
@@ -32,7 +32,7 @@ Rollout correction: verl's ``algorithm.rollout_correction`` weights r = pi_old /
 region, dual clip and KL act on w = pi_theta / pi_old (``rollout_correction_weights``);
 rejection arrives as a smaller ``response_mask``.
 
-The anchor (spec 1.1): ``anchor=rollout`` (default) is pi_old, needs nothing else and works
+The anchor (docs/math.md §1.1): ``anchor=rollout`` (default) is pi_old, needs nothing else and works
 with ``python -m verl.trainer.main_ppo``. ``fixed`` / ``periodic`` / ``adaptive`` need the
 reference log-probs in the loss and a reference that can be refreshed; verl 0.9.1's
 ``ppo_loss`` passes neither (verl/workers/utils/losses.py:104-112), so those run through
@@ -63,8 +63,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
         f"importing verl failed: {exc}"
     ) from exc
 
-from rpgrl.advantages import compute_advantages
-from rpgrl.anchor import ANCHOR_MODES
+from rpgrl.algorithm.advantages import compute_advantages
+from rpgrl.algorithm.anchor import ANCHOR_MODES
 from rpgrl.losses import LOSSES, UnknownLossError, aggregation_count, policy_loss
 
 __all__ = [
@@ -81,9 +81,9 @@ __all__ = [
     "verl_normalization",
 ]
 
-#: Paper default KL coefficient (spec section 7).
+#: Paper default KL coefficient (docs/math.md §7).
 DEFAULT_BETA = 1e-4
-#: KL anchors (spec 1.1, rpgrl.anchor): all but "rollout" need rpgrl.integrations.verl_anchor.
+#: KL anchors (docs/math.md §1.1, rpgrl.algorithm.anchor): all but "rollout" need rpgrl.integrations.verl_anchor.
 ANCHORS = tuple(ANCHOR_MODES)
 #: The reference log-probs of the micro-batch being scored, set by verl_anchor's loss wrapper.
 _ANCHOR_LOG_PROB: ContextVar[Optional[Tensor]] = ContextVar("rpgrl_verl_anchor_log_prob", default=None)
@@ -121,7 +121,7 @@ def _check_rpg_options(beta: Any, anchor: Any, where: str, period: Any = 20, kap
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not float(beta) >= 0:
         raise ValueError(f"{where}.beta must be a number >= 0 (paper: 1e-4), got {beta!r}")
     if anchor not in ANCHORS:
-        raise ValueError(f"{where}.anchor={anchor!r}: expected one of {ANCHORS} (spec 1.1)")
+        raise ValueError(f"{where}.anchor={anchor!r}: expected one of {ANCHORS} (docs/math.md §1.1)")
     if isinstance(period, bool) or not isinstance(period, int) or period < 1:
         raise ValueError(f"{where}.anchor_period must be an integer >= 1 (optimizer steps), got {period!r}")
     if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not float(kappa) > 0:
@@ -134,11 +134,11 @@ def _check_rpg_options(beta: Any, anchor: Any, where: str, period: Any = 20, kap
 class RPGPolicyLossConfig(PolicyLossConfig):
     """verl ``policy_loss`` config with RPG's options (select it via ``_target_``).
 
-    beta: KL coefficient of spec 2-4 (paper 1e-4); anchor: rollout | fixed | periodic |
-    adaptive (spec 1.1; all but rollout need ``python -m rpgrl.integrations.verl_anchor``),
+    beta: KL coefficient of docs/math.md §2-4 (paper 1e-4); anchor: rollout | fixed | periodic |
+    adaptive (docs/math.md §1.1; all but rollout need ``python -m rpgrl.integrations.verl_anchor``),
     refreshed every ``anchor_period`` optimizer steps (periodic) or when the moving average
     (factor ``anchor_ema``) of the token KL to the anchor exceeds ``anchor_kappa`` (adaptive),
-    as rpgrl's ``algorithm.anchor.{period,kappa,ema}``; kl_in_advantage: fold the KL weight
+    as rpgrl's ``algorithm.anchor.{period_optimizer_steps,kappa,ema}``; kl_in_advantage: fold the KL weight
     into the clipped advantage (Algorithm 1, differentiable ``rpg_*`` losses only).
     """
 
@@ -241,7 +241,7 @@ def rollout_correction_weights(
     They correct the sampler -> pi_old gap that w = pi_theta / pi_old cannot see, so they
     multiply each token's whole loss as constants (as verl's own losses do,
     core_algos.py:1364-1365, and as rpgrl's TRL integration does with TRL's vLLM ratio),
-    while the trust region, dual clip and KL term keep acting on w (spec 1, 3, 4.1).
+    while the trust region, dual clip and KL term keep acting on w (docs/math.md §1, §3, §4.1).
     """
     if rollout_is_weights is None:
         return None
@@ -289,7 +289,7 @@ def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, floa
         pl = _get(config, "policy_loss", {})
         beta, anchor = _get(pl, "beta", DEFAULT_BETA), _get(pl, "anchor", "rollout")
         _check_rpg_options(beta, anchor, "actor_rollout_ref.actor.policy_loss")
-        anchor_logp = None  # rollout anchor = old_log_prob: spec 1.1 mode 1, rho = w, v = 1
+        anchor_logp = None  # rollout anchor = old_log_prob: docs/math.md §1.1, mode 1, rho = w, v = 1
         if anchor != "rollout":
             anchor_logp = _ANCHOR_LOG_PROB.get()
             if anchor_logp is None:
@@ -334,8 +334,8 @@ def rpg_outcome_advantage(
     config: Any = None,
     **_: Any,
 ) -> tuple[Tensor, Tensor]:
-    """verl advantage estimator ``rpg``: A = R - mean of the prompt's group (spec 5), via
-    ``rpgrl.advantages.compute_advantages``; R = sum of the token-level rewards, groups = uid.
+    """verl advantage estimator ``rpg``: A = R - mean of the prompt's group (docs/math.md §5), via
+    ``rpgrl.algorithm.advantages.compute_advantages``; R = sum of the token-level rewards, groups = uid.
     Returns (advantages, returns), both [B, T] and zero on padding, like verl's GRPO."""
     rewards = token_level_rewards.sum(dim=-1)
     group_ids = as_torch_index(index, device=rewards.device)

@@ -1,4 +1,4 @@
-"""The iterative reference (spec 1.1: fixed / periodic / adaptive KL anchors) in verl 0.9.1.
+"""The iterative reference (docs/math.md §1.1: fixed / periodic / adaptive KL anchors) in verl 0.9.1.
 
 ``python -m rpgrl.integrations.verl_anchor <the overrides of verl.trainer.main_ppo>`` is verl's
 ``main_ppo`` run through verl's own recipe hook ``run_ppo(config, task_runner_class)``
@@ -9,7 +9,7 @@
 * wraps verl's ``ppo_loss`` (engine_workers.py:643) so that the micro-batch's ``ref_log_prob``,
   which ``ppo_loss`` selects but never passes to a policy loss (verl/workers/utils/losses.py:89-112),
   becomes the rpgrl loss's anchor (:func:`rpgrl.integrations.verl.anchor_log_prob`);
-* keeps rpgrl's refresh schedule (:class:`rpgrl.anchor.Anchor`: K counts optimizer steps, kappa
+* keeps rpgrl's refresh schedule (:class:`rpgrl.algorithm.anchor.Anchor`: K counts optimizer steps, kappa
   bounds a moving average of the token k3 KL to the anchor), observing every optimizer step of
   ``update_actor``;
 * when a refresh is due, copies the actor's parameters into its reference engine at the next
@@ -64,9 +64,9 @@ from verl.single_controller.base.decorator import Dispatch, make_nd_compute_data
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.engine_workers import ActorRolloutRefWorker  # noqa: E402
 
-from rpgrl.anchor import Anchor  # noqa: E402
+from rpgrl.algorithm.anchor import Anchor  # noqa: E402
 from rpgrl.integrations import verl as rv  # noqa: E402
-from rpgrl.kl import k3_from_log_ratio  # noqa: E402
+from rpgrl.algorithm.kl import k3_from_log_ratio  # noqa: E402
 
 __all__ = [
     "VERL_TESTED",

@@ -1,4 +1,4 @@
-"""Loss aggregation over the mini-batch (spec section 6).
+"""Loss aggregation over the mini-batch (docs/math.md §6).
 
 With gradient accumulation, pass ``norm`` = the whole mini-batch's count (from
 ``aggregation_count`` summed over micro-batches): then the sum of the micro-batch losses

@@ -1,4 +1,4 @@
-"""The field's other policy losses, as their papers and verl 0.9.1 define them (issue 15).
+"""The field's other policy losses, as their papers and verl 0.9.1 define them.
 
 Both follow the loss contract of ``rpgrl.losses.spec`` (per-token loss, masked and
 aggregated by ``policy_loss``) and use no KL term (the papers use none; beta is ignored):
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rpgrl.kl import LOG_RATIO_MAX
+from rpgrl.algorithm.kl import LOG_RATIO_MAX
 from rpgrl.losses.clip import TrustRegion, trust_region
 from rpgrl.losses.spec import LossInputs
 

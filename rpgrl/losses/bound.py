@@ -1,4 +1,4 @@
-"""A registered loss with its hyperparameters fixed once (spec sections 3-6).
+"""A registered loss with its hyperparameters fixed once (docs/math.md §3-6).
 
 The trainer binds the loss from the config at start-up, where the hyperparameters are
 validated once with a named error; each micro-batch then passes tensors only.
@@ -11,7 +11,8 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from rpgrl.losses.registry import LossSpec, apply_loss, check_hyperparameters
+from rpgrl.losses.policy import apply_loss, check_hyperparameters
+from rpgrl.losses.spec import LossSpec
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Prove a loss's gradient by exact enumeration (behind ``rpgrl check-loss``; spec 2-4).
+"""Prove a loss's gradient by exact enumeration (behind ``rpgrl check-loss``; docs/math.md §2-4).
 
 The claim of every KL-regularized policy loss (Props. E.1, E.3, 3.2, 3.6; Table 1/2/4) is
 per token: sampling y_t from pi_old, E_old[grad loss] = -grad J with
@@ -8,7 +8,7 @@ every one of the K^T sequences fed through ``policy_loss`` (shape [1, T], plus o
 column full of nan that must stay inert), weighted by its exact pi_old probability, in
 float64, and compared with autograd's gradient of J, for three cases (on-policy; off-policy;
 off-policy with unnormalized measures, where the mass terms of UFKL/URKL matter) and both
-anchors (the rollout policy, spec 1.1 mode 1; a separate one, modes 2-3).
+anchors (the rollout policy, docs/math.md §1.1, mode 1; a separate one, modes 2-3).
 
 The clip-region checks use a random [B, T] batch with clipping on (eps = (0.2, 0.28), dual
 clip c = 3): (1) every token the loss's TrustRegion leaves unclipped has exactly the
@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from rpgrl.losses.clip import TrustRegion
-from rpgrl.losses.registry import LOSSES, policy_loss, run_token_loss
-from rpgrl.losses.spec import LossInputs
+from rpgrl.losses.policy import policy_loss, run_token_loss
+from rpgrl.losses.registry import LOSSES
+from rpgrl.losses.spec import OBJECTIVES, LossInputs
 
 __all__ = [
     "ANCHORS", "OBJECTIVES", "CheckReport", "Enumeration", "check_loss", "exact_divergence",
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 DT = torch.float64
-OBJECTIVES = ("none", "fkl", "rkl", "ufkl", "urkl")
 ANCHORS = ("rollout", "separate")
 CASES = ("on-policy", "off-policy", "unnormalized")
 CLIP = (0.2, 0.28)
@@ -47,7 +47,7 @@ DUAL_CLIP = 3.0
 
 
 def exact_divergence(objective: str, logp: Tensor, anc_logp: Tensor) -> Tensor:
-    """D of spec section 2 by enumeration over the last dim; log-measures may be unnormalized."""
+    """D of docs/math.md §2 by enumeration over the last dim; log-measures may be unnormalized."""
     if objective == "none":
         return logp.sum() * 0.0
     p, q = logp.exp(), anc_logp.exp()

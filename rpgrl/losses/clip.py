@@ -1,4 +1,4 @@
-"""The trust region shared by both kernels: ratio clip + dual clip (spec 3 and 4.1).
+"""The trust region shared by both kernels: ratio clip + dual clip (docs/math.md §3 and §4.1).
 
 PPO's clip, the dual clip of Algorithm 1 and the RPG-Style Clip of Algorithm 2 all make the
 same per-token decision: given the sign of the (effective) advantage and the importance

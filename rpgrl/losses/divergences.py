@@ -1,18 +1,18 @@
-"""The table of KL terms (spec sections 2-5): one row per divergence, no per-loss code.
+"""The table of KL terms (docs/math.md §2-5): one row per divergence, no per-loss code.
 
 Each row gives, as functions of beta, the importance weight ``w = pi_theta/pi_old``, the
 anchor log-ratio ``log_rho = log(pi_theta/pi_anc)``, the constant ``v = pi_anc/pi_old`` and
 the current log-prob ``logp``:
 
 * ``kl_weight``: C_KL, the KL part of the per-token gradient weight g_t = w*A + C_KL, so
-  that grad J = E_old[g_t * grad logp_t] (spec section 2 / 4.1; Props. E.1, E.3, 3.2, 3.6
+  that grad J = E_old[g_t * grad logp_t] (docs/math.md §2 / §4.1; Props. E.1, E.3, 3.2, 3.6
   with v = 1, rho = w).
 * ``kl_loss``: beta * S, the differentiable KL loss term (loss = -w*A + beta*S), whose
-  autograd gradient is exactly -C_KL * grad logp (spec section 3; Table 1 / Table 4).
+  autograd gradient is exactly -C_KL * grad logp (docs/math.md §3; Table 1 / Table 4).
 
 The REINFORCE kernel consumes ``kl_weight``; the differentiable kernel consumes ``kl_loss``
-(and ``kl_weight`` for Algorithm 1's KL-in-advantage option). GRPO's KL terms (spec
-section 5) are extra rows with a loss only: they are not RPG gradients.
+(and ``kl_weight`` for Algorithm 1's KL-in-advantage option). GRPO's KL terms (docs/math.md
+§5) are extra rows with a loss only: they are not RPG gradients.
 ``v`` is the float 1.0 when the anchor is the rollout policy, which skips work. beta is
 folded into each expression (``addcmul``/in-place ops) because every elementwise pass over
 a [B, T] batch costs time (benchmarks/bench_losses.py); the plain formulas are in comments.
@@ -26,7 +26,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from rpgrl.kl import k3_from_log_ratio
+from rpgrl.algorithm.kl import k3_from_log_ratio
 
 __all__ = ["Divergence", "DIVERGENCES", "GRPO_KL", "GRPO_KL_CORRECTED"]
 
@@ -44,7 +44,7 @@ class Divergence:
     coefficient: str = ""  # C_KL in words (the KL part of g_t), printed by ``rpgrl explain``
 
 
-# ---- C_KL(beta, w, log_rho, v): g = w*A + C_KL (spec 2 / 4.1) -------------------------
+# ---- C_KL(beta, w, log_rho, v): g = w*A + C_KL (docs/math.md §2 / §4.1) -------------
 def _fkl_weight(beta: float, w: Tensor, log_rho: Tensor, v: Scalar) -> Scalar:
     return beta * v  # Prop. E.1: g = wA + beta
 
@@ -63,7 +63,7 @@ def _urkl_weight(beta: float, w: Tensor, log_rho: Tensor, v: Scalar) -> Tensor:
     return (w * log_rho).mul_(-beta)  # Prop. 3.6: -beta w log w
 
 
-# ---- beta*S(w, log_rho, v, logp), differentiable: loss = -w*A + beta*S (spec 3) ---------
+# ---- beta*S(w, log_rho, v, logp), differentiable: loss = -w*A + beta*S (docs/math.md §3) -
 def _fkl_loss(beta: float, w: Tensor, log_rho: Tensor, v: Scalar, logp: Tensor) -> Tensor:
     return logp * (-beta * v)  # Table 1: -beta v log pi_theta
 
@@ -104,10 +104,10 @@ DIVERGENCES: dict[str, Divergence] = {
     ),
 }
 
-#: GRPO's KL loss term beta*k3(pi_ref/pi_theta) (spec section 5): biased off-policy.
+#: GRPO's KL loss term beta*k3(pi_ref/pi_theta) (docs/math.md §5): biased off-policy.
 GRPO_KL = Divergence("grpo_k3", "k3(pi_ref/pi_theta), uncorrected", None, _grpo_k3_loss,
                      "beta*(pi_ref/pi_theta - 1) (no w)")
-#: The paper's fix beta*w*k3(pi_ref/pi_theta): its gradient is URKL's (spec section 5).
+#: The paper's fix beta*w*k3(pi_ref/pi_theta): its gradient is URKL's (docs/math.md §5).
 GRPO_KL_CORRECTED = Divergence(
     "grpo_w_k3", "w * k3(pi_ref/pi_theta)", None, _grpo_k3_corrected_loss, "-beta*w*log rho"
 )

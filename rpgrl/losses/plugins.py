@@ -15,12 +15,11 @@ import importlib
 from importlib import metadata
 from typing import Any
 
-from rpgrl.losses.spec import LossSpec
+from rpgrl.losses.spec import OBJECTIVES, LossSpec
 
 __all__ = ["ENTRY_POINT_GROUP", "entry_point_names", "load_entry_point", "load_path", "is_path"]
 
 ENTRY_POINT_GROUP = "rpgrl.losses"
-OBJECTIVES = ("none", "fkl", "rkl", "ufkl", "urkl")
 
 
 class PluginError(ValueError):

@@ -5,7 +5,7 @@ registered (``LossSpec``). Built-in and user losses have the same signature:
 
 It returns the [B, T] per-token loss (to minimise), optionally with the ``TrustRegion``
 whose masks feed the clip metrics and ``rpgrl check-loss``'s clip-region checks. Masking
-and aggregation (spec section 6) are done by ``policy_loss`` afterwards, identically for
+and aggregation (docs/math.md §6) are done by ``policy_loss`` afterwards, identically for
 every loss and every trainer: masked positions are zeroed with ``torch.where`` and the sum
 is divided by the mini-batch's count, so a loss never sees ``agg`` or ``norm``.
 """
@@ -34,7 +34,7 @@ class LossInputs:
     logp: log pi_theta of the sampled tokens (requires grad); old_logp: log pi_old, the
     policy that sampled (detached); advantages: detached, 0 at masked positions;
     mask: bool, True = a response token; anchor_logp: the KL anchor pi_anc (detached) or
-    None when the anchor is the rollout policy (spec 1.1: then rho = w, v = 1);
+    None when the anchor is the rollout policy (docs/math.md §1.1: then rho = w, v = 1);
     beta, clip = (eps_low, eps_high) or None, dual_clip = c or None, kl_in_advantage: the
     configured algorithm's options. Masked positions of logp/old_logp/anchor_logp may hold
     anything (even inf/nan): use ``ratios()`` or ``torch.where(x.mask, ..., 0)`` before exp.
@@ -52,7 +52,7 @@ class LossInputs:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def ratios(self, grad: bool = True) -> Ratios:
-        """w = pi_theta/pi_old, log_rho = log(pi_theta/pi_anc), v = pi_anc/pi_old (spec 1),
+        """w = pi_theta/pi_old, log_rho = log(pi_theta/pi_anc), v = pi_anc/pi_old (docs/math.md §1),
         masked (0 log-ratio at padding) and clamped; differentiable in logp iff ``grad``.
         Cached, so a loss and the metrics share one computation."""
         if grad not in self._cache:
@@ -69,11 +69,16 @@ class LossInputs:
         return self.ratios(grad=False)
 
 
+#: What a loss may claim to be the exact gradient of: J = E[R] - beta*D for D one of these
+#: (docs/math.md §2), or "none" (no KL term).
+OBJECTIVES = ("none", "fkl", "rkl", "ufkl", "urkl")
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A registered loss. ``token_loss`` has the contract of the module docstring.
 
-    kernel: "differentiable" | "reinforce" (the RPG kernels, spec 3 / 4), "gspo", "cispo",
+    kernel: "differentiable" | "reinforce" (the RPG kernels, docs/math.md §3 / §4), "gspo", "cispo",
     or "plugin"; divergence: the KL row the RPG kernels use (None = no KL term);
     objective: the divergence D of J = E[R] - beta*D whose gradient the loss claims
     ("fkl", "rkl", "ufkl", "urkl", or "none" for no KL term; None = it claims nothing),

@@ -1,4 +1,4 @@
-"""The two per-token loss kernels: fully differentiable (spec 3) and REINFORCE (spec 4).
+"""The two per-token loss kernels: fully differentiable (docs/math.md §3) and REINFORCE (docs/math.md §4).
 
 Both consume a row of the divergence table (``rpgrl.losses.divergences``) and the shared
 trust region (``rpgrl.losses.clip``); every named loss is one of these two kernels with a
@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from rpgrl.kl import LOG_RATIO_MAX
+from rpgrl.algorithm.kl import LOG_RATIO_MAX
 from rpgrl.losses.clip import TrustRegion, trust_region
 from rpgrl.losses.divergences import Divergence
 
@@ -25,7 +25,7 @@ __all__ = ["Ratios", "importance_ratios", "differentiable_token_loss", "reinforc
 @dataclass
 class Ratios:
     """log_w = log(pi_theta/pi_old), w = exp(log_w), log_rho = log(pi_theta/pi_anc),
-    v = pi_anc/pi_old (the float 1.0 when the anchor is the rollout policy), spec 1."""
+    v = pi_anc/pi_old (the float 1.0 when the anchor is the rollout policy), docs/math.md §1."""
 
     log_w: Tensor
     w: Tensor
@@ -42,7 +42,7 @@ def _safe_log_ratio(num: Tensor, den: Tensor, valid: Tensor) -> Tensor:
 def importance_ratios(
     logp: Tensor, old_logp: Tensor, anchor_logp: Optional[Tensor], valid: Tensor
 ) -> Ratios:
-    """Compute w, rho, v of spec section 1 in log space, masked and clamped.
+    """Compute w, rho, v of docs/math.md §1 in log space, masked and clamped.
 
     Differentiable in ``logp`` iff ``logp`` requires grad (pass ``logp.detach()`` for the
     REINFORCE kernel, which needs only constants).
@@ -50,7 +50,7 @@ def importance_ratios(
     old_logp = old_logp.detach()
     log_w = _safe_log_ratio(logp, old_logp, valid)
     w = log_w.exp()
-    if anchor_logp is None:  # anchor = rollout policy: rho = w, v = 1 (spec 1.1, mode 1)
+    if anchor_logp is None:  # anchor = rollout policy: rho = w, v = 1 (docs/math.md §1.1, mode 1)
         return Ratios(log_w, w, log_w, 1.0)
     anchor_logp = anchor_logp.detach()
     log_rho = _safe_log_ratio(logp, anchor_logp, valid)
@@ -68,7 +68,7 @@ def differentiable_token_loss(
     dual_clip: Optional[float],
     kl_in_advantage: bool = False,
 ) -> tuple[Tensor, TrustRegion]:
-    """Per-token loss ``pg_t + beta * S_t`` [spec 3, Table 1/4, Algorithm 1].
+    """Per-token loss ``pg_t + beta * S_t`` [docs/math.md §3, Table 1/4, Algorithm 1].
 
     pg_t is the dual-clip PPO term on -w*A; beta*S_t the divergence's loss term, whose
     gradient is -C_KL * grad logp. Unclipped, the token gradient is -g_t * grad logp_t.
@@ -109,7 +109,7 @@ def reinforce_token_loss(
     clip: Optional[tuple[float, float]],
     dual_clip: Optional[float],
 ) -> tuple[Tensor, TrustRegion]:
-    """Per-token REINFORCE loss with RPG-Style Clip [spec 4.1, Algorithm 2, Prop. 4.1].
+    """Per-token REINFORCE loss with RPG-Style Clip [docs/math.md §4.1, Algorithm 2, Prop. 4.1].
 
     g = w*A + C_KL (all constants). psi = A' * nll with A' = A + C_KL/w has the sign of
     g * nll since w > 0. In every branch the loss is (k*A + C_KL) * nll with k = w where

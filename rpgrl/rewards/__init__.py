@@ -1,5 +1,5 @@
 """Rewards: answer extraction and normalisation, routing by data_source, math-verify
-fallback, safe batch scoring of user scorers, overlong shaping (spec sections 7 and 9).
+fallback, safe batch scoring of user scorers, overlong shaping (docs/math.md §7 and §9).
 
 Public API:
     compute_score(data_source, solution_str, ground_truth, extra_info=None) -> dict

@@ -1,4 +1,4 @@
-"""Find the final answer inside a model response (spec section 9).
+"""Find the final answer inside a model response (docs/math.md §9).
 
 Two conventions exist in the data this project reads: the DAPO/AIME prompts ask for a last
 line ``Answer: <answer>``; MATH-style prompts ask for ``\\boxed{<answer>}``. Both

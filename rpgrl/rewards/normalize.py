@@ -1,5 +1,5 @@
-"""Canonical string form of a final answer (spec section 9: "strip units/text/spaces,
-LaTeX fractions, etc.").
+"""Canonical string form of a final answer (docs/math.md §9: units, words and spaces
+stripped, LaTeX fractions rewritten, etc.).
 
 Written after the Minerva / verl ``math_dapo`` normaliser, with two deliberate changes:
 units are only stripped at the *end* of an answer (so ``\\sqrt{km}`` is not mangled), and
@@ -84,7 +84,7 @@ _SQRT_SHORT = re.compile(r"\\sqrt ?(\d+|[A-Za-z](?![A-Za-z]))")
 _SIMPLE_FRAC = re.compile(r"([+-]?)\\frac\{([+-]?)(\d+)\}\{([+-]?)(\d+)\}")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 # Not "\d+\.?\d*": there \d+ and \d* can split a digit run in n ways, so a fullmatch on
-# "1" * n + "x" takes quadratic time (issue 13: 8 s on a 30,000-character answer).
+# "1" * n + "x" takes quadratic time (8 s on a 30,000-character answer).
 _MANTISSA = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _DECIMAL = re.compile(_MANTISSA)
 _EXPONENT = r"\^(?:\{([+-]?\d{1,4})\}|(\d))"  # 10^{-3}, 10^3 (10^12 in LaTeX is 10^1 2)

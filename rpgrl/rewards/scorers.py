@@ -1,7 +1,7 @@
 """Built-in answer scorers: one kernel, configured by extraction mode and fallback.
 
 All return verl's ``math_dapo`` dict ``{"score", "acc", "pred"}`` with score 1.0 / 0.0
-(verl's math_dapo uses -1 for wrong; the spec's rewards are accuracies in [0, 1]).
+(verl's math_dapo uses -1 for wrong; docs/math.md §9: rewards are accuracies in [0, 1]).
 
 Speed matters: the CPU trainer scores ~128 short responses per step. The comparison
 therefore goes cheapest-first: normalised string match, then exact rational comparison

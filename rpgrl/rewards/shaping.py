@@ -1,4 +1,4 @@
-"""Overlong reward shaping of DAPO (spec section 7).
+"""Overlong reward shaping of DAPO (docs/math.md §7).
 
 A response of length L longer than ``max_len - buffer_len`` is penalised linearly:
 ``min(0, -(L - (max_len - buffer_len)) / buffer_len * penalty_factor)``, reaching

@@ -11,7 +11,7 @@ downloads), then runs ``python -m verl.trainer.main_ppo`` in its own session wit
   ``sync_module_states``);
 * one logical Ray GPU and a few logical CPUs (verl's placement groups count GPUs only);
 * an off-policy update: 2 prompts x 4 samples per step, 2 mini-batches x ``ppo_epochs=2``,
-  so importance weights move away from 1 and the trust region clips (spec 3-4);
+  so importance weights move away from 1 and the trust region clips (docs/math.md §3-4);
 * ``trainer.save_freq`` at the last step with ``hf_model`` so the trained weights can be
   compared with the initial ones, and verl's ``file`` logger for the metrics.
 
@@ -53,7 +53,7 @@ def build_assets(root: Path, seed: int = 0) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rpgrl.tiny import build_tiny_tokenizer
+    from rpgrl.models.tiny import build_tiny_tokenizer
 
     model_dir, data = root / "model", root / "train.parquet"
     tok = build_tiny_tokenizer()

@@ -1,0 +1,124 @@
+"""One step's experience (docs/math.md §7): prompts -> G responses each -> scores, with DAPO's
+dynamic sampling (keep groups whose scores differ, generating more rounds if needed) and
+overlong shaping. The log-probs and advantages are filled in later by the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+
+from rpgrl.loop import metrics as M
+from rpgrl.config import Config
+from rpgrl.parallel.distributed import DistContext, gather_rounds
+from rpgrl.loop.metrics import StepTimer
+from rpgrl.loop.prompt_order import PromptOrder
+from rpgrl.rewards import overlong_penalty
+from rpgrl.loop.setup import RunData
+from rpgrl.loop.generation import RolloutBatch, Sampler
+
+
+@dataclass
+class Batch:
+    """One step's experience: a rollout plus everything computed from it (no grad)."""
+
+    rollout: RolloutBatch
+    rewards: torch.Tensor  # [N] shaped rewards
+    scores: torch.Tensor  # [N] raw scorer rewards
+    group_ids: torch.Tensor  # [N]
+    advantages: torch.Tensor | None = None  # [N, R]
+    old_logp: torch.Tensor | None = None  # [N, R]
+    anchor_logp: torch.Tensor | None = None  # [N, R]; None = rollout anchor
+    entropy: torch.Tensor | None = None  # [N, R]
+    #: set by the trainer's prepare: pi_old's log-probs (and the entropy) are the update's own
+    #: first forward (rpgrl.loop.schedule.old_logp_from_update), not a separate pass
+    old_logp_in_update: bool = False
+
+
+def _rows(groups: list[int], n: int) -> list[int]:
+    return [g * n + j for g in groups for j in range(n)]
+
+
+def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, dist: DistContext,
+            timer: StepTimer, weights: Callable[[], ContextManager]) -> tuple[Batch | None, dict]:
+    """Generate and score; with dynamic sampling keep only groups whose scores differ.
+    ``weights()``: the context in which the sampler's model holds the weights to sample with."""
+    n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
+    r, ds = cfg.rollout, cfg.algorithm.dynamic_sampling
+    kept: list[tuple[RolloutBatch, list[int], torch.Tensor]] = []
+    stats_total: dict[str, float] = {}
+    all_scores: list[float] = []
+    n_groups, gen_batches = 0, 0
+    while True:
+        gen_batches += 1
+        # every rank draws the same prompts and generates for its own block of them
+        indices = dist.shard(order.take(want))
+        with timer.phase("generation"), weights():
+            rollout = sampler.generate([data.train_prompts[i] for i in indices], n=n,
+                                       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        with timer.phase("scoring"):
+            scores, stats = sampler.score([data.train[i] for i in indices], rollout, n)
+        for k, v in stats.items():
+            if isinstance(v, (int, float)):
+                stats_total[k] = stats_total.get(k, 0) + v
+        all_scores.extend(scores)
+        s = torch.tensor(scores, dtype=torch.float32).view(-1, n)
+        groups = list(range(s.shape[0]))
+        if ds.enabled:
+            groups = [g for g in groups if float(s[g].max() - s[g].min()) > 0]
+        kept.append((rollout, groups, s))
+        n_groups += len(groups)
+        if not ds.enabled:
+            break
+        # under torchrun every rank stops after the same round: the count is global
+        if dist.all_reduce_sum(n_groups) >= want or gen_batches >= ds.max_gen_batches:
+            break
+    if ds.enabled and dist.enabled:
+        rollout, score_t = _agree_on_kept_groups(dist, kept, n, want)
+        n_groups = score_t.shape[0]
+    metrics = {
+        M.SCORE_MEAN: float(np.mean(all_scores)),
+        M.GEN_BATCHES: gen_batches,
+        M.KEPT_GROUPS: min(n_groups, want),
+        **{f"reward/{k}": v for k, v in stats_total.items()},
+    }
+    if n_groups == 0:
+        return None, metrics
+    if not (ds.enabled and dist.enabled):
+        parts, scores = [], []
+        for rollout, groups, s in kept:  # whole groups, at most `want` of them
+            groups = groups[: want - sum(len(sc) for sc in scores)]
+            if groups:
+                parts.append(rollout if len(groups) == s.shape[0] else rollout.select(_rows(groups, n)))
+                scores.append(s[groups])
+        rollout = RolloutBatch.concat(parts)
+        score_t = torch.cat(scores)
+    score_t = score_t.reshape(-1)
+    group_ids = torch.arange(score_t.numel()) // n
+    rewards = score_t.clone()
+    ov = cfg.algorithm.overlong
+    if ov.enabled:
+        rewards += overlong_penalty(rollout.response_lengths, r.max_new_tokens,
+                                    ov.buffer_len, ov.penalty_factor).to(rewards)
+    return Batch(rollout, rewards, score_t, group_ids), metrics
+
+
+def _agree_on_kept_groups(dist: DistContext, kept: list, n: int, want: int) -> tuple[RolloutBatch | None, torch.Tensor]:
+    """Dynamic sampling under torchrun: every rank gathers every rank's kept groups (in
+    prompt order: round by round, rank by rank), takes the first ``want``, trims them to a
+    multiple of the world size and keeps its own contiguous block, so all ranks hold the
+    same number of groups (hence take the same number of optimizer steps) and together
+    the groups a single process would have kept from the same responses. Returns this
+    rank's rollout and its [groups, n] scores (no groups: an empty score tensor)."""
+    mine = [(r.select(_rows(groups, n)), s[groups]) if groups else None for r, groups, s in kept]
+    parts = [p for p in gather_rounds(dist, mine) if p is not None]
+    if not parts:
+        return None, torch.zeros(0, n)
+    rollout, scores = RolloutBatch.concat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    total = min(scores.shape[0], want)
+    total -= total % dist.world_size
+    groups = dist.shard(list(range(total)))
+    return rollout.select(_rows(groups, n)), scores[groups]

@@ -1,0 +1,326 @@
+"""The generation stage: sample responses from a causal LM (KV cache) into one padded batch,
+and the ``Sampler`` that generates and scores them for training and evaluation alike
+(docs/math.md §7). Another rollout engine (e.g. vLLM) is one new class with the Sampler's
+three methods (``sync``, ``generate``, ``score``), not a branch in the trainer; ``sync(model)``
+is where such an engine would load the trainer's weights -- this one samples from the
+module itself, so it only records it.
+
+Layout of the returned batch, shared with ``rpgrl.models.logprobs.sequence_logprobs``:
+``input_ids = [left-padded prompt (P) | right-padded response (R)]``. The response mask
+covers generated tokens up to and including the first EOS.
+
+The sampler must be the policy whose log-probs the loss uses (pi_old, docs/math.md §1): tokens
+are drawn from plain softmax(logits / temperature) -- no top-k (HF's default top_k=50) and
+none of a model's ``generation_config`` extras (e.g. Qwen-Instruct's repetition_penalty).
+``top_p < 1`` truncates the sampler; like verl we then still score with the full softmax,
+which the docs call out. rpgrl's own loop (:func:`_decode`) prefills each prompt once for
+its n samples and drops finished rows; HF ``generate`` remains for models whose cache that
+loop cannot index (recurrent / hybrid state).
+
+The Sampler's ``compute``: the context generation runs in -- the trainer passes its parallel
+strategy's (bf16 autocast under mixed precision, ``rpgrl.parallel.strategy``), the one its
+log-prob passes use, so the policy that samples computes like pi_old is scored
+(docs/precision.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rpgrl.data.verl import Example
+from rpgrl.models.prefix import call_with_cache, can_share, new_cache, positions, unwrap
+from rpgrl.rewards import score_batch
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: Tensor  # [N, P + R]
+    attention_mask: Tensor  # [N, P + R]
+    prompt_len: int  # P
+    response_mask: Tensor  # [N, R] float
+    responses: list[str]
+    response_lengths: Tensor  # [N] number of valid response tokens
+    truncated: Tensor  # [N] bool: hit max_new_tokens without EOS
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+    def select(self, indices: list[int] | Tensor) -> "RolloutBatch":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return RolloutBatch(
+            self.input_ids[idx], self.attention_mask[idx], self.prompt_len, self.response_mask[idx],
+            [self.responses[i] for i in idx.tolist()], self.response_lengths[idx], self.truncated[idx],
+        )
+
+    @staticmethod
+    def concat(batches: list["RolloutBatch"], pad_id: int = 0) -> "RolloutBatch":
+        """Stack batches of different prompt/response widths (re-padding both sides)."""
+        if len(batches) == 1:
+            return batches[0]
+        P = max(b.prompt_len for b in batches)
+        R = max(b.input_ids.shape[1] - b.prompt_len for b in batches)
+        ids, att, rmask = [], [], []
+        for b in batches:
+            left, right = P - b.prompt_len, R - (b.input_ids.shape[1] - b.prompt_len)
+            ids.append(F.pad(b.input_ids, (left, right), value=pad_id))
+            att.append(F.pad(b.attention_mask, (left, right), value=0))
+            rmask.append(F.pad(b.response_mask, (0, right), value=0.0))
+        return RolloutBatch(
+            torch.cat(ids), torch.cat(att), P, torch.cat(rmask),
+            [t for b in batches for t in b.responses],
+            torch.cat([b.response_lengths for b in batches]), torch.cat([b.truncated for b in batches]),
+        )
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    ids = [int(i) for i in ids if i is not None]
+    if not ids:
+        raise ValueError("the tokenizer/model defines no EOS token; generation would never stop")
+    return ids
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+#: top-p first looks for the nucleus among the top ``NUCLEUS_K`` tokens (a partial top-k
+#: instead of sorting the whole vocabulary); rows whose nucleus is wider fall back to the sort.
+NUCLEUS_K = 1024
+
+
+def sample_tokens(logits: Tensor, temperature: float, top_p: float = 1.0, *, nucleus_k: int = NUCLEUS_K) -> Tensor:
+    """One token per row from softmax(logits / temperature), nucleus-truncated to ``top_p``
+    (the smallest top set with mass >= top_p; ties kept in sort order); temperature 0 = argmax.
+
+    Nothing else touches the distribution -- no model ``generation_config`` defaults such as
+    Qwen-Instruct's repetition_penalty / top_k -- so the sampler is the policy the loss scores.
+
+    Cost at real vocabulary sizes (49k-150k logits per row, every decode step): the full
+    softmax draw inverts the float64 CDF of exp(z - max z) with one uniform per row
+    (:func:`_race`); top-p sorts only the top ``nucleus_k`` when they already hold top_p of
+    the mass (the nucleus is then the same set), else that row is fully sorted.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    if top_p >= 1.0:
+        return _draw_softmax(z)
+    k = min(int(nucleus_k), z.shape[-1])
+    top, order = z.topk(k, dim=-1)  # sorted, descending
+    top_p_mass = (top - torch.logsumexp(z, -1, keepdim=True)).exp_()  # softmax(z) of the top k
+    cum = top_p_mass.cumsum(-1)
+    out = torch.empty(z.shape[:-1], dtype=torch.long, device=z.device)
+    inside = cum[..., -1] >= top_p  # the nucleus ends within the top k
+    if bool(inside.any()):
+        rows = inside.nonzero().squeeze(-1)
+        out[rows] = _nucleus_draw(top_p_mass[rows], cum[rows], order[rows], top_p)
+    if not bool(inside.all()):
+        rows = (~inside).nonzero().squeeze(-1)
+        probs = torch.softmax(z[rows], dim=-1)
+        sorted_p, full_order = probs.sort(dim=-1, descending=True)
+        out[rows] = _nucleus_draw(sorted_p, sorted_p.cumsum(-1), full_order, top_p)
+    return out
+
+
+def _draw_softmax(z: Tensor) -> Tensor:
+    """One draw from softmax(z) per row by inverting its CDF with one uniform per row: the
+    unnormalised p = exp(z - max z) is summed in float64 (each token's interval is its p to
+    ~1e-16), so the cost is one exp and one cumsum over the vocabulary -- no per-token random
+    numbers (torch.multinomial draws an Exp(1) per token) and no normalisation pass.
+    Zero-probability tokens have empty intervals and are never drawn."""
+    cdf = (z - z.amax(-1, keepdim=True)).exp_().to(torch.float64).cumsum_(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=z.device) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=z.shape[-1] - 1).squeeze(-1)
+
+
+def _nucleus_draw(sorted_p: Tensor, cum: Tensor, order: Tensor, top_p: float) -> Tensor:
+    """A draw from the descending-sorted probabilities truncated to the nucleus."""
+    drop = cum - sorted_p >= top_p  # mass before this token already covers top_p
+    pick = torch.multinomial(sorted_p.masked_fill(drop, 0.0), 1)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_tokens: int,
+            temperature: float, top_p: float, eos_ids: Tensor, pad_id: int,
+            compact_at: float = 0.25) -> Tensor:
+    """Sample ``n`` continuations of each (distinct) prompt with a KV cache; [U * n, <= max_new_tokens].
+
+    Each prompt is prefilled once and its cache repeated for its n samples (``rpgrl.models.prefix``);
+    rows that have emitted EOS are dropped from the batch once they are ``compact_at`` of it,
+    so long-tailed lengths cost their own tokens, not max_new_tokens for everyone.
+    """
+    model = unwrap(model)
+    cache = new_cache(model)
+    pos = positions(prompt_mask)
+    out = call_with_cache(model, cache, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
+                          keep_last=True)
+    logits = out.logits[:, -1]
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)
+    mask = prompt_mask.repeat_interleave(n, 0)
+    last = pos[:, -1].repeat_interleave(n, 0)
+    total = logits.shape[0]
+    tokens = torch.full((total, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
+    rows = torch.arange(total, device=prompt_ids.device)  # original row of each live slot
+    done = torch.zeros(total, dtype=torch.bool, device=prompt_ids.device)
+    steps = 0
+    for step in range(max_new_tokens):
+        nxt = sample_tokens(logits, temperature, top_p).masked_fill_(done, pad_id)
+        tokens[rows, step] = nxt
+        steps = step + 1
+        real = ~done  # this step's token is part of its response (EOS included)
+        done = done | torch.isin(nxt, eos_ids)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()) and float(done.float().mean()) >= compact_at:
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, nxt, real, mask, last = rows[keep], nxt[keep], real[keep], mask[keep], last[keep]
+            done = done[keep]
+        mask = torch.cat([mask, real.to(mask.dtype)[:, None]], dim=1)
+        last = last + 1
+        logits = call_with_cache(model, cache, input_ids=nxt[:, None], attention_mask=mask,
+                                 position_ids=last[:, None]).logits[:, -1]
+    return tokens[:, :steps]
+
+
+def _hf_generate(model, ids: Tensor, mask: Tensor, *, max_new_tokens: int, temperature: float,
+                 top_p: float, eos_ids: list[int], pad_id: int) -> Tensor:
+    """Hugging Face ``generate`` (for models whose cache rpgrl's loop cannot index)."""
+    sample = temperature > 0
+    kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                  eos_token_id=eos_ids, use_cache=True, repetition_penalty=1.0)
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+
+
+ENGINES = ("auto", "rpgrl", "hf")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    n: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    engine: str = "auto",
+) -> RolloutBatch:
+    """Sample ``n`` responses per prompt (temperature 0 = greedy), grouped contiguously.
+
+    ``engine``: ``rpgrl`` = the KV-cached loop above (each prompt prefilled once for its n
+    samples, finished rows dropped); ``hf`` = ``model.generate``; ``auto`` = ``rpgrl`` when the
+    model's cache is HF's DynamicCache (``rpgrl.models.prefix.can_share``), else ``hf``. Both draw
+    from exactly softmax(logits / temperature) [top-p]; with greedy decoding they agree token
+    for token (tests/test_rollout.py).
+    """
+    if not prompts:
+        raise ValueError("generate: no prompts")
+    if engine not in ENGINES:
+        raise ValueError(f"generate: engine must be one of {ENGINES}, got {engine!r}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_ids(model, tokenizer)[0]
+    eos_ids = _eos_ids(model, tokenizer)
+    expanded = [p for p in prompts for _ in range(n)]
+    prompt_ids, prompt_mask = left_pad(expanded, pad_id)
+    P = prompt_ids.shape[1]
+    was_training = model.training
+    model.eval()
+    own = engine == "rpgrl" or (engine == "auto" and can_share(model))
+    eos_t = torch.tensor(eos_ids, device=device)
+    per_call = max(1, batch_size // n)  # whole groups per call
+    chunks = []
+    for start in range(0, len(prompts), per_call):
+        rows = slice(start * n, min(len(prompts), start + per_call) * n)
+        if own:  # one row per prompt: the loop repeats each prompt's cache n times
+            ids = prompt_ids[rows][::n].to(device)
+            mask = prompt_mask[rows][::n].to(device)
+            out = _decode(model, ids, mask, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, eos_ids=eos_t, pad_id=pad_id)
+        else:
+            out = _hf_generate(model, prompt_ids[rows].to(device), prompt_mask[rows].to(device),
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               eos_ids=eos_ids, pad_id=pad_id)
+        chunks.append(out.cpu())
+    if was_training:
+        model.train()
+    R = max(c.shape[1] for c in chunks)
+    resp = torch.full((len(expanded), R), pad_id, dtype=torch.long)
+    produced = torch.zeros((len(expanded), R), dtype=torch.bool)
+    row = 0
+    for c in chunks:
+        resp[row:row + c.shape[0], : c.shape[1]] = c
+        produced[row:row + c.shape[0], : c.shape[1]] = True
+        row += c.shape[0]
+    is_eos = torch.isin(resp, torch.tensor(eos_ids)) & produced
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    response_mask = (produced & (eos_before == 0)).float()
+    lengths = response_mask.sum(1).long()
+    truncated = ~is_eos.any(dim=1)
+    texts = [
+        tokenizer.decode(resp[i, : int(lengths[i])].tolist(), skip_special_tokens=True)
+        for i in range(len(expanded))
+    ]
+    input_ids = torch.cat([prompt_ids, resp], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    return RolloutBatch(input_ids, attention_mask, P, response_mask, texts, lengths, truncated)
+
+
+class Sampler:
+    """rpgrl's KV-cached loop or HF ``generate`` (``engine``), then the scorer."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu",
+                 engine: str = "auto", batch_size: int = 256, scorer: Callable | None = None,
+                 timeout_s: float = 10.0, compute: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.engine, self.batch_size = engine, batch_size
+        self.scorer, self.timeout_s, self.compute = scorer, timeout_s, compute
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Sample from ``model``'s current weights from now on."""
+        self.model = model
+
+    def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int,
+                 temperature: float, top_p: float = 1.0) -> RolloutBatch:
+        """``n`` responses per prompt, grouped contiguously (temperature 0 = greedy)."""
+        with self.compute():
+            return generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, batch_size=self.batch_size,
+                            device=self.device, engine=self.engine)
+
+    def score(self, examples: Sequence[Example], rollout: RolloutBatch, n: int,
+              details: list | None = None) -> tuple[list[float], dict]:
+        """Scores of the ``n`` responses of each example, and the scorer's counters
+        (``details``: see :func:`rpgrl.rewards.score_batch`)."""
+        rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
+        return score_batch(rep([e.data_source for e in examples]), rollout.responses,
+                           rep([e.ground_truth for e in examples]), rep([e.extra_info for e in examples]),
+                           scorer=self.scorer, timeout_s=self.timeout_s, details=details)

@@ -1,0 +1,168 @@
+"""The names of the logged metrics (one place for the trainer, ``rpgrl.tools.plots`` and
+``rpgrl.tools.compare``), how they combine over ranks, and the step-time breakdown.
+
+Loss metrics are prefixed ``actor/`` + the loss's own ``METRIC_KEYS`` (docs/math.md §7: clip
+fractions, KL to the anchor, importance weights).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rpgrl.losses.policy import MAX_METRIC_KEYS
+
+STEP = "step"
+# per RL step (rpgrl.loop.trainer)
+LOSS = "actor/loss"
+GRAD_NORM = "actor/grad_norm"
+ENTROPY = "actor/entropy"
+OPTIMIZER_STEPS = "actor/optimizer_steps"
+SKIPPED_STEPS_TOTAL = "actor/skipped_steps_total"
+KL_ANCHOR = "actor/kl_anchor_k3"
+CLIPFRACS = ("actor/clipfrac_upper", "actor/clipfrac_lower", "actor/clipfrac_dual")
+REWARD = "reward/mean"
+SCORE_MEAN = "reward/score_mean"
+ACCURACY = "reward/accuracy"
+LENGTH_MEAN = "response_length/mean"
+LENGTH_MAX = "response_length/max"
+LENGTH_CLIP_RATIO = "response_length/clip_ratio"
+GEN_BATCHES = "batch/gen_batches"
+KEPT_GROUPS = "batch/kept_groups"
+ANCHOR_REFRESHES = "anchor/refreshes"
+LR = "optim/lr"
+TIMING_STEP = "timing/step"
+# per evaluation
+EVAL_ACCURACY = "eval/accuracy"
+
+#: ``reward/accuracy`` counts a response as correct when its raw score is above this: the
+#: scorers give 1 for a correct response and 0 (DAPO's convention: -1) otherwise, so 0.5
+#: splits both (``rpgrl.loop.evaluation`` uses the same cut when a scorer reports no ``acc``).
+CORRECT_SCORE_ABOVE = 0.5
+
+
+def actor(key: str) -> str:
+    """The logged name of a loss metric (``rpgrl.losses.METRIC_KEYS``)."""
+    return f"actor/{key}"
+
+
+#: How a metric combines, the one rule used over a rank's micro- and mini-batches
+#: (:class:`UpdateMetrics`) and over ranks under torchrun (``DistContext.reduce_metrics``):
+#: ``SUM_METRICS`` (prefixes) are summed over ranks (counts, and the loss: each rank's part
+#: shares the global denominator); ``MAX_METRICS`` are maxima everywhere (a mean of maxima
+#: would hide the one rank whose importance weights blew up); every other metric is a mean.
+SUM_METRICS = (LOSS, KEPT_GROUPS, "reward/n", "reward/scorer_", "reward/empty_")
+MAX_METRICS = (LENGTH_MAX, *(actor(k) for k in MAX_METRIC_KEYS))
+
+
+class UpdateMetrics:
+    """One rank's metrics of an update, accumulated over its micro-batches and optimizer steps:
+    ``add(key, value, *weights)`` sums ``value * weights...`` (weights: the micro-batch's token
+    share, 1 / optimizer steps; so the sums are means), except that a ``MAX_METRICS`` key
+    keeps the largest unweighted value."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def add(self, key: str, value: float, *weights: float) -> None:
+        if key in MAX_METRICS:
+            self.values[key] = max(self.values.get(key, -math.inf), value)
+            return
+        for w in weights:
+            value = value * w
+        self.values[key] = self.values.get(key, 0.0) + value
+
+
+class StepTimer:
+    """Seconds per phase of a step (trainer.profile / the overhead bar of the benchmarks)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self, total: float) -> dict[str, float]:
+        out = {f"timing/{k}": v for k, v in self.seconds.items()}
+        out[TIMING_STEP] = total
+        out["timing/other"] = total - sum(self.seconds.values())
+        return out
+
+
+#: useful model FLOPs / (phase seconds x measured matmul peak), per phase (trainer.profile)
+MFU_PHASES = ("generation", "logprobs", "forward_backward")
+PEAK_GFLOPS = "mfu/matmul_peak_gflops"
+PEAK_RSS = "memory/peak_rss_mb"
+
+
+def token_counts(input_ids_mask, prompt_len: int, response_mask, n: int) -> tuple[int, int]:
+    """(prompt tokens of the distinct prompts, response tokens) of a rollout whose groups of
+    ``n`` share a prompt: the real tokens useful work is counted on (no padding)."""
+    return int(input_ids_mask[::n, :prompt_len].sum()), int(response_mask.sum())
+
+
+def mfu_metrics(flops, prompt_tokens: int, response_tokens: int, seconds: dict[str, float], *,
+                logprob_passes: int, epochs: int, peak_gflops: float) -> dict[str, float]:
+    """``mfu/<phase>`` = useful FLOPs (``rpgrl.models.flops.PhaseFlops``) / seconds / peak, for each
+    phase that ran; also the token counts and the peak they were divided by."""
+    useful = {"generation": flops.generation(prompt_tokens, response_tokens),
+              "logprobs": logprob_passes * flops.forward(prompt_tokens, response_tokens),
+              "forward_backward": epochs * flops.train(prompt_tokens, response_tokens)}
+    out = {"tokens/prompt_unique": prompt_tokens, "tokens/response": response_tokens, PEAK_GFLOPS: peak_gflops}
+    for phase in MFU_PHASES:
+        sec = seconds.get(phase, 0.0)
+        if sec > 0 and useful[phase] > 0:
+            out[f"mfu/{phase}"] = useful[phase] / sec / (peak_gflops * 1e9)
+    return out
+
+
+def peaks_text(peaks: dict[str, float], used: float) -> str:
+    """``matmul peaks: float32 X, bfloat16 Y GFLOP/s; MFU against the <dtype> peak``."""
+    which = next((k for k, v in peaks.items() if v == used), "?")
+    return ("matmul peaks: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+            + f" GFLOP/s; MFU against the {which} peak (the dtype the matmuls run in)")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def profile_table(metrics_path: Path) -> str:
+    """trainer.profile: mean seconds per phase over steps 2..N (step 1 carries warm-up costs)."""
+    import numpy as np
+
+    from rpgrl.loop.tracking import read_metrics
+
+    rows = [r for r in read_metrics(metrics_path) if TIMING_STEP in r and r[STEP] > 1]
+    if not rows:
+        return "profile: fewer than 2 steps, nothing to report"
+    keys = sorted({k for r in rows for k in r if k.startswith("timing/")})
+    means = {k: float(np.mean([r.get(k, 0.0) for r in rows])) for k in keys}
+    step = means.pop(TIMING_STEP)
+    lines = [f"step-time breakdown (mean over steps 2..{rows[-1][STEP]}):"]
+    lines += [f"  {k[7:]:<18}{v:8.4f} s {100 * v / step:5.1f} %" for k, v in sorted(means.items(), key=lambda kv: -kv[1])]
+    lines.append(f"  {'step':<18}{step:8.4f} s")
+    mfu = {p: float(np.mean([r[f"mfu/{p}"] for r in rows if f"mfu/{p}" in r]))
+           for p in MFU_PHASES if any(f"mfu/{p}" in r for r in rows)}
+    if mfu:
+        peak = float(np.mean([r[PEAK_GFLOPS] for r in rows if PEAK_GFLOPS in r]))
+        peaks = {k[len(PEAK_GFLOPS) + 1:]: rows[-1][k] for k in rows[-1] if k.startswith(PEAK_GFLOPS + "_")}
+        if peaks:
+            lines.append(peaks_text(peaks, rows[-1][PEAK_GFLOPS]))
+        lines.append(f"model FLOP utilisation (useful FLOPs on real tokens / matmul peak {peak:.0f} GFLOP/s):")
+        lines += [f"  {p:<18}{100 * v:7.1f} %  ({v * peak:.0f} GFLOP/s)" for p, v in mfu.items()]
+    if any(PEAK_RSS in r for r in rows):
+        lines.append(f"peak RSS: {max(r.get(PEAK_RSS, 0.0) for r in rows):.0f} MiB")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""A run's state on disk: checkpoints (a ``TrainState`` saved and resumed together with the
+weights and the optimizer) and the final outputs (``final/``, ``curves.png``,
+``summary.json``). Collective where the strategy gathers."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rpgrl.loop.checkpoint import (TRAINER_STATE_FILE, capture_rng_state, find_latest_checkpoint, save_checkpoint,
+                              seed_all)
+from rpgrl.parallel.distributed import DistContext, rank_seed
+from rpgrl.loop.metrics import profile_table
+from rpgrl.parallel.strategy import SingleProcess
+from rpgrl.loop.train_state import TrainState
+
+
+class Checkpoints:
+    """``<out>/checkpoints`` for one process of a run: every rank calls ``save`` and
+    ``resume`` (the strategy may gather); rank 0 writes."""
+
+    def __init__(self, out: Path, dist: DistContext, parallel: SingleProcess, *, keep_last: int,
+                 log: Callable[[str], None] = print) -> None:
+        self.out, self.dist, self.parallel, self.keep_last, self.log = out, dist, parallel, keep_last, log
+
+    def save(self, state: TrainState, model: torch.nn.Module, optimizer) -> Path | None:
+        """Rank 0 writes the model once, with every rank's RNG state; returns the checkpoint
+        directory there and None on the other ranks."""
+        rng_per_rank = self.dist.all_gather_object(capture_rng_state()) if self.dist.enabled else None
+        model_view, optimizer_view = self.parallel.checkpoint_views(model, optimizer)
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.out, state.step, model_view, optimizer_view, state.state_dict(rng_per_rank),
+                                   keep_last=self.keep_last)
+        self.dist.barrier()  # no rank runs ahead of (or exits before) a finished checkpoint
+        return path
+
+    def resume(self, state: TrainState, model: torch.nn.Module, optimizer, *, seed: int) -> bool:
+        """Load the latest complete checkpoint into ``state``, ``model`` and ``optimizer``;
+        False if there is none. A checkpoint without this rank's RNG state (another number
+        of processes) continues from fresh per-rank seeds derived from ``seed`` and the step."""
+        path = self.dist.broadcast_object(find_latest_checkpoint(self.out) if self.dist.is_main else None)
+        if path is None:
+            self.log(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
+            return False
+        saved = self.parallel.load(path, model, optimizer)
+        if not state.load_state_dict(saved, rank=self.dist.rank, world_size=self.dist.world_size,
+                                     source=str(path / TRAINER_STATE_FILE)):
+            self.log(f"--resume: the checkpoint holds RNG states for {len(saved.get('rng_per_rank') or [1])} "
+                     f"process(es), this run has {self.dist.world_size}; sampling continues from fresh per-rank seeds")
+            seed_all(rank_seed(seed + state.step, self.dist.rank))
+        self.log(f"resumed from {path} at step {state.step}")
+        return True
+
+
+def headline(result: dict) -> dict[str, float]:
+    """summary.json's view of an evaluation: accuracy and the scorer's secondary accuracies
+    (e.g. the chat arithmetic task's ``strict_acc``)."""
+    return {"accuracy": result["accuracy"], **result.get("secondary", {})}
+
+
+def headline_text(result: dict) -> str:
+    return ", ".join(f"{v:.3f}" if k == "accuracy" else f"{k} {v:.3f}" for k, v in headline(result).items())
+
+
+def finish_run(out: Path, state: TrainState, eval_after: dict, *, model: torch.nn.Module, tokenizer,
+               algorithm: str, train_started: float, final_sd: dict | None = None,
+               profile_log: Callable[[str], None] | None = None) -> dict:
+    """final/ model, curves.png and summary.json (rank 0 only, after the tracker has flushed
+    metrics.jsonl); ``final_sd``: the gathered full weights of a sharded policy;
+    ``profile_log``: where the step-time table goes (trainer.profile)."""
+    from rpgrl.models.loading import save_final
+    from rpgrl.tools.plots import plot_curves
+
+    if final_sd is not None:  # the module holds shards: write the gathered weights
+        model.save_pretrained(str(out / "final"), state_dict=final_sd, safe_serialization=True)
+        tokenizer.save_pretrained(str(out / "final"))
+    else:
+        save_final(model, tokenizer, out / "final")
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    if profile_log is not None:
+        profile_log(profile_table(out / "metrics.jsonl"))
+    summary = {
+        "eval_before": headline(state.eval_before or {"accuracy": float("nan")}),
+        "eval_after": headline(eval_after),
+        "wall_seconds": time.perf_counter() - state.started,
+        "train_seconds": time.perf_counter() - train_started,
+        "steps": state.step,
+        "algorithm": algorithm,
+        "eval_best_last": state.best_last.to_dict(),
+        "skipped_steps": state.skipped_total,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

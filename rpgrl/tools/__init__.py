@@ -1,0 +1,1 @@
+"""Tools around training: ``rpgrl compare`` / ``plot``, ``check-loss`` / ``explain``."""
