@@ -505,6 +505,54 @@ def test_rollout_weights_are_the_only_change_to_policy_loss(actor_yaml):
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-16)
 
 
+# --- bypass mode (algorithm.rollout_correction.bypass_mode=true): pi_old = the rollout's log-probs ---
+
+
+def test_bypass_mode_makes_the_rollout_log_probs_pi_old():
+    """verl's own substitution (legacy driver: apply_bypass_mode; v1 does the same in
+    trainer_base.py:1641-1648): old_log_probs := rollout_log_probs, no rollout_is_weights. It
+    also sets loss_mode="bypass_mode" in the *driver's* copy of the actor config, which the
+    remote actor workers never receive: they keep the configured (rpgrl) loss."""
+    from verl import DataProto
+    from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
+
+    logp, old, adv, mask = _tensors(seed=8)
+    rollout = _ref_log_prob(old, mask, 9)
+    batch = DataProto.from_dict({"old_log_probs": old.clone(), "rollout_log_probs": rollout,
+                                 "response_mask": mask.long(), "advantages": adv})
+    cfg = _compose("algorithm.rollout_correction.bypass_mode=true", f"actor_rollout_ref.actor.policy_loss._target_={TARGET}",
+                   "actor_rollout_ref.actor.policy_loss.loss_mode=rpg_ufkl")
+    apply_bypass_mode(batch, cfg.algorithm.rollout_correction, cfg.actor_rollout_ref.actor.policy_loss)
+    assert torch.equal(batch.batch["old_log_probs"], rollout) and not torch.equal(rollout, old)
+    assert "rollout_is_weights" not in batch.batch
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "bypass_mode"  # the driver's copy only
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("verl_name", VANILLA_AT_BETA0)
+def test_bypass_mode_at_beta0_equals_verls_bypass_ppo_clip_loss(actor_yaml, verl_name, agg_mode):
+    """In bypass mode an rpgrl loss's w is pi_theta / pi_rollout (the trust region clips the
+    sampler's ratio, docs/math.md §1: pi_old is whatever sampled). At beta = 0 the value and
+    gradient equal verl's own ``bypass_mode`` loss (loss_type=ppo_clip: vanilla PPO on the same
+    ratio, no extra weight); beta > 0 adds RPG's KL to the rollout policy."""
+    logp, old, adv, mask = _tensors(seed=10)
+    rollout = _ref_log_prob(old, mask, 11)  # old_log_probs after the substitution above
+    corr = OmegaConf.to_container(_compose("algorithm.rollout_correction.bypass_mode=true").algorithm.rollout_correction)
+    with pytest.warns(UserWarning, match="not an rpgrl loss"):
+        verl_cfg = _actor_config(actor_yaml, policy_loss__loss_mode="bypass_mode", loss_agg_mode=agg_mode,
+                                 policy_loss__rollout_correction=corr)
+    rpg_cfg = _actor_config(actor_yaml, policy_loss__loss_mode=verl_name, loss_agg_mode=agg_mode, policy_loss__beta=0.0)
+    v_loss, v_grad, _ = _loss_and_grad(lambda lp: _verl_call(verl_cfg, lp, rollout, adv, mask), logp)
+    r_loss, r_grad, r_m = _loss_and_grad(lambda lp: _verl_call(rpg_cfg, lp, rollout, adv, mask), logp)
+    torch.testing.assert_close(r_loss, v_loss, rtol=1e-10, atol=0)
+    torch.testing.assert_close(r_grad, v_grad, rtol=1e-10, atol=1e-15)
+    assert r_m["actor/rpg/importance_weight_mean"] != 1.0 and "actor/rpg/rollout_is_weight_mean" not in r_m
+    if verl_name != "rpgrl_ppo":  # the KL term is RPG's addition: at beta > 0 the losses differ
+        kl_cfg = _actor_config(actor_yaml, policy_loss__loss_mode=verl_name, loss_agg_mode=agg_mode)
+        k_loss, _, _ = _loss_and_grad(lambda lp: _verl_call(kl_cfg, lp, rollout, adv, mask), logp)
+        assert not torch.isclose(k_loss, v_loss, rtol=1e-6, atol=0)
+
+
 # --- the iterative reference (fixed / periodic / adaptive anchors, rpgrl.integrations.verl_anchor) ---
 
 
