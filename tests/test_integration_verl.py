@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -716,6 +718,56 @@ def test_bf16_log_probs_are_scored_in_the_promoted_dtype(actor_yaml, verl_name):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert m["actor/rpg/rollout_is_weight_mean"] == pytest.approx(float(weights[mask].double().mean()), rel=1e-6)
 
+
+
+@pytest.mark.medium  # starts a local Ray (~20-30 s on 2 cores)
+def test_rpgrl_ray_checkpoint_engine_round_trip(tmp_path):
+    """``rollout.checkpoint_engine.backend=rpgrl_ray`` (the CPU stand-in for verl's nccl engine in
+    disaggregated pipelines) through verl's registry and its build_topology/init_process_group
+    protocol, on a real local Ray: every actor rank drains its weight generator (FSDP gathers
+    need all ranks), rank 0's tensors reach the rollout side, and the next sync's token does
+    not return the previous weights."""
+    code = textwrap.dedent("""
+        import asyncio, ray, torch
+        from verl.checkpoint_engine.base import CheckpointEngineRegistry
+        from rpgrl.integrations.verl_cpu import checkpoint as ck
+        import sys
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=sys.argv[1])
+        try:
+            cls = CheckpointEngineRegistry.get("rpgrl_ray")
+            assert cls is ck.RayCheckpointEngine
+            drained = []
+            def gen(rank, weights):
+                for name, t in weights.items():
+                    drained.append((rank, name))
+                    yield name, t
+            for sync in range(2):
+                actor, rollout = cls.build_topology(2, 1, [{}] * 3)
+                senders = [CheckpointEngineRegistry.new("rpgrl_ray", is_master=r == 0) for r in range(2)]
+                for r, eng in enumerate(senders):
+                    eng.init_process_group(**{k: v[r] for k, v in actor.items()})
+                recv = CheckpointEngineRegistry.new("rpgrl_ray")
+                recv.init_process_group(**{k: v[0] for k, v in rollout.items()})
+                weights = {"w": torch.full((2, 3), float(sync)), "b": torch.arange(4.0) + sync}
+                async def send():
+                    # rank 1 holds other values (its shard): only rank 0's arrive
+                    await asyncio.gather(senders[0].send_weights(gen(0, weights)),
+                                         senders[1].send_weights(gen(1, {k: -v for k, v in weights.items()})))
+                asyncio.run(send())
+                got = dict(recv.receive_weights())
+                assert sorted(got) == ["b", "w"] and all(torch.equal(got[k], weights[k]) for k in weights), got
+            assert sorted(drained) == sorted([(r, n) for r in (0, 1) for n in ("w", "b")] * 2), drained
+        finally:
+            ray.shutdown()
+        print("round trip ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    ray_dir = tempfile.mkdtemp(prefix="rpgrl-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        out = subprocess.run([sys.executable, "-c", code, ray_dir], env=env, capture_output=True, text=True, timeout=180)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("round trip ok"), (out.stdout[-2000:], out.stderr[-4000:])
 
 @pytest.mark.parametrize("trainer", ["legacy", "v1"])
 def test_cpu_launcher_overrides_compose_with_verl_config(tmp_path, trainer):
