@@ -28,14 +28,14 @@ from one machine.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("verl", reason="verl is not installed (CI: pip install --no-deps 'verl==0.9.1', see .ci/run)")
 
-from rpgrl.integrations.verl_cpu.run import RunResult, run  # noqa: E402
+from rpgrl.integrations.verl_cpu.run import run  # noqa: E402
+from verl_runs import training_steps  # noqa: E402
 
 pytestmark = [pytest.mark.verl_e2e, pytest.mark.medium]
 
@@ -45,17 +45,6 @@ PL = "actor_rollout_ref.actor.policy_loss"
 SAME = 1e-9
 
 
-def _ok(res: RunResult) -> list[dict]:
-    assert res.returncode == 0, f"main_ppo failed (exit {res.returncode}); log tail:\n{res.log[-4000:]}"
-    assert res.remaining_pids == [], f"processes survived the clean-up: {res.remaining_pids}"
-    steps = [m for m in res.metrics if "actor/pg_loss" in m]
-    assert [m["step"] for m in steps] == list(range(1, STEPS + 1)), f"logged training steps: {res.metrics}"
-    for m in steps:
-        rpg = {k: v for k, v in m.items() if k.startswith("actor/rpg/")}
-        assert rpg and all(math.isfinite(v) for v in rpg.values()), rpg
-    return steps
-
-
 def test_rollout_correction_and_fixed_anchor_legacy(tmp_path: Path) -> None:
     res = run(tmp_path / "rc_fixed", trainer="legacy", steps=STEPS, timeout_s=1800, extra=[
         "actor_rollout_ref.rollout.dtype=bfloat16",
@@ -63,7 +52,7 @@ def test_rollout_correction_and_fixed_anchor_legacy(tmp_path: Path) -> None:
         f"+{PL}.anchor=fixed",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
     ])
-    steps = _ok(res)
+    steps = training_steps(res, STEPS)
     assert "rpgrl.integrations.verl_anchor" in (res.out / "command.txt").read_text()
     for m in steps:
         # the rollout (bf16) and pi_old (fp32) disagree, so the weights are not all 1 ...
@@ -98,7 +87,7 @@ def test_periodic_anchor_in_the_async_v1_trainer(tmp_path: Path) -> None:
         f"+{PL}.anchor=periodic", f"+{PL}.anchor_period=8", "trainer.v1.trainer_mode=colocate_async",
         "algorithm.rollout_correction.rollout_is=token", "algorithm.rollout_correction.rollout_is_threshold=2.0",
     ])
-    steps = _ok(res)
+    steps = training_steps(res, STEPS)
     kl = [m["actor/rpg/anchor_kl_old_k3"] for m in steps]
     assert kl[0] < SAME and kl[2] < SAME, kl  # right after the start and right after the refresh
     assert kl[1] > 1e-6 and kl[3] > 1e-6, kl  # a stale anchor in between
