@@ -98,6 +98,8 @@ def anchor_log_prob(ref_log_prob: Tensor) -> Iterator[None]:
         yield
     finally:
         _ANCHOR_LOG_PROB.reset(token)
+
+
 #: verl 0.9.1's ``loss_agg_mode`` values (verl ActorConfig.__post_init__).
 VERL_AGG_MODES = (
     "token-mean",
