@@ -13,7 +13,9 @@ that the driver's ``build_topology`` gives both sides; each rollout worker waits
 token and yields the tensors to its server adapter. The board holds the tensors themselves,
 not an object reference: a reference put by a sender that has moved on can be freed by Ray
 before the rollout asks for it (a receive then waited forever). Slow (two full copies per
-sync) and meant for tiny models and tests.
+sync) and meant for tiny models and tests. ``receive_weights`` is a plain generator, which is
+what the ``rpgrl_hf`` server adapter iterates (verl declares it ``async``; its vLLM / SGLang
+adapters are not meant to pair with this engine).
 """
 
 from __future__ import annotations
