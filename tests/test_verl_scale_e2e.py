@@ -7,15 +7,15 @@ Marker ``verl_e2e`` (real ``main_ppo`` through :mod:`rpgrl.integrations.verl_cpu
   (``algorithm.rollout_correction.rollout_is=token``) must reach the rpgrl loss. The batch is
   one mini-batch and one micro-batch (2 epochs), so the loss's mean weight equals verl's
   ``rollout_corr/rollout_is_mean`` of the batch. The same run has ``anchor=fixed`` (legacy
-  trainer): the batch-start KL between pi_old and the anchor is 0 at step 1 and grows.
+  trainer): the batch-start KL between pi_old and the anchor is 0 at step 1 and > 0 after.
 * ``anchor=periodic`` with K = 8 optimizer steps = 2 batches, in verl's asynchronous v1
   trainer (``trainer.v1.trainer_mode=colocate_async``: one batch is generated ahead
   (``num_warmup_batches=1``), so from step 2 on the samples come from the policy one update
-  older, verl's ``training/off_policy/trajectory_staleness``). The anchor is refreshed at the start of
-  step 3, so that KL is 0 at steps 1 and 3 and > 0 at steps 2 and 4, and exactly one refresh
-  happened in 4 steps. The same run has token TIS on (the decoupled correction verl recommends
-  for async training): on the stale steps pi_rollout and the recomputed pi_old really differ,
-  and the weights reach the rpgrl loss.
+  older, verl's ``training/off_policy/trajectory_staleness``). The anchor is refreshed at the
+  start of step 3, so that KL is 0 at steps 1 and 3 and > 0 at steps 2 and 4, and exactly one
+  refresh happened in 4 steps. The same run has token TIS on (the decoupled correction): on
+  the stale steps pi_rollout and the recomputed pi_old really differ, and the weights reach
+  the rpgrl loss.
 
 Bypass mode (``rollout_correction.bypass_mode=true``) is tested without a run in
 tests/test_integration_verl.py (an e2e run costs ~2 more minutes of CI).
@@ -45,6 +45,18 @@ PL = "actor_rollout_ref.actor.policy_loss"
 SAME = 1e-9
 
 
+def _loss_sees_the_anchor(steps: list[dict], fresh: list[bool]) -> None:
+    """The loss's KL to the anchor (log pi_theta - ref_log_prob) equals its KL to the rollout
+    policy (log pi_theta - old_log_prob), to 1e-6, when the anchor is pi_old (``fresh``), and not
+    otherwise: the loss scores against verl's ref_log_prob, whatever the draw."""
+    for m, same in zip(steps, fresh):
+        anchor, rollout = m["actor/rpg/kl_anchor_k3"], m["actor/rpg/kl_rollout_k3"]
+        if same:
+            assert anchor == pytest.approx(rollout, rel=1e-6), m
+        else:
+            assert abs(anchor - rollout) > 1e-4, m
+
+
 def test_rollout_correction_and_fixed_anchor_legacy(tmp_path: Path) -> None:
     res = run(tmp_path / "rc_fixed", trainer="legacy", steps=STEPS, timeout_s=1800, extra=[
         "actor_rollout_ref.rollout.dtype=bfloat16",
@@ -67,18 +79,6 @@ def test_rollout_correction_and_fixed_anchor_legacy(tmp_path: Path) -> None:
     assert kl[0] < SAME, kl  # step 1: the anchor is the initial policy = pi_old
     assert all(k > 1e-3 for k in kl[1:]), kl  # then the policy has moved away from it, and stays away
     _loss_sees_the_anchor(steps, fresh=[True, False, False, False])
-
-
-def _loss_sees_the_anchor(steps: list[dict], fresh: list[bool]) -> None:
-    """The loss's KL to the anchor (log pi_theta - ref_log_prob) equals its KL to the rollout
-    policy (log pi_theta - old_log_prob) exactly when the anchor is pi_old (``fresh``), and not
-    otherwise: the loss scores against verl's ref_log_prob, whatever the draw."""
-    for m, same in zip(steps, fresh):
-        anchor, rollout = m["actor/rpg/kl_anchor_k3"], m["actor/rpg/kl_rollout_k3"]
-        if same:
-            assert anchor == pytest.approx(rollout, rel=1e-6), m
-        else:
-            assert abs(anchor - rollout) > 1e-4, m
 
 
 def test_periodic_anchor_in_the_async_v1_trainer(tmp_path: Path) -> None:
