@@ -1,6 +1,8 @@
 """verl 0.9.1's real trainer on CPU: rollout correction and the iterative reference (docs/math.md §1.1).
 
-Marker ``verl_e2e`` (real ``main_ppo`` through :mod:`rpgrl.integrations.verl_cpu`, minutes each):
+Marker ``verl_e2e`` (real ``main_ppo`` through :mod:`rpgrl.integrations.verl_cpu`, minutes each).
+Each run is first checked to train off-policy with the rpgrl loss in the trainer it uses
+(legacy, v1): :func:`verl_runs.check_trains_off_policy`, reasoning in tests/test_verl_e2e.py.
 
 * rollout correction: the ``rpgrl_hf`` rollout samples in bfloat16 while the FSDP actor is fp32,
   so the rollout's log-probs really differ from pi_old; verl's token TIS weights
@@ -35,7 +37,7 @@ import pytest
 pytest.importorskip("verl", reason="verl is not installed (CI: pip install --no-deps 'verl==0.9.1', see .ci/run)")
 
 from rpgrl.integrations.verl_cpu.run import run  # noqa: E402
-from verl_runs import training_steps  # noqa: E402
+from verl_runs import check_trains_off_policy  # noqa: E402
 
 pytestmark = [pytest.mark.verl_e2e, pytest.mark.medium]
 
@@ -64,7 +66,7 @@ def test_rollout_correction_and_fixed_anchor_legacy(tmp_path: Path) -> None:
         f"+{PL}.anchor=fixed",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
     ])
-    steps = training_steps(res, STEPS)
+    steps = check_trains_off_policy(res, STEPS)
     assert "rpgrl.integrations.verl_anchor" in (res.out / "command.txt").read_text()
     for m in steps:
         # the rollout (bf16) and pi_old (fp32) disagree, so the weights are not all 1 ...
@@ -87,7 +89,7 @@ def test_periodic_anchor_in_the_async_v1_trainer(tmp_path: Path) -> None:
         f"+{PL}.anchor=periodic", f"+{PL}.anchor_period=8", "trainer.v1.trainer_mode=colocate_async",
         "algorithm.rollout_correction.rollout_is=token", "algorithm.rollout_correction.rollout_is_threshold=2.0",
     ])
-    steps = training_steps(res, STEPS)
+    steps = check_trains_off_policy(res, STEPS)
     kl = [m["actor/rpg/anchor_kl_old_k3"] for m in steps]
     assert kl[0] < SAME and kl[2] < SAME, kl  # right after the start and right after the refresh
     assert kl[1] > 1e-6 and kl[3] > 1e-6, kl  # a stale anchor in between
