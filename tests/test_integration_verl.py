@@ -12,9 +12,12 @@ needs no process group: dp_size and the global counts arrive in the batch).
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -112,7 +115,7 @@ def _verl_call(config, logp, old, adv, mask, rollout_is_weights=None, **batch_in
     # model log-probs over prompt+response tokens; ppo_loss reads the response slice shifted by one
     pieces = []
     for i, n in enumerate(lens):
-        pieces += [torch.zeros(P - 1, dtype=DT), logp[i, :n], torch.zeros(1, dtype=DT)]
+        pieces += [torch.zeros(P - 1, dtype=logp.dtype), logp[i, :n], torch.zeros(1, dtype=logp.dtype)]
     data = TensorDict(
         {
             "prompts": torch.ones(B, P, dtype=torch.long),
@@ -239,8 +242,18 @@ def test_config_from_hydra_overrides_and_its_errors():
     assert (type(pl), pl.loss_mode, pl.beta, pl.anchor, pl.kl_in_advantage) == (
         rv.RPGPolicyLossConfig, "rpg_urkl", 0.001, "rollout", True,
     )
-    with pytest.raises(Exception, match="ref_log_prob"):
+    with pytest.raises(Exception, match=r"anchor='ref': expected one of \('rollout', 'periodic', 'adaptive', 'fixed'\)"):
         omega_conf_to_dataclass(_compose(*base, "+actor_rollout_ref.actor.policy_loss.anchor=ref").actor_rollout_ref.actor)
+    cfg = _compose(*base, "+actor_rollout_ref.actor.policy_loss.anchor=adaptive",
+                   "+actor_rollout_ref.actor.policy_loss.anchor_kappa=0.2",
+                   "+actor_rollout_ref.actor.policy_loss.anchor_period=7")
+    pl = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor).policy_loss
+    assert (pl.anchor, pl.anchor_period, pl.anchor_kappa, pl.anchor_ema) == ("adaptive", 7, 0.2, 0.9)
+    for key, value, message in (("anchor_period", 0, "anchor_period must be an integer >= 1"),
+                                ("anchor_kappa", 0, "anchor_kappa must be a number > 0"),
+                                ("anchor_ema", 1.0, r"anchor_ema must be in \[0, 1\)")):
+        with pytest.raises(Exception, match=message):
+            omega_conf_to_dataclass(_compose(*base, f"+actor_rollout_ref.actor.policy_loss.{key}={value}").actor_rollout_ref.actor)
     with pytest.raises(Exception, match="beta must be a number >= 0"):
         omega_conf_to_dataclass(_compose(*base, "+actor_rollout_ref.actor.policy_loss.beta=-1").actor_rollout_ref.actor)
     with pytest.raises(ValueError, match="kl_in_advantage=True needs loss_mode"):
@@ -416,7 +429,7 @@ def test_rollout_corrections_produce_nontrivial_weights_and_masks():
 
 
 #: The rpgrl losses that are verl's vanilla (dual-clip PPO) loss at beta = 0: rpgrl's ppo and
-#: the differentiable RPG surrogates (spec 3: pg_t is the dual-clip PPO term, beta * S_t vanishes).
+#: the differentiable RPG surrogates (docs/math.md §3: pg_t is the dual-clip PPO term, beta * S_t vanishes).
 VANILLA_AT_BETA0 = ("rpgrl_ppo", "rpg_fkl", "rpg_rkl", "rpg_ufkl", "rpg_urkl")
 
 
@@ -492,3 +505,288 @@ def test_rollout_weights_are_the_only_change_to_policy_loss(actor_yaml):
     )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-16)
+
+
+# --- bypass mode (algorithm.rollout_correction.bypass_mode=true): pi_old = the rollout's log-probs ---
+
+
+def test_bypass_mode_makes_the_rollout_log_probs_pi_old():
+    """verl's own substitution (legacy driver: apply_bypass_mode; v1 does the same in
+    trainer_base.py:1641-1648): old_log_probs := rollout_log_probs, no rollout_is_weights. It
+    also sets loss_mode="bypass_mode" in the *driver's* copy of the actor config, which the
+    remote actor workers never receive: they keep the configured (rpgrl) loss."""
+    from verl import DataProto
+    from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
+
+    logp, old, adv, mask = _tensors(seed=8)
+    rollout = _ref_log_prob(old, mask, 9)
+    batch = DataProto.from_dict({"old_log_probs": old.clone(), "rollout_log_probs": rollout,
+                                 "response_mask": mask.long(), "advantages": adv})
+    cfg = _compose("algorithm.rollout_correction.bypass_mode=true", f"actor_rollout_ref.actor.policy_loss._target_={TARGET}",
+                   "actor_rollout_ref.actor.policy_loss.loss_mode=rpg_ufkl")
+    apply_bypass_mode(batch, cfg.algorithm.rollout_correction, cfg.actor_rollout_ref.actor.policy_loss)
+    assert torch.equal(batch.batch["old_log_probs"], rollout) and not torch.equal(rollout, old)
+    assert "rollout_is_weights" not in batch.batch
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "bypass_mode"  # the driver's copy only
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("verl_name", VANILLA_AT_BETA0)
+def test_bypass_mode_at_beta0_equals_verls_bypass_ppo_clip_loss(actor_yaml, verl_name, agg_mode):
+    """In bypass mode an rpgrl loss's w is pi_theta / pi_rollout (the trust region clips the
+    sampler's ratio, docs/math.md §1: pi_old is whatever sampled). At beta = 0 the value and
+    gradient equal verl's own ``bypass_mode`` loss (loss_type=ppo_clip: vanilla PPO on the same
+    ratio, no extra weight); beta > 0 adds RPG's KL to the rollout policy."""
+    logp, old, adv, mask = _tensors(seed=10)
+    rollout = _ref_log_prob(old, mask, 11)  # old_log_probs after the substitution above
+    corr = OmegaConf.to_container(_compose("algorithm.rollout_correction.bypass_mode=true").algorithm.rollout_correction)
+    with pytest.warns(UserWarning, match="not an rpgrl loss"):
+        verl_cfg = _actor_config(actor_yaml, policy_loss__loss_mode="bypass_mode", loss_agg_mode=agg_mode,
+                                 policy_loss__rollout_correction=corr)
+    rpg_cfg = _actor_config(actor_yaml, policy_loss__loss_mode=verl_name, loss_agg_mode=agg_mode, policy_loss__beta=0.0)
+    v_loss, v_grad, _ = _loss_and_grad(lambda lp: _verl_call(verl_cfg, lp, rollout, adv, mask), logp)
+    r_loss, r_grad, r_m = _loss_and_grad(lambda lp: _verl_call(rpg_cfg, lp, rollout, adv, mask), logp)
+    torch.testing.assert_close(r_loss, v_loss, rtol=1e-10, atol=0)
+    torch.testing.assert_close(r_grad, v_grad, rtol=1e-10, atol=1e-15)
+    assert r_m["actor/rpg/importance_weight_mean"] != 1.0 and "actor/rpg/rollout_is_weight_mean" not in r_m
+    if verl_name != "rpgrl_ppo":  # the KL term is RPG's addition: at beta > 0 the losses differ
+        kl_cfg = _actor_config(actor_yaml, policy_loss__loss_mode=verl_name, loss_agg_mode=agg_mode)
+        k_loss, _, _ = _loss_and_grad(lambda lp: _verl_call(kl_cfg, lp, rollout, adv, mask), logp)
+        assert not torch.isclose(k_loss, v_loss, rtol=1e-6, atol=0)
+
+
+# --- the iterative reference (fixed / periodic / adaptive anchors, rpgrl.integrations.verl_anchor) ---
+
+
+def _ref_log_prob(old, mask, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(mask, old + 0.4 * torch.randn(old.shape, generator=g, dtype=DT), 0.0)
+
+
+@pytest.mark.parametrize("verl_name", ["rpg_ufkl", "rpg_reinforce_urkl", "rpgrl_grpo_corrected"])
+def test_anchored_loss_hands_ref_log_prob_to_the_rpgrl_loss(actor_yaml, verl_name):
+    """verl_anchor's wrapper around verl's own ppo_loss: the micro-batch's ref_log_prob is the
+    rpgrl loss's anchor (value and gradient = policy_loss(..., anchor_logp=ref), float64)."""
+    from functools import partial
+
+    from rpgrl.integrations.verl_anchor import AnchoredLoss
+
+    config = _actor_config(actor_yaml, policy_loss__loss_mode=verl_name, policy_loss__anchor="fixed")
+    logp, old, adv, mask = _tensors(seed=8)
+    ref = _ref_log_prob(old, mask, 9)
+    loss_fn = AnchoredLoss(partial(ppo_loss, config=config))
+    seen = {}
+
+    def through_wrapper(lp):
+        B = lp.shape[0]
+        pieces = []
+        for i, n in enumerate(mask.sum(-1).tolist()):
+            pieces += [torch.zeros(P - 1, dtype=DT), lp[i, :n], torch.zeros(1, dtype=DT)]
+        data = TensorDict({
+            "prompts": torch.ones(B, P, dtype=torch.long), "responses": torch.ones(B, T, dtype=torch.long),
+            "attention_mask": torch.cat([torch.ones(B, P, dtype=torch.long), mask.long()], dim=1),
+            "response_mask": mask.long(), "old_log_probs": old, "advantages": adv, "ref_log_prob": ref,
+        }, batch_size=[B])
+        tu.assign_non_tensor(data, dp_size=DP_SIZE, batch_num_tokens=BATCH_NUM_TOKENS, global_batch_size=GLOBAL_BATCH_SIZE)
+        loss, metrics = loss_fn(model_output={"log_probs": torch.cat(pieces)}, data=data, dp_group=None)
+        seen.update({k: getattr(v, "aggregate", lambda v=v: v)() for k, v in metrics.items()})
+        return loss, seen
+
+    got, got_grad, metrics = _loss_and_grad(through_wrapper, logp)
+    name = rv.VERL_LOSS_NAMES[verl_name]
+    want, want_grad, _ = _loss_and_grad(
+        lambda lp: policy_loss(name, lp, old, adv, mask, ref, beta=BETA, clip=CLIP, dual_clip=DUAL, norm=25.0), logp
+    )
+    rollout, _ = policy_loss(name, logp, old, adv, mask, beta=BETA, clip=CLIP, dual_clip=DUAL, norm=25.0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-16)
+    assert not torch.isclose(got, rollout, rtol=1e-6, atol=0)  # the anchor changed the loss
+    # KL to the anchor (log pi_theta/pi_ref) differs from the KL to the rollout policy
+    log_rho = torch.where(mask, logp - ref, 0.0)
+    assert metrics["actor/rpg/kl_anchor_k1"] == pytest.approx(float(log_rho.sum() / mask.sum()), rel=1e-12)
+    assert metrics["actor/rpg/kl_anchor_k1"] != pytest.approx(metrics["actor/rpg/kl_rollout_k1"], rel=1e-3)
+
+
+def test_non_rollout_anchor_without_verl_anchor_is_refused(actor_yaml):
+    """Plain verl.trainer.main_ppo cannot hand ref_log_prob to the loss: say what to run instead."""
+    config = _actor_config(actor_yaml, policy_loss__anchor="periodic")
+    logp, old, adv, mask = _tensors()
+    with pytest.raises(ValueError, match="python -m rpgrl.integrations.verl_anchor"):
+        _verl_call(config, logp, old, adv, mask)
+
+
+def test_anchored_loss_without_ref_log_prob_explains(actor_yaml):
+    from rpgrl.integrations.verl_anchor import AnchoredLoss
+
+    with pytest.raises(ValueError, match="use_kl_loss=true, kl_loss_coef=0"):
+        AnchoredLoss(lambda **_: None)(model_output={}, data=TensorDict({"response_mask": torch.ones(2, 3)}, batch_size=[2]))
+
+
+def test_prepare_config_loads_the_reference_without_a_kl_term():
+    from rpgrl.integrations.verl_anchor import prepare_config
+
+    base = (
+        f"actor_rollout_ref.actor.policy_loss._target_={TARGET}",
+        "actor_rollout_ref.actor.policy_loss.loss_mode=rpg_ufkl",
+    )
+    cfg = _compose(*base, "+actor_rollout_ref.actor.policy_loss.anchor=periodic")
+    assert not cfg.actor_rollout_ref.actor.use_kl_loss
+    assert prepare_config(cfg) == "periodic"
+    assert cfg.actor_rollout_ref.actor.use_kl_loss and cfg.actor_rollout_ref.actor.kl_loss_coef == 0.0
+    from verl.trainer.ppo.utils import need_reference_policy
+
+    assert need_reference_policy(cfg)
+    rollout = _compose(*base)
+    assert prepare_config(rollout) == "rollout" and not rollout.actor_rollout_ref.actor.use_kl_loss
+    with pytest.raises(ValueError, match="set actor_rollout_ref.actor.policy_loss.loss_mode to an rpgrl loss"):
+        prepare_config(_compose(f"actor_rollout_ref.actor.policy_loss._target_={TARGET}",
+                                "+actor_rollout_ref.actor.policy_loss.anchor=fixed"))
+    with pytest.raises(ValueError, match="anchor_period must be an integer >= 1"):
+        prepare_config(_compose(*base, "+actor_rollout_ref.actor.policy_loss.anchor=periodic",
+                                "+actor_rollout_ref.actor.policy_loss.anchor_period=0"))
+
+
+def test_swap_actor_worker_replaces_verls_worker_class():
+    import ray
+    from verl.trainer.ppo.utils import Role
+    from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+
+    from rpgrl.integrations.verl_anchor import RPGActorRolloutRefWorker, _original_class, swap_actor_worker
+
+    mapping = {Role.ActorRolloutRef: ray.remote(ActorRolloutRefWorker), Role.Critic: ray.remote(TrainingWorker)}
+    assert swap_actor_worker(mapping) == 1
+    assert _original_class(mapping[Role.ActorRolloutRef]) is RPGActorRolloutRefWorker
+    assert _original_class(mapping[Role.Critic]) is TrainingWorker
+    # the overridden worker methods keep verl's dispatch registration (else Ray would not expose them)
+    from verl.single_controller.base.decorator import MAGIC_ATTR
+
+    def describe(attrs):
+        mode = attrs["dispatch_mode"]
+        if isinstance(mode, dict):  # make_nd_compute_dataproto_dispatch_fn(mesh_name)
+            mode = ("nd", mode["dispatch_fn"].args, mode["collect_fn"].args)
+        return mode, attrs["execute_mode"], attrs["blocking"]
+
+    for method in ("init_model", "compute_ref_log_prob", "update_actor"):
+        mine, verls = getattr(RPGActorRolloutRefWorker, method), getattr(ActorRolloutRefWorker, method)
+        assert mine is not verls
+        assert describe(getattr(mine, MAGIC_ATTR)) == describe(getattr(verls, MAGIC_ATTR)), method
+
+
+def test_anchor_kl_k3_by_hand():
+    from rpgrl.integrations.verl_anchor import anchor_kl_k3
+
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -2.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    total, count = anchor_kl_k3(old, ref, mask)
+    # k3 = y - 1 - log y with y = pi_anc/pi_old = e^-0.5 and e^0; the masked token is ignored
+    assert count == 2 and total == pytest.approx(math.exp(-0.5) - 1 + 0.5, rel=1e-12)
+    assert anchor_kl_k3(old, old, mask) == (0.0, 2.0)
+
+
+@pytest.mark.parametrize("runner", ["AnchoredTaskRunner", "AnchoredTaskRunnerV1"])
+def test_anchored_task_runners_survive_rays_by_value_shipping(tmp_path, runner):
+    """Ray ships an actor class by value (cloudpickle of its modified class); the copy must be
+    constructible in a fresh process (a zero-argument super() in a copied verl __init__ was not)."""
+    from ray import cloudpickle
+
+    import rpgrl.integrations.verl_anchor as va
+
+    blob = tmp_path / "cls.pkl"
+    blob.write_bytes(cloudpickle.dumps(getattr(va, runner).__ray_metadata__.modified_class))
+    code = f"from ray import cloudpickle\nC = cloudpickle.loads(open({str(blob)!r}, 'rb').read())\nC()\nprint('built')"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               VERL_USE_EXTERNAL_PLUGINS="none")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("built"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("verl_name", ["rpgrl_ppo", "rpg_ufkl"])
+def test_bf16_log_probs_are_scored_in_the_promoted_dtype(actor_yaml, verl_name):
+    """verl's FSDP actor can hand bf16 log-probs with fp32 old log-probs and weights. verl's own
+    losses then compute in fp32 (log_prob - old_log_prob promotes); the rpgrl loss must too,
+    else weights like 1.0012 round to 1.0 in bf16 (seen in a real CPU run)."""
+    config = _actor_config(actor_yaml, policy_loss__loss_mode=verl_name, policy_loss__beta=0.0)
+    with pytest.warns(UserWarning, match="not an rpgrl loss"):
+        vanilla = _actor_config(actor_yaml, policy_loss__loss_mode="vanilla")
+    logp, old, adv, mask = (t.float() if t.is_floating_point() else t for t in _tensors(seed=10))
+    weights = torch.where(mask, 1.0 + 0.001 * torch.arange(1, T + 1, dtype=torch.float32), 0.0)
+    logp_bf16 = logp.bfloat16()
+    got, _, m = _loss_and_grad(lambda lp: _verl_call(config, lp, old, adv, mask, rollout_is_weights=weights), logp_bf16)
+    want, _, _ = _loss_and_grad(lambda lp: _verl_call(vanilla, lp, old, adv, mask, rollout_is_weights=weights), logp_bf16)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert m["actor/rpg/rollout_is_weight_mean"] == pytest.approx(float(weights[mask].double().mean()), rel=1e-6)
+
+
+
+@pytest.mark.medium  # starts a local Ray (~20-30 s on 2 cores)
+def test_rpgrl_ray_checkpoint_engine_round_trip(tmp_path):
+    """``rollout.checkpoint_engine.backend=rpgrl_ray`` (the CPU stand-in for verl's nccl engine in
+    disaggregated pipelines) through verl's registry and its build_topology/init_process_group
+    protocol, on a real local Ray: every actor rank drains its weight generator (FSDP gathers
+    need all ranks), rank 0's tensors reach the rollout side, and the next sync's token does
+    not return the previous weights."""
+    code = textwrap.dedent("""
+        import asyncio, ray, torch
+        from verl.checkpoint_engine.base import CheckpointEngineRegistry
+        from rpgrl.integrations.verl_cpu import checkpoint as ck
+        import sys
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=sys.argv[1])
+        try:
+            cls = CheckpointEngineRegistry.get("rpgrl_ray")
+            assert cls is ck.RayCheckpointEngine
+            drained = []
+            def gen(rank, weights):
+                for name, t in weights.items():
+                    drained.append((rank, name))
+                    yield name, t
+            for sync in range(2):
+                actor, rollout = cls.build_topology(2, 1, [{}] * 3)
+                senders = [CheckpointEngineRegistry.new("rpgrl_ray", is_master=r == 0) for r in range(2)]
+                for r, eng in enumerate(senders):
+                    eng.init_process_group(**{k: v[r] for k, v in actor.items()})
+                recv = CheckpointEngineRegistry.new("rpgrl_ray")
+                recv.init_process_group(**{k: v[0] for k, v in rollout.items()})
+                weights = {"w": torch.full((2, 3), float(sync)), "b": torch.arange(4.0) + sync}
+                async def send():
+                    # rank 1 holds other values (its shard): only rank 0's arrive
+                    await asyncio.gather(senders[0].send_weights(gen(0, weights)),
+                                         senders[1].send_weights(gen(1, {k: -v for k, v in weights.items()})))
+                asyncio.run(send())
+                got = dict(recv.receive_weights())
+                assert sorted(got) == ["b", "w"] and all(torch.equal(got[k], weights[k]) for k in weights), got
+            assert sorted(drained) == sorted([(r, n) for r in (0, 1) for n in ("w", "b")] * 2), drained
+        finally:
+            ray.shutdown()
+        print("round trip ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    ray_dir = tempfile.mkdtemp(prefix="rpgrl-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        out = subprocess.run([sys.executable, "-c", code, ray_dir], env=env, capture_output=True, text=True, timeout=180)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("round trip ok"), (out.stdout[-2000:], out.stderr[-4000:])
+
+@pytest.mark.parametrize("trainer", ["legacy", "v1"])
+def test_cpu_launcher_overrides_compose_with_verl_config(tmp_path, trainer):
+    """rpgrl.integrations.verl_cpu's overrides are valid for verl 0.9.1's config: fp32 compute
+    for the actor and the reference (verl's FSDP engine defaults to bf16), an fp32 rollout
+    unless asked otherwise, and the anchored entry point only for a non-rollout anchor."""
+    from rpgrl.integrations.verl_cpu.run import entry_module, overrides
+
+    anchor = [f"+actor_rollout_ref.actor.policy_loss.anchor=periodic", "actor_rollout_ref.rollout.dtype=bfloat16"]
+    o = overrides(tmp_path / "model", tmp_path / "train.parquet", tmp_path, trainer=trainer, extra=anchor)
+    cfg = _compose(*o)
+    arr = cfg.actor_rollout_ref
+    for node in (arr.actor.fsdp_config, arr.ref.fsdp_config):
+        assert dict(node.mixed_precision) == {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+        assert node.strategy == "fsdp2" and node.model_dtype == "fp32"
+    assert arr.rollout.dtype == "bfloat16" and arr.rollout.calculate_log_probs  # extra overrides win
+    pl = omega_conf_to_dataclass(arr.actor).policy_loss
+    assert (type(pl), pl.anchor) == (rv.RPGPolicyLossConfig, "periodic")
+    assert cfg.trainer.use_v1 == (trainer == "v1")
+    assert entry_module(anchor) == "rpgrl.integrations.verl_anchor"
+    assert entry_module([]) == entry_module(["+actor_rollout_ref.actor.policy_loss.anchor=rollout"]) == "verl.trainer.main_ppo"
+    assert _compose(*overrides(tmp_path / "m", tmp_path / "d", tmp_path, trainer=trainer)).actor_rollout_ref.rollout.dtype == "float32"

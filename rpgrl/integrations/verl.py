@@ -32,18 +32,22 @@ Rollout correction: verl's ``algorithm.rollout_correction`` weights r = pi_old /
 region, dual clip and KL act on w = pi_theta / pi_old (``rollout_correction_weights``);
 rejection arrives as a smaller ``response_mask``.
 
-The anchor: verl 0.9.1's ``ppo_loss`` (verl/workers/utils/losses.py) passes a policy loss
-only (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-rollout_is_weights); ``ref_log_prob`` reaches only verl's own ``use_kl_loss`` term. So the
-anchor is the rollout policy (old_log_prob), the paper's default (docs/math.md §1.1, mode 1: rho = w,
-v = 1); ``anchor`` accepts only ``"rollout"``.
+The anchor (docs/math.md §1.1): ``anchor=rollout`` (default) is pi_old, needs nothing else and works
+with ``python -m verl.trainer.main_ppo``. ``fixed`` / ``periodic`` / ``adaptive`` need the
+reference log-probs in the loss and a reference that can be refreshed; verl 0.9.1's
+``ppo_loss`` passes neither (verl/workers/utils/losses.py:104-112), so those run through
+:mod:`rpgrl.integrations.verl_anchor` (``python -m rpgrl.integrations.verl_anchor``, verl's own
+``run_ppo`` with an actor worker that hands ``ref_log_prob`` to the loss through
+:func:`anchor_log_prob` and copies the actor into the reference at batch boundaries).
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -60,6 +64,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     ) from exc
 
 from rpgrl.algorithm.advantages import compute_advantages
+from rpgrl.algorithm.anchor import ANCHOR_MODES
 from rpgrl.losses import LOSSES, UnknownLossError, aggregation_count, policy_loss
 
 __all__ = [
@@ -68,6 +73,7 @@ __all__ = [
     "VERL_AGG_MODES",
     "VERL_LOSS_NAMES",
     "RPGPolicyLossConfig",
+    "anchor_log_prob",
     "make_policy_loss_fn",
     "register",
     "rollout_correction_weights",
@@ -77,8 +83,23 @@ __all__ = [
 
 #: Paper default KL coefficient (docs/math.md §7).
 DEFAULT_BETA = 1e-4
-#: Anchors a verl 0.9 policy loss can see (module docstring: ref_log_prob is not passed).
-ANCHORS = ("rollout",)
+#: KL anchors (docs/math.md §1.1, rpgrl.algorithm.anchor): all but "rollout" need rpgrl.integrations.verl_anchor.
+ANCHORS = tuple(ANCHOR_MODES)
+#: The reference log-probs of the micro-batch being scored, set by verl_anchor's loss wrapper.
+_ANCHOR_LOG_PROB: ContextVar[Optional[Tensor]] = ContextVar("rpgrl_verl_anchor_log_prob", default=None)
+
+
+@contextmanager
+def anchor_log_prob(ref_log_prob: Tensor) -> Iterator[None]:
+    """Make ``ref_log_prob`` ([B, T], the padded response layout of ``ppo_loss``) the anchor
+    of rpgrl losses called inside this block (verl's loss signature has no slot for it)."""
+    token = _ANCHOR_LOG_PROB.set(ref_log_prob)
+    try:
+        yield
+    finally:
+        _ANCHOR_LOG_PROB.reset(token)
+
+
 #: verl 0.9.1's ``loss_agg_mode`` values (verl ActorConfig.__post_init__).
 VERL_AGG_MODES = (
     "token-mean",
@@ -97,35 +118,43 @@ def _verl_name(name: str) -> str:
 VERL_LOSS_NAMES: dict[str, str] = {_verl_name(n): n for n in LOSSES}
 
 
-def _check_rpg_options(beta: Any, anchor: Any, where: str) -> None:
+def _check_rpg_options(beta: Any, anchor: Any, where: str, period: Any = 20, kappa: Any = 0.05,
+                       ema: Any = 0.9) -> None:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not float(beta) >= 0:
         raise ValueError(f"{where}.beta must be a number >= 0 (paper: 1e-4), got {beta!r}")
     if anchor not in ANCHORS:
-        raise ValueError(
-            f"{where}.anchor={anchor!r} is not available in verl 0.9: its policy-loss functions "
-            f"never receive ref_log_prob, so the KL anchor is the rollout policy "
-            f"(old_log_prob, the paper's default). Expected one of {ANCHORS}; use rpgrl's own "
-            f"trainer for periodic / adaptive / fixed anchors."
-        )
+        raise ValueError(f"{where}.anchor={anchor!r}: expected one of {ANCHORS} (docs/math.md §1.1)")
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"{where}.anchor_period must be an integer >= 1 (optimizer steps), got {period!r}")
+    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not float(kappa) > 0:
+        raise ValueError(f"{where}.anchor_kappa must be a number > 0, got {kappa!r}")
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= float(ema) < 1:
+        raise ValueError(f"{where}.anchor_ema must be in [0, 1), got {ema!r}")
 
 
 @dataclass
 class RPGPolicyLossConfig(PolicyLossConfig):
     """verl ``policy_loss`` config with RPG's options (select it via ``_target_``).
 
-    beta: KL coefficient of docs/math.md §2-4 (paper 1e-4); anchor: only "rollout" (module
-    docstring); kl_in_advantage: fold the KL weight into the clipped advantage
-    (Algorithm 1, differentiable ``rpg_*`` losses only).
+    beta: KL coefficient of docs/math.md §2-4 (paper 1e-4); anchor: rollout | fixed | periodic |
+    adaptive (docs/math.md §1.1; all but rollout need ``python -m rpgrl.integrations.verl_anchor``),
+    refreshed every ``anchor_period`` optimizer steps (periodic) or when the moving average
+    (factor ``anchor_ema``) of the token KL to the anchor exceeds ``anchor_kappa`` (adaptive),
+    as rpgrl's ``algorithm.anchor.{period_optimizer_steps,kappa,ema}``; kl_in_advantage: fold the KL weight
+    into the clipped advantage (Algorithm 1, differentiable ``rpg_*`` losses only).
     """
 
     loss_mode: str = "rpg_reinforce_ufkl"
     beta: float = DEFAULT_BETA
     anchor: str = "rollout"
+    anchor_period: int = 20
+    anchor_kappa: float = 0.05
+    anchor_ema: float = 0.9
     kl_in_advantage: bool = False
 
     def __post_init__(self) -> None:
         where = "actor_rollout_ref.actor.policy_loss"
-        _check_rpg_options(self.beta, self.anchor, where)
+        _check_rpg_options(self.beta, self.anchor, where, self.anchor_period, self.anchor_kappa, self.anchor_ema)
         if self.loss_mode not in VERL_LOSS_NAMES:
             _refresh_names()  # an entry point installed after import
         if self.loss_mode not in VERL_LOSS_NAMES and ":" in self.loss_mode and self.loss_mode in LOSSES:
@@ -246,16 +275,36 @@ def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, floa
     ) -> tuple[Tensor, dict[str, float]]:
         if config is None:
             raise ValueError(f"verl policy loss {name!r} needs the actor config (got config=None)")
+        # verl's actor may produce bf16 log-probs (FSDP mixed precision); its own losses compute
+        # in the promoted dtype of log_prob - old_log_prob. So does this one: in bf16, r = 1.0012
+        # would round to 1.0 and the anchor's log-probs to 3 digits.
+        compute = torch.promote_types(log_prob.dtype, old_log_prob.dtype)
+        if log_prob.dtype != compute:
+            log_prob = log_prob.to(compute)
         weights = rollout_correction_weights(rollout_is_weights, log_prob, name)
-        if _get(config, "use_kl_loss", False) and spec.divergence is not None:
+        if _get(config, "use_kl_loss", False) and _get(config, "kl_loss_coef", 0.0) != 0 and spec.divergence is not None:
             warnings.warn(
                 f"actor.use_kl_loss=True adds verl's own KL term on top of {name!r}'s KL "
-                f"regularizer; set actor_rollout_ref.actor.use_kl_loss=False for RPG runs",
+                f"regularizer; set actor_rollout_ref.actor.use_kl_loss=False (or kl_loss_coef=0) for RPG runs",
                 stacklevel=2,
             )
         pl = _get(config, "policy_loss", {})
         beta, anchor = _get(pl, "beta", DEFAULT_BETA), _get(pl, "anchor", "rollout")
         _check_rpg_options(beta, anchor, "actor_rollout_ref.actor.policy_loss")
+        anchor_logp = None  # rollout anchor = old_log_prob: docs/math.md §1.1, mode 1, rho = w, v = 1
+        if anchor != "rollout":
+            anchor_logp = _ANCHOR_LOG_PROB.get()
+            if anchor_logp is None:
+                raise ValueError(
+                    f"verl policy loss {name!r}: actor_rollout_ref.actor.policy_loss.anchor={anchor!r} needs the "
+                    f"reference log-probs, which verl's ppo_loss does not pass to a policy loss; run "
+                    f"python -m rpgrl.integrations.verl_anchor (same overrides as verl.trainer.main_ppo) "
+                    f"instead of verl.trainer.main_ppo, or use anchor=rollout"
+                )
+            anchor_logp = anchor_logp.to(log_prob.dtype)
+            if tuple(anchor_logp.shape) != tuple(log_prob.shape):
+                raise ValueError(f"verl policy loss {name!r}: ref_log_prob shape {tuple(anchor_logp.shape)} != "
+                                 f"log_prob shape {tuple(log_prob.shape)}")
         clip_ratio = _get(config, "clip_ratio", 0.2)
         clip = (_get(config, "clip_ratio_low", clip_ratio), _get(config, "clip_ratio_high", clip_ratio))
         agg, norm = verl_normalization(
@@ -263,7 +312,7 @@ def make_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, floa
         )
         loss, metrics = policy_loss(
             name, log_prob, old_log_prob, advantages, response_mask,
-            anchor_logp=None,  # = old_log_prob: docs/math.md §1.1, mode 1 (see module docstring)
+            anchor_logp=anchor_logp,
             beta=float(beta), clip=clip, dual_clip=float(_get(config, "clip_ratio_c", 3.0)),
             agg=agg, kl_in_advantage=bool(_get(pl, "kl_in_advantage", False)), norm=norm,
             weights=weights,

@@ -304,5 +304,5 @@ def markdown_report(results: dict[str, list[dict]], summary: dict[str, Any]) -> 
     lines += ["", summary["verdict"]["line"], "",
               "The verdict compares *last* held-out accuracy paired by seed: a claim \"A > B\" holds beyond seed "
               "noise when the 95 % t-interval of the per-seed difference lies above 0 (with 3 seeds the interval "
-              "is mean ± 2.48 x std / sqrt(3) of the differences)."]
+              "is mean ± 4.30 x std / sqrt(3) = mean ± 2.48 x std of the differences)."]
     return lines

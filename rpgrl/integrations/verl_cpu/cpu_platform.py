@@ -8,13 +8,15 @@ and counts the Ray "GPU" resource (Ray hands out logical GPUs that we declare wi
 ``ray_init.num_gpus``; verl's placement groups ask only for GPU/NPU bundles,
 single_controller/ray/base.py:146-149).
 
-One adjustment is not reachable through a registry: verl's ``initialize_global_process_group_ray``
-(verl/utils/distributed.py:89) builds ``"cpu:gloo,{device}:{backend}"``, which on CPU is
-``"cpu:gloo,cpu:gloo"`` and torch rejects ("Duplicate device type cpu"). :func:`install`
-wraps that one function so that on this platform it passes plain ``"gloo"``. It is applied
-on ``import verl`` (this module is loaded through ``VERL_USE_EXTERNAL_MODULES``, before any
-verl worker module binds the name), in the driver and in every Ray worker. The smallest
-upstream fix would be to build the string only from distinct device types.
+Two adjustments are not reachable through a registry. First, verl's
+``initialize_global_process_group_ray`` (verl/utils/distributed.py:89) builds
+``"cpu:gloo,{device}:{backend}"``, which on CPU is ``"cpu:gloo,cpu:gloo"`` and torch rejects
+("Duplicate device type cpu"). :func:`install` wraps that one function so that on this
+platform it passes plain ``"gloo"``. The smallest upstream fix would be to build the string
+only from distinct device types. Second, the reference model's pinned CPU offload
+(:func:`_install_unpinned_cpu_offload`). Both are applied on ``import verl`` (this module is
+loaded through ``VERL_USE_EXTERNAL_MODULES``, before any verl worker module binds the
+names), in the driver and in every Ray worker.
 """
 
 from __future__ import annotations
@@ -122,9 +124,40 @@ def _is_cpu_platform() -> bool:
     return get_platform().device_name == "cpu"
 
 
+def _install_unpinned_cpu_offload() -> None:
+    """verl's FSDP2 engine always builds a forward-only (reference) model with
+    ``CPUOffloadPolicy(pin_memory=True)`` (verl/workers/engine/fsdp/transformer_impl.py:458-462),
+    and pinning host memory needs an accelerator ("Cannot access accelerator device when none
+    is available"). On this platform the policy is built unpinned (there is nothing to pin for)."""
+    import dataclasses
+    import sys
+
+    import verl.utils.fsdp_utils as fsdp_utils
+
+    base = fsdp_utils.CPUOffloadPolicy
+    if base is None or getattr(base, "_rpgrl_cpu", False):
+        return
+
+    @dataclasses.dataclass
+    class CPUOffloadPolicy(base):  # type: ignore[misc, valid-type]
+        _rpgrl_cpu = True
+
+        def __post_init__(self) -> None:
+            if _is_cpu_platform():
+                self.pin_memory = False
+
+    fsdp_utils.CPUOffloadPolicy = CPUOffloadPolicy
+    engine = sys.modules.get("verl.workers.engine.fsdp.transformer_impl")
+    if engine is not None:  # already imported (its name was bound at import)
+        engine.CPUOffloadPolicy = CPUOffloadPolicy
+
+
 def install() -> None:
     """Make verl's Ray process-group initialisation use plain gloo on this platform
-    (module docstring: verl/utils/distributed.py:89 yields ``cpu:gloo,cpu:gloo``). Idempotent."""
+    (module docstring: verl/utils/distributed.py:89 yields ``cpu:gloo,cpu:gloo``), and verl's
+    FSDP2 reference model use an unpinned CPU offload (:func:`_install_unpinned_cpu_offload`).
+    Idempotent."""
+    _install_unpinned_cpu_offload()
     import verl.utils.distributed as dist
 
     original = dist.initialize_global_process_group_ray

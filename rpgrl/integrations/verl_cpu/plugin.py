@@ -24,7 +24,10 @@ def _load_replica():
 
 
 def register() -> None:
-    """Register the platform fix-ups and the ``rpgrl_hf`` rollout (idempotent)."""
+    """Register the platform fix-ups, the ``rpgrl_hf`` rollout and the ``rpgrl_ray`` checkpoint
+    engine (idempotent)."""
+    from rpgrl.integrations.verl_cpu import checkpoint  # noqa: F401  (CheckpointEngineRegistry "rpgrl_ray")
+
     cpu_platform.install()
     compat.install()
     RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_replica)

@@ -14,7 +14,7 @@ ended earlier; the ground truth's first character is the highest digit). So two 
 get the same score only if they agree on those tokens: a group whose scores are all equal
 holds four responses with one common prefix, which a model that spreads its probability
 draws rarely: 2e-6 to 1.5e-4 per group for this run's random model, ~4e-5 for the tests'
-30-step warm start (estimated from 2,000 samples per prompt; tests/test_verl_e2e.py).
+30-step warm start (estimated from 2,000 samples per prompt; tests/test_verl_e2e.py explains the checks).
 
 The score is ``code / 2**19`` with an integer ``code < 25**4 < 2**19``: exact in float32 (verl's
 and rpgrl's reward tensors), and so are sums of a group's scores, so equal scores give an

@@ -43,15 +43,26 @@ def _model_path(model_config: Any) -> str:
     return os.path.expanduser(str(path))
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}
+    if str(name) not in dtypes:
+        raise ValueError(f"rpgrl_hf rollout: actor_rollout_ref.rollout.dtype={name!r}; expected one of {sorted(dtypes)}")
+    return dtypes[str(name)]
+
+
 class HFRolloutServer:
     """One replica's generation server (a Ray actor): HF ``generate``, one request at a time."""
 
-    def __init__(self, model_path: str, response_length: int, seed: int = 0) -> None:
+    def __init__(self, model_path: str, response_length: int, seed: int = 0, dtype: str = "float32") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(1)
+        # rollout.dtype: bfloat16 (verl's default) samples in another precision than an fp32
+        # actor, as vLLM does; the returned log-probs then really differ from pi_old.
+        self.dtype = _torch_dtype(dtype)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, torch_dtype=torch.float32, attn_implementation="sdpa"
+            model_path, torch_dtype=self.dtype, attn_implementation="sdpa"
         ).eval()
         tok = AutoTokenizer.from_pretrained(model_path)
         self.eos_token_id = tok.eos_token_id
@@ -82,6 +93,9 @@ class HFRolloutServer:
         """Sample up to ``max_tokens`` tokens (stop after eos); log-probs under logits / T."""
         temperature = float(sampling_params.get("temperature", 1.0) or 0.0)
         top_k = int(sampling_params.get("top_k", -1) or -1)
+        top_p = float(sampling_params.get("top_p", 1.0) if sampling_params.get("top_p") is not None else 1.0)
+        if top_p < 1.0:
+            raise ValueError(f"rpgrl_hf rollout: top_p={top_p} is not implemented (only top_k); set rollout.top_p=1.0")
         max_new = min(int(sampling_params.get("max_tokens") or self.response_length), self.response_length)
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         past, tokens, logps = None, [], []
@@ -149,7 +163,8 @@ class HFReplica(RolloutReplica):
         server = (
             ray.remote(HFRolloutServer)
             .options(name=name, num_cpus=0, max_concurrency=self.max_concurrency)
-            .remote(_model_path(self.model_config), self.config.response_length, self.config.seed + self.replica_rank)
+            .remote(_model_path(self.model_config), self.config.response_length, self.config.seed + self.replica_rank,
+                    str(self.config.dtype))
         )
         await server.ready.remote()
         self.servers = [server]

@@ -33,11 +33,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 #: Toy prompts: "a+b" with the sum as ground truth (the reward only looks at its first digit).
 PROMPTS = tuple((f"{a}+{b}", str(a + b)) for a, b in ((1, 2), (3, 4), (2, 5), (6, 1), (4, 4), (7, 2), (5, 3), (8, 1)))
 PLUGIN = "rpgrl.integrations.verl_cpu.plugin"
+FP32 = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"
 TRAINERS = ("legacy", "v1")
 
 
@@ -81,12 +82,13 @@ def build_assets(root: Path, seed: int = 0) -> tuple[Path, Path]:
 
 def overrides(
     model_dir: Path, data: Path, out: Path, *, trainer: str = "legacy", loss_mode: str = "rpg_ufkl",
-    steps: int = 2, ray_tmp: Optional[Path] = None,
+    steps: int = 2, ray_tmp: Optional[Path] = None, extra: Sequence[str] = (),
 ) -> list[str]:
-    """Hydra overrides for a minimal off-policy CPU run (module docstring)."""
+    """Hydra overrides for a minimal off-policy CPU run (module docstring); ``extra`` last
+    (later overrides of the same key win)."""
     if trainer not in TRAINERS:
         raise ValueError(f"trainer={trainer!r}; expected one of {TRAINERS}")
-    a, r = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
+    a, r, ref = "actor_rollout_ref.actor", "actor_rollout_ref.rollout", "actor_rollout_ref.ref"
     reward_file = Path(__file__).with_name("reward.py")
     o = [
         f"data.train_files={data}", f"data.val_files={data}",
@@ -99,14 +101,22 @@ def overrides(
         f"{a}.strategy=fsdp2", f"{a}.fsdp_config.strategy=fsdp2",
         f"{a}.fsdp_config.use_torch_compile=false", f"{a}.fsdp_config.dtype=float32",
         f"{a}.fsdp_config.model_dtype=fp32", f"{a}.use_torch_compile=false",
+        # verl's FSDP engine computes in bf16 unless mixed_precision says otherwise
+        # (verl/workers/engine/fsdp/transformer_impl.py:391-403)
+        f"+{a}.fsdp_config.mixed_precision={FP32}", f"+{ref}.fsdp_config.mixed_precision={FP32}",
         f"{a}.optim.lr=0.02", f"{a}.ppo_mini_batch_size=1", f"{a}.ppo_micro_batch_size_per_gpu=4",
         f"{a}.ppo_epochs=2", f"{a}.use_kl_loss=false",
+        f"{a}.policy_loss._target_=rpgrl.integrations.verl.RPGPolicyLossConfig",
         f"{a}.policy_loss.loss_mode={loss_mode}",
         f"{a}.clip_ratio_low=0.2", f"{a}.clip_ratio_high=0.28", f"{a}.clip_ratio_c=10.0",
         f"{a}.checkpoint.save_contents=[model,hf_model]",
         f"{r}.name=rpgrl_hf", f"{r}.tensor_model_parallel_size=1", f"{r}.n=4",
         f"{r}.log_prob_micro_batch_size_per_gpu=8", f"{r}.agent.num_workers=1",
-        f"{r}.free_cache_engine=false",
+        f"{r}.free_cache_engine=false", f"{r}.dtype=float32", f"{r}.calculate_log_probs=true",
+        # the reference model (loaded only for a fixed / periodic / adaptive anchor)
+        f"{ref}.fsdp_config.strategy=fsdp2", f"{ref}.fsdp_config.use_torch_compile=false",
+        f"{ref}.fsdp_config.dtype=float32", f"{ref}.fsdp_config.model_dtype=fp32",
+        f"{ref}.log_prob_micro_batch_size_per_gpu=8",
         "algorithm.adv_estimator=rpg", "algorithm.use_kl_in_reward=false",
         f"reward.custom_reward_function.path={reward_file}", "reward.custom_reward_function.name=compute_score",
         "reward.num_workers=1",
@@ -123,7 +133,17 @@ def overrides(
         o.append(f"+ray_kwargs.ray_init._temp_dir={ray_tmp}")
     if trainer == "v1":
         o.append("transfer_queue.backend.SimpleStorage.num_data_storage_units=1")
-    return o
+    return o + list(extra)
+
+
+def entry_module(extra: Sequence[str] = ()) -> str:
+    """``verl.trainer.main_ppo``, or :mod:`rpgrl.integrations.verl_anchor` when ``extra`` asks
+    for a fixed / periodic / adaptive anchor (verl's own main cannot hand ref_log_prob to the loss)."""
+    for o in extra:
+        key, _, value = o.lstrip("+").partition("=")
+        if key == "actor_rollout_ref.actor.policy_loss.anchor" and value != "rollout":
+            return "rpgrl.integrations.verl_anchor"
+    return "verl.trainer.main_ppo"
 
 
 def run_env(out: Path) -> dict[str, str]:
@@ -205,13 +225,18 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def run(out: Path, *, trainer: str = "legacy", loss_mode: str = "rpg_ufkl", steps: int = 2,
-        timeout_s: float = 1800.0, python: str = sys.executable) -> RunResult:
-    """Build the assets under ``out`` and run ``main_ppo``; never leaves a process behind."""
+        timeout_s: float = 1800.0, python: str = sys.executable, extra: Sequence[str] = (),
+        module: Optional[str] = None) -> RunResult:
+    """Build the assets under ``out`` and run ``module`` (default :func:`entry_module`:
+    verl's ``main_ppo``, or rpgrl's anchored one) with ``extra`` hydra overrides last; never
+    leaves a process behind."""
     out.mkdir(parents=True, exist_ok=True)
     model_dir, data = build_assets(out)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rpgrl-ray-", dir="/tmp"))  # short: Ray's socket paths
-    cmd = [python, "-m", "verl.trainer.main_ppo",
-           *overrides(model_dir, data, out, trainer=trainer, loss_mode=loss_mode, steps=steps, ray_tmp=ray_tmp)]
+    cmd = [python, "-m", module or entry_module(extra),
+           *overrides(model_dir, data, out, trainer=trainer, loss_mode=loss_mode, steps=steps, ray_tmp=ray_tmp,
+                      extra=extra)]
+    (out / "command.txt").write_text(" ".join(cmd) + "\n")
     start = time.monotonic()
     with open(out / "main_ppo.log", "wb") as log:
         proc = subprocess.Popen(cmd, env=run_env(out), stdout=log, stderr=subprocess.STDOUT,
@@ -236,11 +261,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--loss", default="rpg_ufkl", help="verl loss_mode (rpgrl's or verl's own)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: a new temp dir)")
+    p.add_argument("--entry", default=None, help="python module to run (default: verl.trainer.main_ppo, or "
+                   "rpgrl.integrations.verl_anchor for a non-rollout anchor)")
+    p.add_argument("overrides", nargs="*", help="extra hydra overrides (last wins), e.g. "
+                   "+actor_rollout_ref.actor.policy_loss.anchor=periodic algorithm.rollout_correction.rollout_is=token")
     args = p.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="rpgrl-verl-cpu-"))
-    res = run(out, trainer=args.trainer, loss_mode=args.loss, steps=args.steps)
+    res = run(out, trainer=args.trainer, loss_mode=args.loss, steps=args.steps, extra=args.overrides,
+              module=args.entry)
     keys = ("actor/rpg/clipfrac_upper", "actor/rpg/clipfrac_lower", "actor/rpg/importance_weight_mean", "actor/pg_loss",
-            "critic/score/mean", "actor/grad_norm")
+            "critic/score/mean", "actor/grad_norm", "actor/rpg/rollout_is_weight_mean", "rollout_corr/rollout_is_mean",
+            "actor/rpg/kl_anchor_k3", "actor/rpg/anchor_kl_old_k3", "actor/rpg/anchor_refreshes")
     for line in res.leftover:
         print(f"killed after main_ppo exited: {line}")
     for m in res.metrics:
