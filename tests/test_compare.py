@@ -53,7 +53,9 @@ def test_best_excludes_before_rl_and_table_is_mean_pm_sample_std(tmp_path):
 
 def test_algorithm_of_falls_back_to_config_yaml(tmp_path):
     d = _fake_run(tmp_path / "x", "rpg_fkl", {0: 0.1, 5: 0.2}, config_only=True)
-    assert algorithm_of(d) == "rpg_fkl"
+    assert algorithm_of(d) == "rpg_fkl"  # a config written before algorithm.name became preset
+    (d / "config.yaml").write_text("seed: 0\nalgorithm:\n  preset: grpo\n")  # what the trainer writes now
+    assert algorithm_of(d) == "grpo"
     with pytest.raises(FileNotFoundError, match="summary.json"):
         run_result(d)  # an unfinished run has no table row
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):

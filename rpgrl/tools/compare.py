@@ -40,8 +40,8 @@ from typing import Any, Callable
 
 import yaml
 
-from rpgrl.tools.compare_report import (RUN_INFO, collect_finished, fill_shared_before, markdown_report, run_info,
-                                        run_result, shared_baseline, study_summary)
+from rpgrl.tools.compare_report import (RUN_INFO, algorithm_of, collect_finished, fill_shared_before, markdown_report,
+                                        run_info, run_result, shared_baseline, study_summary)
 from rpgrl.loop.tracking import is_finite_number
 
 __all__ = ["add_subcommands", "compare", "config_differences", "format_table", "main", "parse_algorithms",
@@ -114,22 +114,6 @@ def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = PER_RUN_KEYS)
 
 
 # --------------------------------------------------------------------------- one run's numbers
-
-
-def algorithm_of(run_dir: str | Path) -> str:
-    """A run's algorithm: summary.json "algorithm", else config.yaml algorithm.preset, else the dir name."""
-    run_dir = Path(run_dir)
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        name = json.loads(summary.read_text()).get("algorithm")
-        if name:
-            return str(name)
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        name = ((yaml.safe_load(config.read_text()) or {}).get("algorithm") or {}).get("name")
-        if name:
-            return str(name)
-    return run_dir.name
 
 
 # --------------------------------------------------------------------------- the table

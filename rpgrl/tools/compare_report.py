@@ -90,6 +90,24 @@ def run_info(run_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def algorithm_of(run_dir: str | Path) -> str:
+    """A run's algorithm: summary.json "algorithm", else config.yaml algorithm.preset (``name``
+    in configs written before the key was renamed), else the dir name."""
+    run_dir = Path(run_dir)
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        name = json.loads(summary.read_text()).get("algorithm")
+        if name:
+            return str(name)
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        algo = (yaml.safe_load(config.read_text()) or {}).get("algorithm") or {}
+        name = algo.get("preset") or algo.get("name")
+        if name:
+            return str(name)
+    return run_dir.name
+
+
 def run_result(run_dir: str | Path) -> dict[str, Any]:
     """Numbers of one finished run (``summary.json`` must exist).
 
@@ -98,8 +116,6 @@ def run_result(run_dir: str | Path) -> dict[str, Any]:
     forced); a run evaluated only at the end has best == last. ``max_accuracy_drop`` is the
     largest fall of held-out accuracy between consecutive evaluations, step 0 included.
     """
-    from rpgrl.tools.compare import algorithm_of
-
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
