@@ -34,9 +34,8 @@ def _train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0
     before, after = summary["eval_before"]["accuracy"], summary["eval_after"]["accuracy"]
-    if before != before:  # nan: eval.before_training=false
-        print("held-out accuracy before RL: not evaluated (eval.before_training=false)")
-    print(f"held-out accuracy: before RL {before:.3f} -> after RL {after:.3f} "
+    before_text = f"{before:.3f}" if before == before else "not evaluated (eval.before_training=false)"
+    print(f"held-out accuracy: before RL {before_text} -> after RL {after:.3f} "
           f"({summary['steps']} RL steps, {summary['wall_seconds']:.0f} s in all, {summary['algorithm']})")
     for key in summary["eval_after"]:
         if key != "accuracy":
