@@ -359,3 +359,37 @@ def test_shared_baseline_is_the_first_measured_run_and_drop_counts_it():
     b = results["b"][0]
     assert b["eval_curve"] == [[0, 0.5], [2, 0.1], [4, 0.2]] and b["max_accuracy_drop"] == pytest.approx(0.4)
     assert shared_baseline({"x": [{"seed": 0, "before": nan}]}) is None
+
+
+def test_earlier_json_reports_runs_whose_folders_are_gone(study_out, tmp_path, capsys):
+    """``--earlier-json``: a study rebuilt after run folders were lost (another machine, a
+    wiped disk) reports the recorded runs with the same numbers, its own folders winning."""
+    import shutil
+
+    first = tmp_path / "first.json"
+    argv = ["compare", "--algorithms", "grpo,dapo,rpg_reinforce_ufkl,rpg_reinforce_urkl", "--seeds", "0,1,2",
+            "--out", str(study_out), "--report-only"]
+    assert _cli([*argv, "--json", str(first)]) == 0
+    before = json.loads(first.read_text())
+    assert before["runs"][0]["curves"]["actor/kl_anchor_k3"] == [[1, 0.005], [2, 0.01], [3, 0.015], [4, 0.02]]
+    shutil.rmtree(study_out / "grpo")
+    shutil.rmtree(study_out / "dapo" / "seed2")
+    (study_out / "comparison.png").unlink()
+    second = tmp_path / "second.json"
+    assert _cli([*argv, "--earlier-json", str(first), "--json", str(second)]) == 0
+    assert "4 run(s) reported from their record in" in capsys.readouterr().out
+    after = json.loads(second.read_text())
+    key = lambda r: (r["algorithm"], r["seed"])  # noqa: E731
+    assert sorted(map(key, after["runs"])) == sorted(map(key, before["runs"]))
+    recorded = {key(r) for r in after["runs"] if r["recorded_in"] == str(first)}
+    assert recorded == {("grpo", 0), ("grpo", 1), ("grpo", 2), ("dapo", 2)}
+    for name in ("methods", "paired", "verdict"):
+        assert after[name] == before[name], name
+    strip = lambda r: {k: v for k, v in r.items() if k != "recorded_in"}  # noqa: E731
+    assert sorted(map(strip, after["runs"]), key=key) == sorted(map(strip, before["runs"]), key=key)
+    assert (study_out / "comparison.png").stat().st_size > 10_000
+    # another setting's JSON is refused, naming the key
+    other = dict(before, overrides=["optim.lr=1e-3"])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert _cli([*argv, "--earlier-json", str(tmp_path / "other.json")]) == 2
+    assert "optim.lr: 0.001 there, 0.0002 here" in capsys.readouterr().err

@@ -40,8 +40,8 @@ from typing import Any, Callable
 
 import yaml
 
-from rpgrl.tools.compare_report import (RUN_INFO, algorithm_of, collect_finished, fill_shared_before, markdown_report,
-                                        run_info, run_result, shared_baseline, study_summary)
+from rpgrl.tools.compare_report import (RUN_INFO, algorithm_of, collect_finished, curve_records, fill_shared_before,
+                                        markdown_report, run_info, run_result, shared_baseline, study_summary)
 from rpgrl.loop.tracking import is_finite_number
 
 __all__ = ["add_subcommands", "compare", "config_differences", "format_table", "main", "parse_algorithms",
@@ -144,7 +144,7 @@ def format_table(results: dict[str, list[dict]]) -> str:
     ]
     for algo, runs in results.items():
         def col(k, runs=runs):
-            return [r[k] for r in runs]
+            return [r.get(k, math.nan) for r in runs]  # a run from an older study.json may lack k
 
         steps = sorted({r["steps"] for r in runs})
         lines.append(
@@ -265,6 +265,7 @@ def compare(
     out_dir: str | Path, *, resume: bool = False, band: str = "minmax", log: Callable = print,
     isolate: bool = False, report_only: bool = False, json_path: str | Path | None = None,
     prune_checkpoints: bool = False, command: str | None = None, shared_before: bool = False,
+    earlier_json: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train each algorithm x seed sequentially, then write the report of every finished run under ``out_dir``.
 
@@ -276,6 +277,9 @@ def compare(
     ``report_only``: train nothing, report what has finished.
     ``shared_before``: only the first run evaluates before RL; the others skip it and report
     that number (``compare_report.shared_baseline`` says why that is the same measurement).
+    ``earlier_json``: a study.json written earlier with the same setting; its runs that have no
+    finished folder under ``out_dir`` (run elsewhere, or their folders lost) are reported from
+    the numbers recorded there (``carry_earlier``).
 
     Returns ``{"results": {algo: [run_result per seed]}, "summary": study_summary, "markdown":
     path, "png": path, "json": path}``.
@@ -331,6 +335,8 @@ def compare(
         if prune_checkpoints and (run_dir / "summary.json").is_file() and (run_dir / "checkpoints").is_dir():
             shutil.rmtree(run_dir / "checkpoints")
     results = _merge_finished(out, algorithms, config_path, overrides, log)
+    if earlier_json is not None:
+        carry_earlier(results, earlier_json, config_path, overrides, log)
     if not results:
         raise ConfigError(f"compare: no finished run under {out} to report")
     fill_shared_before(results, shared_baseline(results))
@@ -375,6 +381,50 @@ def _merge_finished(out: Path, algorithms: list[str], config_path: str | None, o
     return results
 
 
+def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path: str | None,
+                  overrides: list[str], log: Callable = print) -> int:
+    """Add (in place) the runs recorded in an earlier study.json at ``path`` whose (algorithm,
+    seed) has no finished folder here; each is marked ``recorded_in``. The JSON must have been
+    made with the same setting (its config and overrides, per-run keys aside), else ConfigError.
+    A run kept this way is what the JSON says of it: its numbers, accuracy curve and (JSON
+    written since "curves" was added) per-step curves. Returns how many were added."""
+    from rpgrl.config import ConfigError, load_config, to_dict
+
+    path = Path(path)
+    try:
+        earlier = json.loads(path.read_text())
+        runs = earlier["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"compare: --earlier-json {path}: expected a study.json written by rpgrl compare "
+                          f"(an object with a 'runs' list): {exc}") from None
+    try:
+        theirs = to_dict(load_config(earlier.get("config"), list(earlier.get("overrides") or [])))
+    except ConfigError as exc:
+        raise ConfigError(f"compare: --earlier-json {path}: cannot rebuild its setting: {exc}") from None
+    diff = config_differences(theirs, to_dict(load_config(config_path, overrides)),
+                              ignore=(*PER_RUN_KEYS, "algorithm.preset"))
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:8])
+        raise ConfigError(f"compare: --earlier-json {path} was made with another setting ({shown})")
+    added = 0
+    for i, r in enumerate(runs):
+        if not isinstance(r, dict) or not {"algorithm", "seed", "last"} <= set(r):
+            raise ConfigError(f"compare: --earlier-json {path}: runs[{i}] lacks algorithm, seed or last")
+        have = results.setdefault(r["algorithm"], [])
+        if any(int(h["seed"]) == int(r["seed"]) for h in have):
+            log(f"[compare] {r['algorithm']} seed {r['seed']}: a finished folder here replaces the record in {path}")
+            continue
+        nan = {k: math.nan for k, v in r.items() if v is None}  # the JSON writes nan as null
+        have.append({**r, **nan, "seed": int(r["seed"]), "recorded_in": str(path)})
+        added += 1
+    for runs_ in results.values():
+        runs_.sort(key=lambda x: int(x["seed"]))
+    for algo in [a for a, rs in results.items() if not rs]:
+        del results[algo]
+    log(f"[compare] {added} run(s) reported from their record in {path}")
+    return added
+
+
 def _json_default(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else str(x)
 
@@ -414,7 +464,7 @@ _RUN_FIELDS = ("algorithm", "seed", "before", "before_source", "last", "best", "
                "optimizer_steps_per_batch", "optimizer_steps_per_batch_min", "n_heldout", "max_accuracy_drop",
                "skipped_steps", "kl_anchor_max", "importance_weight_max", "clipfrac_mean", "clipfrac_max",
                "gen_batches_mean", "kept_groups_mean", "step_seconds_mean", "peak_rss_mb", "peak_rss_source",
-               "wall_s", "process_wall_s", "eval_curve", "run_dir", "run_command")
+               "wall_s", "wall_seconds", "process_wall_s", "eval_curve", "curves", "run_dir", "run_command", "recorded_in")
 
 
 def study_json(results: dict[str, list[dict]], summary: dict[str, Any], *, command: str | None,
@@ -429,7 +479,8 @@ def study_json(results: dict[str, list[dict]], summary: dict[str, Any], *, comma
 def _plot(results: dict[str, list[dict]], out_png: Path, band: str) -> Path:
     from rpgrl.tools.plots import plot_comparison
 
-    runs = {algo: [r["run_dir"] for r in rs] for algo, rs in results.items()}
+    runs = {algo: [r["run_dir"] if (Path(str(r.get("run_dir"))) / "metrics.jsonl").is_file() else curve_records(r)
+                   for r in rs] for algo, rs in results.items()}
     return plot_comparison(runs, out_png, band=band)
 
 
@@ -471,10 +522,12 @@ def _compare_cmd(args: argparse.Namespace) -> int:
                               *(["--prune-checkpoints"] if args.prune_checkpoints else []),
                               *(["--shared-before"] if args.shared_before else []),
                               *(["--report-only"] if args.report_only else []),
+                              *(["--earlier-json", str(args.earlier_json)] if args.earlier_json else []),
                               *(["--json", str(args.json)] if args.json else [])])
         compare(algorithms, args.seeds, config_path, overrides, args.out, resume=args.resume,
                 band=args.band, isolate=args.isolate, report_only=args.report_only, json_path=args.json,
-                prune_checkpoints=args.prune_checkpoints, command=command, shared_before=args.shared_before)
+                prune_checkpoints=args.prune_checkpoints, command=command, shared_before=args.shared_before,
+                earlier_json=args.earlier_json)
     except (ConfigError, ValueError) as exc:
         print(f"rpgrl compare: {exc}", file=sys.stderr)
         return 2
@@ -535,6 +588,9 @@ def add_subcommands(subparsers) -> None:
     c.add_argument("--shared-before", action="store_true",
                    help="evaluate before RL once (the first run) and report it for every run: the same "
                         "initial weights and held-out set give the same greedy replies")
+    c.add_argument("--earlier-json", default=None, metavar="PATH",
+                   help="a study.json made earlier with the same setting: its runs without a finished folder "
+                        "under --out are reported from the numbers recorded there")
     c.add_argument("--band", choices=("minmax", "std"), default="minmax", help="seed band in the figure")
     c.set_defaults(func=_compare_cmd)
     p = subparsers.add_parser("plot", help="comparison.png of existing run directories")

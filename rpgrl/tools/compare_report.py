@@ -25,7 +25,7 @@ from rpgrl.loop import metrics as M
 from rpgrl.tools.stats import Interval, paired_difference, t_interval, verdict
 from rpgrl.loop.tracking import is_finite_number, read_metrics
 
-__all__ = ["BASELINES", "LABELS", "RUN_INFO", "VERDICT_CLAIMS", "collect_finished", "label", "markdown_report",
+__all__ = ["BASELINES", "CURVE_KEYS", "LABELS", "RUN_INFO", "VERDICT_CLAIMS", "collect_finished", "curve_records", "label", "markdown_report",
            "run_result", "study_summary"]
 
 #: written by ``rpgrl compare`` into each run folder: how the run was launched and measured
@@ -40,6 +40,8 @@ BASELINES = ("dapo", "grpo")
 #: the paper's claim, RPG-REINFORCE-UFKL/URKL >= DAPO >= GRPO, as (better, worse) pairs
 VERDICT_CLAIMS = (("rpg_reinforce_ufkl", "dapo"), ("rpg_reinforce_urkl", "dapo"), ("dapo", "grpo"))
 _CLIPFRAC_TOTAL = "clipfrac_total"
+#: per-step metrics of the comparison figure (besides held-out accuracy), kept per run
+CURVE_KEYS = (M.REWARD, M.ENTROPY, M.LENGTH_MEAN, M.KL_ANCHOR, *M.CLIPFRACS)
 
 
 def label(algo: str) -> str:
@@ -172,8 +174,21 @@ def run_result(run_dir: str | Path) -> dict[str, Any]:
         "wall_seconds": float(summary.get("train_seconds", summary.get("wall_seconds", math.nan))),
         "process_wall_s": info.get("process_wall_s"),
         "eval_curve": [[s, v] for s, v in evals],
+        # the figure's per-step curves, kept in study.json so that a report rebuilt from the
+        # JSON alone (``rpgrl compare --earlier-json``) still draws them
+        "curves": {k: [[s, v] for s, v in _series(records, k)] for k in CURVE_KEYS},
         "run_command": info.get("run_command"),
     }
+
+
+def curve_records(run: dict) -> list[dict]:
+    """metrics.jsonl-like records rebuilt from a run's ``eval_curve`` and ``curves`` (what the
+    figure draws of a run known only from study.json)."""
+    rows: dict[int, dict] = {}
+    for key, series in [(M.EVAL_ACCURACY, run.get("eval_curve") or []), *(run.get("curves") or {}).items()]:
+        for s, v in series:
+            rows.setdefault(int(s), {"step": int(s)})[key] = v
+    return [rows[s] for s in sorted(rows)]
 
 
 def shared_baseline(results: dict[str, list[dict]]) -> dict | None:
