@@ -375,6 +375,10 @@ def test_earlier_json_reports_runs_whose_folders_are_gone(study_out, tmp_path, c
     shutil.rmtree(study_out / "grpo")
     shutil.rmtree(study_out / "dapo" / "seed2")
     (study_out / "comparison.png").unlink()
+    # dapo seed 0 "was recorded" 20 points higher than its folder here now says (a rerun elsewhere)
+    edited = json.loads(first.read_text())
+    next(r for r in edited["runs"] if (r["algorithm"], r["seed"]) == ("dapo", 0))["last"] += 0.20
+    first.write_text(json.dumps(edited))
     second = tmp_path / "second.json"
     assert _cli([*argv, "--earlier-json", str(first), "--json", str(second)]) == 0
     assert "4 run(s) reported from their record in" in capsys.readouterr().out
@@ -385,6 +389,16 @@ def test_earlier_json_reports_runs_whose_folders_are_gone(study_out, tmp_path, c
     assert recorded == {("grpo", 0), ("grpo", 1), ("grpo", 2), ("dapo", 2)}
     for name in ("methods", "paired", "verdict"):
         assert after[name] == before[name], name
+    # the folders that replaced records are reruns: reproduced within max(5 pts, 2 x seed std)
+    rr = {(r["algorithm"], r["seed"]): r for r in after["reruns"]["runs"]}
+    assert set(rr) == {("dapo", 0), ("dapo", 1), *((a, s) for a in ("rpg_reinforce_ufkl", "rpg_reinforce_urkl")
+                                                    for s in range(3))}
+    d0 = rr[("dapo", 0)]
+    assert d0["difference"] == pytest.approx(-0.20) and d0["reproduced"] is False
+    assert d0["tolerance"] == pytest.approx(max(0.05, 2 * 0.05))  # dapo lasts 0.50, 0.55, 0.45: std 0.05
+    assert rr[("dapo", 1)]["difference"] == 0 and rr[("dapo", 1)]["reproduced"] is True
+    assert after["reruns"]["all_reproduced"] is False
+    assert "| DAPO | 0 | 70.0 | 50.0 | -20.0 | 10.0 | NO |" in (study_out / "comparison.md").read_text()
     strip = lambda r: {k: v for k, v in r.items() if k != "recorded_in"}  # noqa: E731
     assert sorted(map(strip, after["runs"]), key=key) == sorted(map(strip, before["runs"]), key=key)
     assert (study_out / "comparison.png").stat().st_size > 10_000

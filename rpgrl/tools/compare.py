@@ -41,7 +41,8 @@ from typing import Any, Callable
 import yaml
 
 from rpgrl.tools.compare_report import (RUN_INFO, algorithm_of, collect_finished, curve_records, fill_shared_before,
-                                        markdown_report, run_info, run_result, shared_baseline, study_summary)
+                                        markdown_report, rerun_check, run_info, run_result, shared_baseline,
+                                        study_summary)
 from rpgrl.loop.tracking import is_finite_number
 
 __all__ = ["add_subcommands", "compare", "config_differences", "format_table", "main", "parse_algorithms",
@@ -335,12 +336,13 @@ def compare(
         if prune_checkpoints and (run_dir / "summary.json").is_file() and (run_dir / "checkpoints").is_dir():
             shutil.rmtree(run_dir / "checkpoints")
     results = _merge_finished(out, algorithms, config_path, overrides, log)
-    if earlier_json is not None:
-        carry_earlier(results, earlier_json, config_path, overrides, log)
+    reruns = carry_earlier(results, earlier_json, config_path, overrides, log) if earlier_json is not None else []
     if not results:
         raise ConfigError(f"compare: no finished run under {out} to report")
     fill_shared_before(results, shared_baseline(results))
     summary = study_summary(results)
+    if reruns:
+        summary["reruns"] = rerun_check(reruns, results)
     header = [f"Config: `{config_path or '(CPU default)'}`; overrides: "
               f"`{' '.join(overrides) or '(none)'}`; seeds {','.join(map(str, seed_list))} requested; "
               f"this report covers every finished run under `{out}`."]
@@ -382,12 +384,13 @@ def _merge_finished(out: Path, algorithms: list[str], config_path: str | None, o
 
 
 def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path: str | None,
-                  overrides: list[str], log: Callable = print) -> int:
+                  overrides: list[str], log: Callable = print) -> list[dict]:
     """Add (in place) the runs recorded in an earlier study.json at ``path`` whose (algorithm,
     seed) has no finished folder here; each is marked ``recorded_in``. The JSON must have been
     made with the same setting (its config and overrides, per-run keys aside), else ConfigError.
     A run kept this way is what the JSON says of it: its numbers, accuracy curve and (JSON
-    written since "curves" was added) per-step curves. Returns how many were added."""
+    written since "curves" was added) per-step curves. Returns the reruns: each recorded run
+    that a finished folder here replaced, with both last accuracies (``rerun_check`` judges them)."""
     from rpgrl.config import ConfigError, load_config, to_dict
 
     path = Path(path)
@@ -406,13 +409,16 @@ def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path:
     if diff:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:8])
         raise ConfigError(f"compare: --earlier-json {path} was made with another setting ({shown})")
-    added = 0
+    added, reruns = 0, []
     for i, r in enumerate(runs):
         if not isinstance(r, dict) or not {"algorithm", "seed", "last"} <= set(r):
             raise ConfigError(f"compare: --earlier-json {path}: runs[{i}] lacks algorithm, seed or last")
         have = results.setdefault(r["algorithm"], [])
-        if any(int(h["seed"]) == int(r["seed"]) for h in have):
+        here = next((h for h in have if int(h["seed"]) == int(r["seed"])), None)
+        if here is not None:
             log(f"[compare] {r['algorithm']} seed {r['seed']}: a finished folder here replaces the record in {path}")
+            reruns.append({"algorithm": r["algorithm"], "seed": int(r["seed"]), "recorded_last": r["last"],
+                           "rerun_last": here["last"], "recorded_in": str(path), "rerun_dir": here["run_dir"]})
             continue
         nan = {k: math.nan for k, v in r.items() if v is None}  # the JSON writes nan as null
         have.append({**r, **nan, "seed": int(r["seed"]), "recorded_in": str(path)})
@@ -422,7 +428,7 @@ def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path:
     for algo in [a for a, rs in results.items() if not rs]:
         del results[algo]
     log(f"[compare] {added} run(s) reported from their record in {path}")
-    return added
+    return reruns
 
 
 def _json_default(x: Any) -> Any:
@@ -464,7 +470,8 @@ _RUN_FIELDS = ("algorithm", "seed", "before", "before_source", "last", "best", "
                "optimizer_steps_per_batch", "optimizer_steps_per_batch_min", "n_heldout", "max_accuracy_drop",
                "skipped_steps", "kl_anchor_max", "importance_weight_max", "clipfrac_mean", "clipfrac_max",
                "gen_batches_mean", "kept_groups_mean", "step_seconds_mean", "peak_rss_mb", "peak_rss_source",
-               "wall_s", "wall_seconds", "process_wall_s", "eval_curve", "curves", "run_dir", "run_command", "recorded_in")
+               "wall_s", "wall_seconds", "process_wall_s", "eval_curve", "curves", "run_dir", "run_command",
+               "recorded_in")
 
 
 def study_json(results: dict[str, list[dict]], summary: dict[str, Any], *, command: str | None,

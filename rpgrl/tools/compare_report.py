@@ -25,8 +25,8 @@ from rpgrl.loop import metrics as M
 from rpgrl.tools.stats import Interval, paired_difference, t_interval, verdict
 from rpgrl.loop.tracking import is_finite_number, read_metrics
 
-__all__ = ["BASELINES", "CURVE_KEYS", "LABELS", "RUN_INFO", "VERDICT_CLAIMS", "collect_finished", "curve_records", "label", "markdown_report",
-           "run_result", "study_summary"]
+__all__ = ["BASELINES", "CURVE_KEYS", "LABELS", "RUN_INFO", "VERDICT_CLAIMS", "collect_finished", "curve_records",
+           "label", "markdown_report", "rerun_check", "run_result", "study_summary"]
 
 #: written by ``rpgrl compare`` into each run folder: how the run was launched and measured
 RUN_INFO = "compare_run.json"
@@ -280,6 +280,21 @@ def study_summary(results: dict[str, list[dict]]) -> dict[str, Any]:
     return {"methods": methods, "paired": paired, "verdict": v}
 
 
+def rerun_check(reruns: list[dict], results: dict[str, list[dict]], min_points: float = 0.05) -> dict[str, Any]:
+    """Does a rerun of a (method, seed) reproduce its recorded last accuracy? Within
+    max(``min_points``, 2 x that method's seed std of last accuracy) counts as reproduced:
+    another CPU (or thread count) draws other samples, so a rerun is one more draw from the
+    method's seed distribution, not a bit-identical replay."""
+    rows = []
+    for r in reruns:
+        std = t_interval([x["last"] for x in results.get(r["algorithm"], [])]).std
+        tol = max(min_points, 2 * std) if math.isfinite(std) else min_points
+        diff = float(r["rerun_last"]) - float(r["recorded_last"])
+        rows.append({**r, "difference": diff, "tolerance": tol, "reproduced": abs(diff) <= tol})
+    return {"rule": f"|rerun - recorded| <= max({100 * min_points:g} pts, 2 x the method's seed std of last accuracy)",
+            "runs": rows, "all_reproduced": all(r["reproduced"] for r in rows)}
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -332,6 +347,16 @@ def markdown_report(results: dict[str, list[dict]], summary: dict[str, Any]) -> 
             f"{_pct(m['clipfrac_mean'])} / {_pct(m['clipfrac_max'])} | {_num(m['importance_weight_max'], '.3g')} | "
             f"{_num(m['optimizer_steps_per_batch'], '.1f')} | {_num(m['peak_rss_mb'], '.0f')} | "
             f"{_num(m['wall_s'], '.0f')} |")
+    if summary.get("reruns"):
+        rr = summary["reruns"]
+        lines += ["", "## Reruns of recorded runs (reproduction check)", "", f"Rule: {rr['rule']}.", "",
+                  "| Method | Seed | Recorded last (%) | Rerun last (%) | Difference (pts) | Tolerance (pts) "
+                  "| Reproduced |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for r in rr["runs"]:
+            lines.append(f"| {label(r['algorithm'])} | {r['seed']} | {_pct(r['recorded_last'])} | "
+                         f"{_pct(r['rerun_last'])} | {_pct(r['difference'], True)} | {_pct(r['tolerance'])} | "
+                         f"{'yes' if r['reproduced'] else 'NO'} |")
     lines += ["", summary["verdict"]["line"], "",
               "The verdict compares *last* held-out accuracy paired by seed: a claim \"A > B\" holds beyond seed "
               "noise when the 95 % t-interval of the per-seed difference lies above 0 (with 3 seeds the interval "
