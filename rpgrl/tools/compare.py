@@ -383,6 +383,9 @@ def _merge_finished(out: Path, algorithms: list[str], config_path: str | None, o
     return results
 
 
+_NOT_NUMBERS = ("eval_curve", "curves", "run_dir", "run_command", "recorded_in", "before_source", "peak_rss_source")
+
+
 def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path: str | None,
                   overrides: list[str], log: Callable = print) -> list[dict]:
     """Add (in place) the runs recorded in an earlier study.json at ``path`` whose (algorithm,
@@ -390,7 +393,8 @@ def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path:
     made with the same setting (its config and overrides, per-run keys aside), else ConfigError.
     A run kept this way is what the JSON says of it: its numbers, accuracy curve and (JSON
     written since "curves" was added) per-step curves. Returns the reruns: each recorded run
-    that a finished folder here replaced, with both last accuracies (``rerun_check`` judges them)."""
+    that a finished folder here replaced, with both last accuracies (``rerun_check`` judges them);
+    a record of the folder's own run (same wall time and last accuracy) is not a rerun."""
     from rpgrl.config import ConfigError, load_config, to_dict
 
     path = Path(path)
@@ -417,10 +421,12 @@ def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path:
         here = next((h for h in have if int(h["seed"]) == int(r["seed"])), None)
         if here is not None:
             log(f"[compare] {r['algorithm']} seed {r['seed']}: a finished folder here replaces the record in {path}")
-            reruns.append({"algorithm": r["algorithm"], "seed": int(r["seed"]), "recorded_last": r["last"],
-                           "rerun_last": here["last"], "recorded_in": str(path), "rerun_dir": here["run_dir"]})
+            if (r.get("wall_s"), r["last"]) != (here["wall_s"], here["last"]):  # else: this very run, recorded
+                reruns.append({"algorithm": r["algorithm"], "seed": int(r["seed"]), "recorded_last": r["last"],
+                               "rerun_last": here["last"], "recorded_in": str(path), "rerun_dir": here["run_dir"]})
             continue
-        nan = {k: math.nan for k, v in r.items() if v is None}  # the JSON writes nan as null
+        # the JSON writes nan as null; curves and texts stay None (a record older than "curves" has none)
+        nan = {k: math.nan for k, v in r.items() if v is None and k not in _NOT_NUMBERS}
         have.append({**r, **nan, "seed": int(r["seed"]), "recorded_in": str(path)})
         added += 1
     for runs_ in results.values():
