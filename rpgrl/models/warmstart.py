@@ -89,8 +89,12 @@ def warm_start_tiny(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    if out.exists():  # another process won the race; theirs is as good as ours
+    try:
+        os.replace(tmp, out)  # atomic: a reader sees no folder or a complete one
+    except OSError:
+        # another process renamed its copy first (a rename onto a non-empty folder fails);
+        # theirs is as good as ours. Anything else (no permission, disk full) is re-raised.
+        if not (out / "config.json").is_file():
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
     return out
