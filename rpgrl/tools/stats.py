@@ -2,8 +2,8 @@
 
 With 3-5 seeds a mean ± std hides how little is known; a 95 % Student-t interval says it
 (with 3 seeds the half-width is 2.48 standard deviations). Methods are compared *paired
-by seed*: seed k of every method starts from the same policy and draws the same prompt
-order, so the per-seed difference removes what the seeds share and its interval is the
+by seed*: seed k of every method starts from the same policy with the same prompt stream
+and random streams, so the per-seed difference removes what the seeds share and its interval is the
 honest "beyond seed noise" test. Pure functions on plain numbers (no scipy).
 """
 
