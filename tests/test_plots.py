@@ -108,3 +108,12 @@ def test_aggregate_mean_and_bands():
     assert mean.tolist() == [1.0, 4.0, 7.0] and lo.tolist() == [1.0, 3.0, 7.0] and hi.tolist() == [1.0, 5.0, 7.0]
     _, mean, lo, hi = plots._aggregate([a, b], "std")
     assert lo.tolist() == [1.0, 3.0, 7.0] and hi.tolist() == [1.0, 5.0, 7.0]  # std of {3,5} is 1
+
+
+def test_kl_panel_goes_log_only_when_the_values_span_decades():
+    from rpgrl.tools.plots import spans_decades
+
+    assert spans_decades([2e-3, 0.5, 700.0])  # one run's KL spike: a linear axis shows the others as 0
+    assert not spans_decades([0.05, 0.9, 3.6])
+    assert not spans_decades([0.0, 1e-3, 700.0])  # a zero cannot be drawn on a log axis
+    assert not spans_decades([float("nan"), 1.0]) and not spans_decades([])

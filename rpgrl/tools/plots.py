@@ -30,6 +30,7 @@ __all__ = [
     "Panel",
     "RESPONSE_LENGTH_KEY",
     "REWARD_KEY",
+    "spans_decades",
     "STEP_KEY",
     "metric_series",
     "plot_comparison",
@@ -176,12 +177,13 @@ def plot_comparison(
     for ax, panel in zip(axes, CURVE_PANELS):
         ax.set_title(panel.title + (" (total)" if len(panel.keys) > 1 else ""))
         ax.set_xlabel("step")
-        drawn = 0
+        drawn, drawn_values = 0, []
         for j, (name, seeds) in enumerate(loaded.items()):
             series = [metric_series(recs, panel.keys) for recs in seeds]
             series = [sv for sv in series if len(sv[0])]
             if not series:
                 continue
+            drawn_values += [v for _, vals in series for v in vals]
             steps, mean, lo, hi = _aggregate(series, band)
             color = colors[j % len(colors)]
             ax.plot(steps, mean, color=color, label=f"{name} (n={len(series)})", **_style(len(steps)))
@@ -192,5 +194,14 @@ def plot_comparison(
             _no_data(ax)
         else:
             ax.legend(fontsize=8)
+            if panel.keys == (KL_ANCHOR_KEY,) and spans_decades(drawn_values):
+                ax.set_yscale("log")  # one run's KL spike would flatten every other curve to 0
         ax.grid(alpha=0.3)
     return _save(fig, out_png)
+
+
+def spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
+    """Whether the positive finite ``values`` span more than ``decades`` powers of ten (and none
+    is <= 0, which a log axis cannot show)."""
+    vals = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    return bool(len(vals)) and bool((vals > 0).all()) and float(np.log10(vals.max() / vals.min())) > decades
