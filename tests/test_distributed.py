@@ -137,7 +137,7 @@ def test_distributed_update_equals_one_process_update(tiny_overrides, tmp_path):
         g = g1.get(k)
         sure = torch.ones_like(v, dtype=torch.bool) if g is None else g.abs() > 1e-5 * float(g.abs().max())
         ill += int((~sure).sum())
-        torch.testing.assert_close(two["params"][k][sure], v[sure], atol=1e-6, rtol=0, msg=k)
+        torch.testing.assert_close(two["params"][k][sure], v[sure], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
         moved = max(moved, float((v - start[k]).abs().max()))
     assert ill < 0.01 * sum(v.numel() for v in p1.values())  # only a few entries are that close to 0
     assert moved > 1e-4  # the step did move the parameters
@@ -161,7 +161,7 @@ def test_fsdp_run_equals_replicated_run_and_resumes(tiny_overrides, tmp_path):
         a, b = load_file(a_path), load_file(b_path)
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
     assert_same_weights(base / "final" / "model.safetensors", fsdp / "final" / "model.safetensors")
     ckpt = Path("checkpoints") / "step_000002"
