@@ -190,6 +190,11 @@ def _run_items(config_path: str | None, overrides: list[str], algo: str, seed: i
     return [*([config_path] if config_path else []), *overrides, _select(algo), f"seed={seed}", f"output_dir={run_dir}"]
 
 
+def _shown(diff: dict[str, tuple[Any, Any]]) -> str:
+    """The first keys of a ``config_differences`` result, as "key: a there, b here"."""
+    return "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:8])
+
+
 def _check_same_setting(run_dir: Path, expected: dict) -> None:
     """A finished run merged into the report must have been made with this config."""
     from rpgrl.config import ConfigError
@@ -199,9 +204,8 @@ def _check_same_setting(run_dir: Path, expected: dict) -> None:
         return
     diff = config_differences(yaml.safe_load(path.read_text()) or {}, expected)
     if diff:
-        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:8])
-        raise ConfigError(f"compare: {run_dir} was made with another setting ({shown}); give the same config and "
-                          "overrides as for the other chunks, or another --out")
+        raise ConfigError(f"compare: {run_dir} was made with another setting ({_shown(diff)}); give the same "
+                          "config and overrides as for the other chunks, or another --out")
 
 
 def _prepare_unfinished(run_dir: Path, log: Callable) -> bool:
@@ -411,8 +415,7 @@ def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path:
     diff = config_differences(theirs, to_dict(load_config(config_path, overrides)),
                               ignore=(*PER_RUN_KEYS, "algorithm.preset"))
     if diff:
-        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:8])
-        raise ConfigError(f"compare: --earlier-json {path} was made with another setting ({shown})")
+        raise ConfigError(f"compare: --earlier-json {path} was made with another setting ({_shown(diff)})")
     added, reruns = 0, []
     for i, r in enumerate(runs):
         if not isinstance(r, dict) or not {"algorithm", "seed", "last"} <= set(r):
@@ -431,8 +434,6 @@ def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path:
         added += 1
     for runs_ in results.values():
         runs_.sort(key=lambda x: int(x["seed"]))
-    for algo in [a for a, rs in results.items() if not rs]:
-        del results[algo]
     log(f"[compare] {added} run(s) reported from their record in {path}")
     return reruns
 
