@@ -349,8 +349,10 @@ def test_memory_bar_b8_t2048_v32000():
     fwdbwd = _peak_increase("fwdbwd", 1024)
     assert fwd < bar, f"no_grad forward peak +{fwd / 1e6:.0f} MB >= {bar / 1e6:.0f} MB"
     assert fwdbwd < bar, f"forward+backward peak +{fwdbwd / 1e6:.0f} MB >= {bar / 1e6:.0f} MB"
-    # Control: the same measurement does see a too-large chunk (4 x 1024 tokens of logits).
-    assert _peak_increase("fwd", 4096) > bar
+    # Control: the same measurement does see a too-large chunk. 8192 tokens of logits are 2 x the bar
+    # (4096 would be exactly the bar: whether its peak lands above depends on which temporaries the
+    # CPU's kernels keep alive -- 509 MB against 524 MB on an AVX-512 CPU).
+    assert _peak_increase("fwd", 8192) > bar
 
 
 def test_no_full_vocabulary_logits_in_logprob_passes():
