@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import yaml
 
-from rpgrl.loop.tracking import is_finite_number
 from rpgrl.tools.compare import PER_RUN_KEYS, config_differences
-from rpgrl.tools.compare_report import fill_shared_before, run_result, shared_baseline
+from rpgrl.tools.compare_report import fill_shared_before, run_result, runs_max, runs_mean, shared_baseline
 from rpgrl.tools.stats import paired_difference, t_interval
 
 
@@ -47,23 +45,13 @@ def _config(run: dict) -> dict:
     return yaml.safe_load((Path(run["run_dir"]) / "config.yaml").read_text()) or {}
 
 
-def _max(runs: list[dict], key: str) -> float:
-    vals = [r[key] for r in runs if is_finite_number(r[key])]
-    return max(vals) if vals else math.nan
-
-
-def _mean(runs: list[dict], key: str) -> float:
-    vals = [r[key] for r in runs if is_finite_number(r[key])]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
 def arm_row(name: str, runs: list[dict], base: list[dict], keys: dict) -> dict:
     last = t_interval([r["last"] for r in runs])
     diff = paired_difference({r["seed"]: r["last"] for r in runs}, {r["seed"]: r["last"] for r in base})
     return {"arm": name, "differs_in": keys, "seeds": [r["seed"] for r in runs], "last": last.to_dict(),
-            "last_minus_baseline": diff.to_dict(), "kl_anchor_max": _max(runs, "kl_anchor_max"),
-            "clipfrac_mean": _mean(runs, "clipfrac_mean"), "importance_weight_max": _max(runs, "importance_weight_max"),
-            "peak_rss_mb": _max(runs, "peak_rss_mb"), "wall_s": _mean(runs, "wall_s"),
+            "last_minus_baseline": diff.to_dict(), "kl_anchor_max": runs_max(runs, "kl_anchor_max"),
+            "clipfrac_mean": runs_mean(runs, "clipfrac_mean"), "importance_weight_max": runs_max(runs, "importance_weight_max"),
+            "peak_rss_mb": runs_max(runs, "peak_rss_mb"), "wall_s": runs_mean(runs, "wall_s"),
             "runs": [{k: r[k] for k in ("seed", "before", "last", "best", "kl_anchor_max", "clipfrac_mean",
                                         "importance_weight_max", "peak_rss_mb", "wall_s", "run_command")}
                      for r in runs]}

@@ -68,6 +68,16 @@ def _mean(vals: list[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def runs_max(runs: list[dict], key: str) -> float:
+    """Largest finite ``key`` over runs (nan if none): a run that never logged it does not count."""
+    return _max([r[key] for r in runs if is_finite_number(r.get(key))])
+
+
+def runs_mean(runs: list[dict], key: str) -> float:
+    """Mean of the finite ``key`` over runs (nan if none)."""
+    return _mean([r[key] for r in runs if is_finite_number(r.get(key))])
+
+
 def max_drop(curve: list[float]) -> float:
     """Largest fall between consecutive values (0 if the curve never falls; nan if < 2 points)."""
     if len(curve) < 2:
@@ -242,17 +252,15 @@ def study_summary(results: dict[str, list[dict]]) -> dict[str, Any]:
     methods: dict[str, Any] = {}
     for algo, runs in results.items():
         stab = {
-            "max_accuracy_drop": _max([r["max_accuracy_drop"] for r in runs if is_finite_number(r["max_accuracy_drop"])]),
+            "max_accuracy_drop": runs_max(runs, "max_accuracy_drop"),
             "skipped_steps": sum(int(r["skipped_steps"]) for r in runs),
-            "kl_anchor_max": _max([r["kl_anchor_max"] for r in runs if is_finite_number(r["kl_anchor_max"])]),
-            "clipfrac_mean": _mean([r["clipfrac_mean"] for r in runs if is_finite_number(r["clipfrac_mean"])]),
-            "clipfrac_max": _max([r["clipfrac_max"] for r in runs if is_finite_number(r["clipfrac_max"])]),
-            "importance_weight_max": _max([r["importance_weight_max"] for r in runs
-                                           if is_finite_number(r["importance_weight_max"])]),
-            "optimizer_steps_per_batch": _mean([r["optimizer_steps_per_batch"] for r in runs
-                                                if is_finite_number(r["optimizer_steps_per_batch"])]),
-            "peak_rss_mb": _max([r["peak_rss_mb"] for r in runs if is_finite_number(r["peak_rss_mb"])]),
-            "wall_s": _mean([r["wall_s"] for r in runs if is_finite_number(r["wall_s"])]),
+            "kl_anchor_max": runs_max(runs, "kl_anchor_max"),
+            "clipfrac_mean": runs_mean(runs, "clipfrac_mean"),
+            "clipfrac_max": runs_max(runs, "clipfrac_max"),
+            "importance_weight_max": runs_max(runs, "importance_weight_max"),
+            "optimizer_steps_per_batch": runs_mean(runs, "optimizer_steps_per_batch"),
+            "peak_rss_mb": runs_max(runs, "peak_rss_mb"),
+            "wall_s": runs_mean(runs, "wall_s"),
         }
         methods[algo] = {
             "label": label(algo), "seeds": [r["seed"] for r in runs],
