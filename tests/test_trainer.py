@@ -44,11 +44,21 @@ def test_every_preset_runs_two_steps(preset, tiny_overrides, tmp_path, monkeypat
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
-def test_default_outputs(tiny_overrides, tmp_path):
+def test_default_outputs(tiny_overrides, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    from rpgrl.loop.run_state import KERNEL_ENV
+
+    for k in KERNEL_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # read by MKL at start-up only: recorded, no effect here
     summary = make_trainer(tiny_overrides("trainer.eval_every=1", "trainer.total_steps=3")).train()
     on_disk = json.loads((out / "summary.json").read_text())
-    assert set(on_disk) >= {"eval_before", "eval_after", "wall_seconds", "steps", "algorithm"}
+    assert set(on_disk) >= {"eval_before", "eval_after", "wall_seconds", "steps", "algorithm", "machine"}
+    # what decides the run's rounding, so whether a rerun elsewhere can be bit-for-bit
+    machine = on_disk["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and machine["threads"] == torch.get_num_threads()
+    assert machine["torch"] == torch.__version__ and machine["device"] == "cpu" and machine["cpu"]
+    assert machine["kernel_env"] == {"MKL_CBWR": "COMPATIBLE"}
     assert on_disk["steps"] == 3 and on_disk["algorithm"] == "rpg_reinforce_ufkl"
     assert 0.0 <= on_disk["eval_after"]["accuracy"] <= 1.0
     assert summary["eval_before"]["accuracy"] == on_disk["eval_before"]["accuracy"]

@@ -5,6 +5,7 @@ weights and the optimizer) and the final outputs (``final/``, ``curves.png``,
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,6 +68,39 @@ def headline_text(result: dict) -> str:
     return ", ".join(f"{v:.3f}" if k == "accuracy" else f"{k} {v:.3f}" for k, v in headline(result).items())
 
 
+#: Environment variables that change which vector kernels torch, MKL and oneDNN run, hence the
+#: rounding of every step: a run records the ones that were set.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+
+
+def machine_record(device: torch.device | str) -> dict:
+    """What decides a run's floating-point rounding, so whether a rerun can be bit-for-bit: the
+    torch build, the CPU and the vector-kernel level ATen dispatches to, the thread count. Sampling
+    amplifies any rounding difference into other samples (docs/benchmarks.md, section 4)."""
+    device = torch.device(device)
+    rec: dict = {"torch": torch.__version__, "device": device.type, "threads": torch.get_num_threads(),
+                 "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if device.type == "cuda":
+        rec["gpu"] = torch.cuda.get_device_name(device)
+    env = {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}
+    if env:
+        rec["kernel_env"] = env
+    return rec
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def finish_run(out: Path, state: TrainState, eval_after: dict, *, model: torch.nn.Module, tokenizer,
                algorithm: str, train_started: float, final_sd: dict | None = None,
                profile_log: Callable[[str], None] | None = None) -> dict:
@@ -93,6 +127,7 @@ def finish_run(out: Path, state: TrainState, eval_after: dict, *, model: torch.n
         "algorithm": algorithm,
         "eval_best_last": state.best_last.to_dict(),
         "skipped_steps": state.skipped_total,
+        "machine": machine_record(next(model.parameters()).device),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -478,7 +478,7 @@ _RUN_FIELDS = ("algorithm", "seed", "before", "before_source", "last", "best", "
                "skipped_steps", "kl_anchor_max", "importance_weight_max", "clipfrac_mean", "clipfrac_max",
                "gen_batches_mean", "kept_groups_mean", "step_seconds_mean", "peak_rss_mb", "peak_rss_source",
                "wall_s", "wall_seconds", "process_wall_s", "eval_curve", "curves", "run_dir", "run_command",
-               "recorded_in")
+               "machine", "recorded_in")
 
 
 def study_json(results: dict[str, list[dict]], summary: dict[str, Any], *, command: str | None,

@@ -188,6 +188,8 @@ def run_result(run_dir: str | Path) -> dict[str, Any]:
         # JSON alone (``rpgrl compare --earlier-json``) still draws them
         "curves": {k: [[s, v] for s, v in _series(records, k)] for k in CURVE_KEYS},
         "run_command": info.get("run_command"),
+        # torch, CPU, kernel level and threads: a rerun is bit-for-bit only where these match
+        "machine": summary.get("machine"),
     }
 
 
