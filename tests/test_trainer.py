@@ -58,6 +58,7 @@ def test_default_outputs(tiny_overrides, tmp_path, monkeypatch):
     machine = on_disk["machine"]
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and machine["threads"] == torch.get_num_threads()
     assert machine["torch"] == torch.__version__ and machine["device"] == "cpu" and machine["cpu"]
+    assert machine["transformers"] and machine["python"].count(".") == 2
     assert machine["kernel_env"] == {"MKL_CBWR": "COMPATIBLE"}
     assert on_disk["steps"] == 3 and on_disk["algorithm"] == "rpg_reinforce_ufkl"
     assert 0.0 <= on_disk["eval_after"]["accuracy"] <= 1.0

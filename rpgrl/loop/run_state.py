@@ -74,11 +74,16 @@ KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONE
 
 
 def machine_record(device: torch.device | str) -> dict:
-    """What decides a run's floating-point rounding, so whether a rerun can be bit-for-bit: the
-    torch build, the CPU and the vector-kernel level ATen dispatches to, the thread count. Sampling
-    amplifies any rounding difference into other samples (docs/benchmarks.md, section 4)."""
+    """What decides a run's arithmetic, so whether a rerun can be bit-for-bit: the torch and
+    transformers builds, the CPU and the vector-kernel level ATen dispatches to, the thread count.
+    Sampling turns any difference into other samples sooner or later (docs/benchmarks.md, section 4)."""
+    import platform
+
+    import transformers
+
     device = torch.device(device)
-    rec: dict = {"torch": torch.__version__, "device": device.type, "threads": torch.get_num_threads(),
+    rec: dict = {"torch": torch.__version__, "transformers": transformers.__version__,
+                 "python": platform.python_version(), "device": device.type, "threads": torch.get_num_threads(),
                  "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if device.type == "cuda":
         rec["gpu"] = torch.cuda.get_device_name(device)
