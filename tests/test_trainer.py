@@ -45,9 +45,9 @@ def test_every_preset_runs_two_steps(preset, tiny_overrides, tmp_path, monkeypat
 
 
 def test_default_outputs(tiny_overrides, tmp_path, monkeypatch):
-    out = tmp_path / "run"
     from rpgrl.loop.run_state import KERNEL_ENV
 
+    out = tmp_path / "run"
     for k in KERNEL_ENV:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # read by MKL at start-up only: recorded, no effect here

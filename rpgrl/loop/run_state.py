@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -77,33 +78,21 @@ def machine_record(device: torch.device | str) -> dict:
     """What decides a run's arithmetic, so whether a rerun can be bit-for-bit: the torch and
     transformers builds, the CPU and the vector-kernel level ATen dispatches to, the thread count.
     Sampling turns any difference into other samples sooner or later (docs/benchmarks.md, section 4)."""
-    import platform
-
     import transformers
 
+    from rpgrl.models.loading import cpuinfo_values
+
     device = torch.device(device)
+    cpu = (cpuinfo_values("model name") or [platform.processor() or platform.machine()])[0]
     rec: dict = {"torch": torch.__version__, "transformers": transformers.__version__,
                  "python": platform.python_version(), "device": device.type, "threads": torch.get_num_threads(),
-                 "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                 "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if device.type == "cuda":
         rec["gpu"] = torch.cuda.get_device_name(device)
     env = {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}
     if env:
         rec["kernel_env"] = env
     return rec
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def finish_run(out: Path, state: TrainState, eval_after: dict, *, model: torch.nn.Module, tokenizer,

@@ -35,19 +35,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
-    """The :data:`CPU_BF16_FLAGS` this CPU has (``cpuinfo``: the text of /proc/cpuinfo; read
-    when None, and empty where there is none, e.g. macOS: those fall back to fp32)."""
+def cpuinfo_values(key: str, cpuinfo: str | None = None) -> list[str]:
+    """The values of every ``key : value`` line of /proc/cpuinfo (``cpuinfo``: its text; read when
+    None, and no values where there is none, e.g. macOS)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return []
-    flags: set[str] = set()
+    out = []
     for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags.update(value.split())
+        k, _, value = line.partition(":")
+        if k.strip() == key:
+            out.append(value.strip())
+    return out
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The :data:`CPU_BF16_FLAGS` this CPU has (``cpuinfo``: the text of /proc/cpuinfo; none
+    without one: those CPUs fall back to fp32)."""
+    flags = {f for value in cpuinfo_values("flags", cpuinfo) for f in value.split()}
     return [f for f in CPU_BF16_FLAGS if f in flags]
 
 
