@@ -1,3 +1,3 @@
-from rpgrl.cli import main
+from rpgrl.cli import entry
 
-raise SystemExit(main())
+entry()

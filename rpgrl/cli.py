@@ -139,5 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def entry() -> None:
+    """The ``rpgrl`` console script and ``python -m rpgrl``: :func:`main`, and under torchrun
+    an exit that skips interpreter finalization, where gloo's threads can abort a finished run
+    (``rpgrl.parallel.distributed.exit_process``). In-process callers use :func:`main`."""
+    import torch.distributed as dist
+
+    code = main()
+    if dist.is_available() and dist.is_initialized():
+        from rpgrl.parallel.distributed import exit_process
+
+        exit_process(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

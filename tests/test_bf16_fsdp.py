@@ -116,4 +116,7 @@ def _worker(report: str, *overrides: str) -> None:
 
 
 if __name__ == "__main__":
+    from rpgrl.parallel.distributed import exit_process
+
     _worker(*sys.argv[1:])
+    exit_process(0)  # skip finalization: a gloo thread can abort it (exit_process)

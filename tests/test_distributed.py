@@ -255,3 +255,6 @@ if __name__ == "__main__":
         _collect_worker(*sys.argv[2:])
     else:
         _parity_worker(*sys.argv[1:])
+    from rpgrl.parallel.distributed import exit_process
+
+    exit_process(0)  # skip finalization: a gloo thread can abort it (exit_process)

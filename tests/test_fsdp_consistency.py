@@ -102,6 +102,7 @@ def _worker(state_path: str, scenario: str, out_path: str) -> None:
 
     import torch.distributed as dist
 
+    from rpgrl.parallel.distributed import exit_process
     from rpgrl.parallel.fsdp import logprobs_fn, shard_policy
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -125,6 +126,7 @@ def _worker(state_path: str, scenario: str, out_path: str) -> None:
         torch.save({"ranks": got, "grads": grads}, out_path)
     dist.barrier()
     dist.destroy_process_group()
+    exit_process(0)  # not interpreter finalization, where a gloo thread can abort the run
 
 
 @pytest.mark.medium

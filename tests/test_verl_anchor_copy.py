@@ -82,4 +82,7 @@ def test_copy_parameters_between_fsdp2_models_under_torchrun(tmp_path):
 
 
 if __name__ == "__main__":
+    from rpgrl.parallel.distributed import exit_process
+
     _worker(sys.argv[1])
+    exit_process(0)  # skip finalization: a gloo thread can abort it (exit_process)
