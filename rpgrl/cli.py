@@ -143,12 +143,10 @@ def entry() -> None:
     """The ``rpgrl`` console script and ``python -m rpgrl``: :func:`main`, and under torchrun
     an exit that skips interpreter finalization, where gloo's threads can abort a finished run
     (``rpgrl.parallel.distributed.exit_process``). In-process callers use :func:`main`."""
-    import torch.distributed as dist
+    from rpgrl.parallel.distributed import exit_process, process_group_active
 
     code = main()
-    if dist.is_available() and dist.is_initialized():
-        from rpgrl.parallel.distributed import exit_process
-
+    if process_group_active():
         exit_process(code)
     raise SystemExit(code)
 

@@ -41,6 +41,7 @@ __all__ = [
     "exit_process",
     "gather_rounds",
     "init_distributed",
+    "process_group_active",
     "rank_seed",
     "reduce_metrics",
 ]
@@ -196,8 +197,13 @@ def reduce_metrics(per_rank: list[dict[str, Any]], *, sum_prefixes: tuple[str, .
 
 
 # --------------------------------------------------------------------------- setup
+def process_group_active() -> bool:
+    """Whether this process is in a torch.distributed job (a torchrun worker after init)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if process_group_active():
         dist.destroy_process_group()
 
 
@@ -238,7 +244,7 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     long a rank waits at a collective. Idempotent: an existing process group is reused.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+    if world <= 1 and not process_group_active():
         return DistContext()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda") and not torch.cuda.is_available():
