@@ -666,7 +666,7 @@ def test_swap_actor_worker_replaces_verls_worker_class():
             mode = ("nd", mode["dispatch_fn"].args, mode["collect_fn"].args)
         return mode, attrs["execute_mode"], attrs["blocking"]
 
-    for method in ("init_model", "compute_ref_log_prob", "update_actor"):
+    for method in ("init_model", "compute_ref_log_prob", "update_actor", "save_checkpoint", "load_checkpoint"):
         mine, verls = getattr(RPGActorRolloutRefWorker, method), getattr(ActorRolloutRefWorker, method)
         assert mine is not verls
         assert describe(getattr(mine, MAGIC_ATTR)) == describe(getattr(verls, MAGIC_ATTR)), method
@@ -678,10 +678,11 @@ def test_anchor_kl_k3_by_hand():
     old = torch.tensor([[-1.0, -2.0, -0.5]])
     ref = torch.tensor([[-1.5, -2.0, 9.0]])
     mask = torch.tensor([[1, 1, 0]])
-    total, count = anchor_kl_k3(old, ref, mask)
+    total, count, gap = anchor_kl_k3(old, ref, mask)
     # k3 = y - 1 - log y with y = pi_anc/pi_old = e^-0.5 and e^0; the masked token is ignored
     assert count == 2 and total == pytest.approx(math.exp(-0.5) - 1 + 0.5, rel=1e-12)
-    assert anchor_kl_k3(old, old, mask) == (0.0, 2.0)
+    assert gap == 0.5  # max |log pi_old - log pi_anc| over the valid tokens (not the masked 9.5)
+    assert anchor_kl_k3(old, old, mask) == (0.0, 2.0, 0.0)
 
 
 @pytest.mark.parametrize("runner", ["AnchoredTaskRunner", "AnchoredTaskRunnerV1"])

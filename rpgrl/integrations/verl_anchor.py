@@ -40,8 +40,12 @@ refuses verl versions other than :data:`VERL_TESTED`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
+import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -67,6 +71,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker  # noqa: E402
 from rpgrl.algorithm.anchor import Anchor  # noqa: E402
 from rpgrl.integrations import verl as rv  # noqa: E402
 from rpgrl.algorithm.kl import k3_from_log_ratio  # noqa: E402
+from rpgrl.parallel.shards import copy_shards, fsdp_version, layout_mismatch, load_shards, local_shards, shard_layout  # noqa: E402
 
 __all__ = [
     "VERL_TESTED",
@@ -74,18 +79,28 @@ __all__ = [
     "RPGActorRolloutRefWorker",
     "anchor_kl_k3",
     "anchor_settings",
-    "copy_parameters",
+    "check_refresh_layout",
+    "load_anchor_state",
     "main",
     "prepare_config",
+    "rank0_values",
+    "save_anchor_state",
 ]
 
 #: Metric keys the worker adds to ``update_actor``'s output (logged by verl as is).
 REFRESHES = "actor/rpg/anchor_refreshes"
 STEPS_SINCE_REFRESH = "actor/rpg/anchor_steps_since_refresh"
 KL_OLD_ANCHOR = "actor/rpg/anchor_kl_old_k3"
+#: max |old_log_prob - ref_log_prob| of the batch ("max" in the name: verl's reducer takes the max)
+OLD_ANCHOR_GAP = "actor/rpg/anchor_logprob_gap_max"
+#: The moving average of the KL to the anchor that the adaptive rule compares with kappa.
+KL_EMA = "actor/rpg/anchor_kl_ema"
 #: The loss metric the schedule observes (rpgrl's own trainer observes the same k3 KL).
 KL_ANCHOR = "actor/rpg/kl_anchor_k3"
 WHERE = "actor_rollout_ref.actor.policy_loss"
+ACTOR_FSDP, REF_FSDP = "actor_rollout_ref.actor.fsdp_config", "actor_rollout_ref.ref.fsdp_config"
+#: Folder inside verl's actor checkpoint (``global_step_N/actor/``) that holds the anchor.
+ANCHOR_STATE_DIR = "rpgrl_anchor"
 
 
 def anchor_settings(policy_loss: Any) -> tuple[str, int, float, float]:
@@ -142,38 +157,114 @@ class AnchoredLoss:
             return self.loss_fn(model_output=model_output, data=data, dp_group=dp_group)
 
 
-def copy_parameters(src: torch.nn.Module, dst: torch.nn.Module) -> int:
-    """Copy ``src``'s parameters into ``dst`` in place, shard by shard (both FSDP-wrapped the same
-    way, so every rank holds the same slices of both); returns the number of tensors copied."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
+def check_refresh_layout(actor: torch.nn.Module, reference: torch.nn.Module, *,
+                         actor_compute: Optional[torch.dtype] = None,
+                         reference_compute: Optional[torch.dtype] = None) -> None:
+    """Refuse, at ``init_model``, an actor / reference pair that a refresh could not make equal:
+    different FSDP versions, different shards on this rank (fsdp_size, wrap policy,
+    use_orig_params padding, parameter dtype), or different compute dtypes (mixed precision).
+    Each message names the verl key to change."""
+    a, r = fsdp_version(actor), fsdp_version(reference)
+    kinds = {0: "not FSDP-wrapped", 1: "FSDP1 (strategy=fsdp)", 2: "FSDP2 (strategy=fsdp2)"}
+    if a != r:
+        raise ValueError(f"{WHERE}.anchor: the actor is {kinds[a]} and the reference {kinds[r]}, so the refresh "
+                         f"cannot copy shard by shard; set {REF_FSDP}.strategy={'fsdp2' if a == 2 else 'fsdp'} "
+                         f"(the actor's {ACTOR_FSDP}.strategy)")
+    problem = layout_mismatch(shard_layout(actor), shard_layout(reference))
+    if problem is not None:
+        raise ValueError(f"{WHERE}.anchor: the reference is sharded differently from the actor ({problem}); set "
+                         f"{REF_FSDP}.fsdp_size, wrap_policy, use_orig_params and model_dtype to the actor's "
+                         f"({ACTOR_FSDP}.*)")
+    if actor_compute != reference_compute:
+        name = str(actor_compute).replace("torch.", "")
+        raise ValueError(f"{WHERE}.anchor: the actor computes in {name} and the reference in "
+                         f"{str(reference_compute).replace('torch.', '')}, so a refreshed reference would not "
+                         f"reproduce the actor's log-probs; set {REF_FSDP}.mixed_precision.param_dtype={name} "
+                         f"(the actor's {ACTOR_FSDP}.mixed_precision.param_dtype)")
 
-    for module in (src, dst):  # FSDP2 may hold unsharded parameters after a forward (e.g. the root)
-        for m in module.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-    src_p, dst_p = dict(src.named_parameters()), dict(dst.named_parameters())
-    if set(src_p) != set(dst_p):
-        raise ValueError(f"actor and reference parameters differ: only in actor {sorted(set(src_p) - set(dst_p))[:5]}, "
-                         f"only in reference {sorted(set(dst_p) - set(src_p))[:5]}")
-    with torch.no_grad():
-        for name, d in dst_p.items():
-            s = src_p[name]
-            s_local = s.to_local() if isinstance(s, DTensor) else s
-            d_local = d.to_local() if isinstance(d, DTensor) else d
-            if s_local.shape != d_local.shape:
-                raise ValueError(f"{name}: actor shard {tuple(s_local.shape)} != reference shard {tuple(d_local.shape)} "
-                                 f"(the two engines must shard the same way)")
-            d_local.copy_(s_local)
-    return len(dst_p)
+
+def save_anchor_state(path: str | os.PathLike, anchor: Anchor, reference: Optional[torch.nn.Module]) -> Path:
+    """Write the anchor into verl's actor checkpoint folder ``path``: the schedule (rank 0,
+    ``schedule.json``) and, when given, each rank's shards of the reference
+    (``reference_rank{r}_of_{world}.pt``), so that a resumed run has the same reference and
+    schedule as the uninterrupted one. Returns the folder."""
+    rank, world = _rank_world()
+    folder = Path(path) / ANCHOR_STATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    if reference is not None:
+        shards = {n: t.detach().cpu().clone() for n, t in local_shards(reference).items()}
+        torch.save(shards, folder / f"reference_rank{rank}_of_{world}.pt")
+    if rank == 0:
+        state = {k: v for k, v in anchor.state_dict().items() if k != "weights"}
+        state.update(mode=anchor.mode, period=anchor.period, kappa=anchor.kappa, ema=anchor.ema,
+                     world_size=world, reference_saved=reference is not None)
+        (folder / "schedule.json").write_text(json.dumps(state, indent=1) + "\n")
+    if world > 1:
+        torch.distributed.barrier()
+    return folder
 
 
-def anchor_kl_k3(old_log_prob: Tensor, ref_log_prob: Tensor, mask: Tensor) -> tuple[float, float]:
-    """(sum, count) over valid tokens of the k3 estimate of KL(pi_old || pi_anc) at the batch
-    start, samples from pi_old: exactly 0 right after a refresh (anchor = pi_old)."""
+def load_anchor_state(path: str | os.PathLike, anchor: Anchor, reference: Optional[torch.nn.Module]) -> bool:
+    """Restore what :func:`save_anchor_state` wrote under ``path``; False (with a warning that
+    says what the reference will be) when the checkpoint has no anchor state, e.g. one written
+    by a plain verl run."""
+    rank, world = _rank_world()
+    folder = Path(path) / ANCHOR_STATE_DIR
+    if not (folder / "schedule.json").exists():
+        what = ("the initial model (actor_rollout_ref.model.path), as it is for a fixed anchor anyway"
+                if anchor.mode == "fixed" else
+                "the initial model (actor_rollout_ref.model.path), not the policy the interrupted run last "
+                "refreshed it to, until its next refresh")
+        if rank == 0:
+            warnings.warn(f"rpgrl: {path} holds no anchor state ({ANCHOR_STATE_DIR}/): the {anchor.mode} anchor's "
+                          f"reference is {what}, and its schedule restarts at step 0", stacklevel=2)
+        return False
+    saved = json.loads((folder / "schedule.json").read_text())
+    if saved["world_size"] != world:
+        raise ValueError(f"{folder}: the anchor was saved by {saved['world_size']} ranks, this run has {world}; "
+                         f"resume with {saved['world_size']} ranks (the reference is saved shard by shard), or "
+                         f"remove {folder} to restart the reference from the initial model")
+    changed = [f"{k} {saved[k]} -> {getattr(anchor, k)}" for k in ("mode", "period", "kappa", "ema")
+               if saved[k] != getattr(anchor, k)]
+    if changed and rank == 0:
+        print(f"rpgrl: resuming the anchor of {folder} under new settings ({', '.join(changed)})")
+    anchor.load_state_dict({**saved, "weights": {}})
+    if reference is not None and saved["reference_saved"]:
+        file = folder / f"reference_rank{rank}_of_{world}.pt"
+        if not file.exists():
+            raise ValueError(f"{file} is missing: every rank's shard of the reference is needed to resume")
+        load_shards(reference, torch.load(file, map_location="cpu", weights_only=True), source=str(file))
+    return True
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def rank0_values(values: Optional[list[float]]) -> list[float]:
+    """Global rank 0's ``values`` on every rank. verl returns ``update_actor``'s metrics only on
+    ranks whose Ulysses sequence-parallel rank is 0 (engine_workers.py:313-327, ``None`` elsewhere),
+    so the schedule is driven by rank 0's per-step KLs everywhere: all ranks refresh together."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return list(values or [])
+    box = [values]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise RuntimeError("rpgrl: global rank 0 returned no actor metrics, so the anchor schedule has no KL "
+                           "to observe (verl returns them on Ulysses sequence-parallel rank 0)")
+    return list(box[0])
+
+
+def anchor_kl_k3(old_log_prob: Tensor, ref_log_prob: Tensor, mask: Tensor) -> tuple[float, float, float]:
+    """(sum, count, max |log pi_old - log pi_anc|) over valid tokens of the k3 estimate of
+    KL(pi_old || pi_anc) at the batch start, samples from pi_old: both are exactly 0 right after
+    a refresh (anchor = pi_old), when the reference reproduces the actor's log-probs."""
     valid = mask.bool()
     log_ratio = torch.where(valid, old_log_prob.double() - ref_log_prob.double(), 0.0)  # log pi_old / pi_anc
-    return float(k3_from_log_ratio(log_ratio).sum()), float(valid.sum())
+    return (float(k3_from_log_ratio(log_ratio).sum()), float(valid.sum()),
+            float(log_ratio.abs().max()) if log_ratio.numel() else 0.0)
 
 
 def _optimizer_step_kls(metrics: dict) -> list[float]:
@@ -212,14 +303,24 @@ class RPGActorRolloutRefWorker(ActorRolloutRefWorker):
 
         for engine in (self.actor.engine, self.ref.engine):
             if not isinstance(engine, FSDPEngine):
-                raise ValueError(f"{WHERE}.anchor={mode!r}: refreshing the reference supports verl's FSDP / FSDP2 "
-                                 f"engines only, got {type(engine).__name__}")
+                raise ValueError(f"{WHERE}.anchor={mode!r}: refreshing the reference supports verl's FSDP1 / FSDP2 "
+                                 f"engines (strategy=fsdp / fsdp2) only, got {type(engine).__name__}")
+        check_refresh_layout(self.actor.engine.module, self.ref.engine.module,
+                             actor_compute=getattr(self.actor.engine, "_autocast_dtype", None),
+                             reference_compute=getattr(self.ref.engine, "_autocast_dtype", None))
+
+    def _anchor_reference(self) -> Optional[torch.nn.Module]:
+        """The reference engine's module when the anchor refreshes it (periodic / adaptive)."""
+        anchor = getattr(self, "_rpg_anchor", None)
+        if anchor is None or anchor.mode == "fixed" or self.ref is None:
+            return None
+        return self.ref.engine.module
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="ref"))
     def compute_ref_log_prob(self, data):
         anchor = getattr(self, "_rpg_anchor", None)
         if anchor is not None and anchor.due:  # a batch boundary: the actor holds pi_old of this batch
-            copy_parameters(self.actor.engine.module, self.ref.engine.module)
+            copy_shards(self.actor.engine.module, self.ref.engine.module)
             anchor.maybe_refresh(torch.nn.Module())
         return super().compute_ref_log_prob(data)
 
@@ -231,23 +332,43 @@ class RPGActorRolloutRefWorker(ActorRolloutRefWorker):
             kl_old = anchor_kl_k3(padded["old_log_probs"], padded["ref_log_prob"], padded["response_mask"])
             group = self.actor.engine.get_data_parallel_group()
             if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-                both = torch.tensor(kl_old, dtype=torch.float64)
-                torch.distributed.all_reduce(both, group=group)
-                kl_old = tuple(both.tolist())
+                sums, gap = torch.tensor(kl_old[:2], dtype=torch.float64), torch.tensor([kl_old[2]], dtype=torch.float64)
+                torch.distributed.all_reduce(sums, group=group)
+                torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX, group=group)
+                kl_old = (*sums.tolist(), gap.item())
         output = super().update_actor(data)
-        if output is None:
-            return output
-        metrics = tu.get(output, "metrics")
+        metrics = None if output is None else tu.get(output, "metrics")
         anchor = getattr(self, "_rpg_anchor", None)
         if anchor is not None:
-            for kl in _optimizer_step_kls(metrics):
+            # every rank observes rank 0's KLs, also those verl gave no output (Ulysses SP)
+            for kl in rank0_values(None if metrics is None else _optimizer_step_kls(metrics)):
                 anchor.observe(kl if math.isfinite(kl) else float("inf"))
+        if output is None:
+            return output
+        if anchor is not None:
             metrics[REFRESHES] = [float(anchor.refreshes)]
             metrics[STEPS_SINCE_REFRESH] = [float(anchor.steps_since_refresh)]
+            if anchor.kl_ema is not None:
+                metrics[KL_EMA] = [float(anchor.kl_ema)]
         if kl_old is not None:
             metrics[KL_OLD_ANCHOR] = [kl_old[0] / max(kl_old[1], 1.0)]
+            metrics[OLD_ANCHOR_GAP] = [kl_old[2]]
         tu.assign_non_tensor(output, metrics=metrics)
         return output
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
+        super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+        anchor = getattr(self, "_rpg_anchor", None)
+        if anchor is not None:
+            save_anchor_state(local_path, anchor, self._anchor_reference())
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
+        anchor = getattr(self, "_rpg_anchor", None)
+        if anchor is not None:  # first: verl may delete local_path once it has loaded the actor
+            load_anchor_state(local_path, anchor, self._anchor_reference())
+        super().load_checkpoint(local_path, hdfs_path, del_local_after_load)
 
 
 def _original_class(actor_class: Any) -> type:

@@ -82,12 +82,15 @@ def build_assets(root: Path, seed: int = 0) -> tuple[Path, Path]:
 
 def overrides(
     model_dir: Path, data: Path, out: Path, *, trainer: str = "legacy", loss_mode: str = "rpg_ufkl",
-    steps: int = 2, ray_tmp: Optional[Path] = None, extra: Sequence[str] = (),
+    steps: int = 2, ray_tmp: Optional[Path] = None, extra: Sequence[str] = (), ranks: int = 1,
 ) -> list[str]:
-    """Hydra overrides for a minimal off-policy CPU run (module docstring); ``extra`` last
-    (later overrides of the same key win)."""
+    """Hydra overrides for a minimal off-policy CPU run (module docstring) on ``ranks`` worker
+    processes (1 or 2: the batch of 8 sequences is split over them, micro-batches shrink to
+    match); ``extra`` last (later overrides of the same key win)."""
     if trainer not in TRAINERS:
         raise ValueError(f"trainer={trainer!r}; expected one of {TRAINERS}")
+    if ranks not in (1, 2):
+        raise ValueError(f"ranks={ranks}; the toy batch (2 prompts x 4 samples) splits over 1 or 2 ranks")
     a, r, ref = "actor_rollout_ref.actor", "actor_rollout_ref.rollout", "actor_rollout_ref.ref"
     reward_file = Path(__file__).with_name("reward.py")
     o = [
@@ -104,28 +107,28 @@ def overrides(
         # verl's FSDP engine computes in bf16 unless mixed_precision says otherwise
         # (verl/workers/engine/fsdp/transformer_impl.py:391-403)
         f"+{a}.fsdp_config.mixed_precision={FP32}", f"+{ref}.fsdp_config.mixed_precision={FP32}",
-        f"{a}.optim.lr=0.02", f"{a}.ppo_mini_batch_size=1", f"{a}.ppo_micro_batch_size_per_gpu=4",
+        f"{a}.optim.lr=0.02", f"{a}.ppo_mini_batch_size=1", f"{a}.ppo_micro_batch_size_per_gpu={4 // ranks}",
         f"{a}.ppo_epochs=2", f"{a}.use_kl_loss=false",
         f"{a}.policy_loss._target_=rpgrl.integrations.verl.RPGPolicyLossConfig",
         f"{a}.policy_loss.loss_mode={loss_mode}",
         f"{a}.clip_ratio_low=0.2", f"{a}.clip_ratio_high=0.28", f"{a}.clip_ratio_c=10.0",
         f"{a}.checkpoint.save_contents=[model,hf_model]",
         f"{r}.name=rpgrl_hf", f"{r}.tensor_model_parallel_size=1", f"{r}.n=4",
-        f"{r}.log_prob_micro_batch_size_per_gpu=8", f"{r}.agent.num_workers=1",
+        f"{r}.log_prob_micro_batch_size_per_gpu={8 // ranks}", f"{r}.agent.num_workers=1",
         f"{r}.free_cache_engine=false", f"{r}.dtype=float32", f"{r}.calculate_log_probs=true",
         # the reference model (loaded only for a fixed / periodic / adaptive anchor)
         f"{ref}.fsdp_config.strategy=fsdp2", f"{ref}.fsdp_config.use_torch_compile=false",
         f"{ref}.fsdp_config.dtype=float32", f"{ref}.fsdp_config.model_dtype=fp32",
-        f"{ref}.log_prob_micro_batch_size_per_gpu=8",
+        f"{ref}.log_prob_micro_batch_size_per_gpu={8 // ranks}",
         "algorithm.adv_estimator=rpg", "algorithm.use_kl_in_reward=false",
         f"reward.custom_reward_function.path={reward_file}", "reward.custom_reward_function.name=compute_score",
         "reward.num_workers=1",
-        "trainer.n_gpus_per_node=1", "trainer.nnodes=1", "trainer.device=cpu",
+        f"trainer.n_gpus_per_node={ranks}", "trainer.nnodes=1", "trainer.device=cpu",
         f"trainer.total_training_steps={steps}", "trainer.total_epochs=100",
         "trainer.val_before_train=false", "trainer.test_freq=-1",
         f"trainer.save_freq={steps}", f"trainer.default_local_dir={out / 'ckpt'}",
         "trainer.logger=[console,file]", "trainer.project_name=rpgrl_cpu", "trainer.experiment_name=smoke",
-        "+ray_kwargs.ray_init.num_gpus=1", "+ray_kwargs.ray_init.include_dashboard=false",
+        f"+ray_kwargs.ray_init.num_gpus={ranks}", "+ray_kwargs.ray_init.include_dashboard=false",
         f"ray_kwargs.ray_init.num_cpus={32 if trainer == 'v1' else 8}",
         f"trainer.use_v1={'true' if trainer == 'v1' else 'false'}",
     ]
@@ -159,6 +162,10 @@ def run_env(out: Path) -> dict[str, str]:
         HYDRA_FULL_ERROR="1", WANDB_MODE="disabled",
         # Ray renices its workers (+15 by default): on a shared machine they then starve.
         RAY_worker_niceness="0",
+        # transformers >= 5.2x kernelizes every from_pretrained by default (hub kernels); verl's
+        # ranks > 0 build on the meta device, which kernelize refuses ("Unsupported device type
+        # 'meta'"), and no kernel is fetched in a run without downloads anyway
+        USE_HUB_KERNELS="0",
     )
     env.pop("RAY_ADDRESS", None)  # never join someone else's cluster
     return env
@@ -226,7 +233,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def run(out: Path, *, trainer: str = "legacy", loss_mode: str = "rpg_ufkl", steps: int = 2,
         timeout_s: float = 1800.0, python: str = sys.executable, extra: Sequence[str] = (),
-        module: Optional[str] = None) -> RunResult:
+        module: Optional[str] = None, ranks: int = 1) -> RunResult:
     """Build the assets under ``out`` and run ``module`` (default :func:`entry_module`:
     verl's ``main_ppo``, or rpgrl's anchored one) with ``extra`` hydra overrides last; never
     leaves a process behind."""
@@ -235,7 +242,7 @@ def run(out: Path, *, trainer: str = "legacy", loss_mode: str = "rpg_ufkl", step
     ray_tmp = Path(tempfile.mkdtemp(prefix="rpgrl-ray-", dir="/tmp"))  # short: Ray's socket paths
     cmd = [python, "-m", module or entry_module(extra),
            *overrides(model_dir, data, out, trainer=trainer, loss_mode=loss_mode, steps=steps, ray_tmp=ray_tmp,
-                      extra=extra)]
+                      extra=extra, ranks=ranks)]
     (out / "command.txt").write_text(" ".join(cmd) + "\n")
     start = time.monotonic()
     with open(out / "main_ppo.log", "wb") as log:
@@ -260,6 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trainer", choices=TRAINERS, default="legacy")
     p.add_argument("--loss", default="rpg_ufkl", help="verl loss_mode (rpgrl's or verl's own)")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=1, choices=(1, 2), help="worker processes (logical GPUs)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: a new temp dir)")
     p.add_argument("--entry", default=None, help="python module to run (default: verl.trainer.main_ppo, or "
                    "rpgrl.integrations.verl_anchor for a non-rollout anchor)")
@@ -268,7 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="rpgrl-verl-cpu-"))
     res = run(out, trainer=args.trainer, loss_mode=args.loss, steps=args.steps, extra=args.overrides,
-              module=args.entry)
+              module=args.entry, ranks=args.ranks)
     keys = ("actor/rpg/clipfrac_upper", "actor/rpg/clipfrac_lower", "actor/rpg/importance_weight_mean", "actor/pg_loss",
             "critic/score/mean", "actor/grad_norm", "actor/rpg/rollout_is_weight_mean", "rollout_corr/rollout_is_mean",
             "actor/rpg/kl_anchor_k3", "actor/rpg/anchor_kl_old_k3", "actor/rpg/anchor_refreshes")
