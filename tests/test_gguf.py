@@ -85,7 +85,7 @@ def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
     f.write_bytes(b"GGUF")
     monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` sees when it is not installed
 
-    with pytest.raises(GGUFError, match=r"pip install 'rpgrl\[gguf\]'"):
+    with pytest.raises(GGUFError, match=r"pip install -e '\.\[gguf\]' in the rpgrl clone"):
         dequantize_gguf(f, cache_dir=str(tmp_path / "cache"), log=quiet)
     root = tmp_path / "cache" / "gguf"
     assert not root.exists() or [p.name for p in root.iterdir()] in ([], ["sha256-index.json"])

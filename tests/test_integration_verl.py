@@ -26,7 +26,7 @@ import pytest
 import torch
 
 verl = pytest.importorskip(
-    "verl", reason="verl is not installed (pip install 'rpgrl[verl]'); the verl plugin is untested"
+    "verl", reason="verl is not installed (pip install -e '.[verl]'); the verl plugin is untested"
 )
 if not verl.__version__.startswith("0.9."):
     pytest.skip(f"the rpgrl verl plugin targets verl 0.9.x, found {verl.__version__}", allow_module_level=True)
@@ -726,8 +726,8 @@ def test_rpgrl_ray_checkpoint_engine_round_trip(tmp_path):
     """``rollout.checkpoint_engine.backend=rpgrl_ray`` (the CPU stand-in for verl's nccl engine in
     disaggregated pipelines) through verl's registry and its build_topology/init_process_group
     protocol, on a real local Ray: every actor rank drains its weight generator (FSDP gathers
-    need all ranks), rank 0's tensors reach the rollout side, and the next sync's token does
-    not return the previous weights."""
+    need all ranks), rank 0's tensors reach the rollout side, the next sync's token does
+    not return the previous weights, and a receive whose trainer never sends times out."""
     code = textwrap.dedent("""
         import asyncio, ray, torch
         from verl.checkpoint_engine.base import CheckpointEngineRegistry
@@ -758,6 +758,15 @@ def test_rpgrl_ray_checkpoint_engine_round_trip(tmp_path):
                 got = dict(recv.receive_weights())
                 assert sorted(got) == ["b", "w"] and all(torch.equal(got[k], weights[k]) for k in weights), got
             assert sorted(drained) == sorted([(r, n) for r in (0, 1) for n in ("w", "b")] * 2), drained
+            # a trainer that never sends: the rollout fails after fetch_timeout_s instead of waiting forever
+            _, rollout = cls.build_topology(1, 1, [{}] * 2)
+            lonely = CheckpointEngineRegistry.new("rpgrl_ray", fetch_timeout_s=0.5)
+            lonely.init_process_group(**{k: v[0] for k, v in rollout.items()})
+            try:
+                list(lonely.receive_weights())
+                raise AssertionError("receive_weights returned without weights")
+            except TimeoutError as e:
+                assert "no weights arrived within 0.5 s" in str(e) and "fetch_timeout_s" in str(e), e
         finally:
             ray.shutdown()
         print("round trip ok")

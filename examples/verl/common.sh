@@ -32,7 +32,7 @@ OVERLONG_BUFFER_LEN=${OVERLONG_BUFFER_LEN:-$((MAX_RESPONSE_LEN / 4))}
 MAX_TOKENS_PER_GPU=$((MAX_PROMPT_LEN + MAX_RESPONSE_LEN))
 
 RPGRL_VERL_ARGS=(
-    # --- the rpgrl loss (plugin: pip install "rpgrl[verl]") ---
+    # --- the rpgrl loss (plugin: pip install -e ".[verl]" in the rpgrl clone) ---
     "actor_rollout_ref.actor.policy_loss._target_=rpgrl.integrations.verl.RPGPolicyLossConfig"
     "actor_rollout_ref.actor.policy_loss.loss_mode=$LOSS"
     "+actor_rollout_ref.actor.policy_loss.beta=$BETA"
@@ -113,7 +113,7 @@ run_verl() {
         return 0
     fi
     python3 -c "import rpgrl.integrations.verl" || {
-        echo "rpgrl's verl plugin does not import (see the error above); pip install 'rpgrl[verl]'" >&2
+        echo "rpgrl's verl plugin does not import (see the error above); pip install -e '.[verl]' in the rpgrl clone" >&2
         return 1
     }
     set -x

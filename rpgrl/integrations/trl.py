@@ -23,7 +23,7 @@ try:
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError(
-        "rpgrl.integrations.trl needs TRL: pip install 'trl>=1.9.2,!=1.15.0,<2' (or rpgrl[trl])"
+        "rpgrl.integrations.trl needs TRL: pip install 'trl>=1.9.2,!=1.15.0,<2' (or pip install -e '.[trl]' in the rpgrl clone)"
     ) from exc
 
 from rpgrl.losses import AGG_MODES, LOSSES, MAX_METRIC_KEYS, policy_loss

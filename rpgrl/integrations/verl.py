@@ -1,6 +1,6 @@
 """Every rpgrl policy loss and the ``rpg`` advantage estimator inside verl 0.9.
 
-``pip install "rpgrl[verl]"`` installs an entry point in verl's ``verl.plugins`` group;
+``pip install -e ".[verl]"`` (in the clone) installs an entry point in verl's ``verl.plugins`` group;
 verl 0.9's ``verl/__init__.py`` loads every such entry point on ``import verl`` (in the
 driver and in every Ray worker; ``VERL_USE_EXTERNAL_PLUGINS=none`` turns this off). Loading
 it imports this module, which registers:
@@ -59,7 +59,7 @@ try:
     from verl.workers.config import PolicyLossConfig
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError(
-        "rpgrl.integrations.verl needs verl 0.9 (pip install 'rpgrl[verl]'); "
+        "rpgrl.integrations.verl needs verl 0.9 (pip install -e '.[verl]' in the rpgrl clone); "
         f"importing verl failed: {exc}"
     ) from exc
 

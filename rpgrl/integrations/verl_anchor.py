@@ -11,10 +11,14 @@
   becomes the rpgrl loss's anchor (:func:`rpgrl.integrations.verl.anchor_log_prob`);
 * keeps rpgrl's refresh schedule (:class:`rpgrl.algorithm.anchor.Anchor`: K counts optimizer steps, kappa
   bounds a moving average of the token k3 KL to the anchor), observing every optimizer step of
-  ``update_actor``;
-* when a refresh is due, copies the actor's parameters into its reference engine at the next
-  batch boundary, right before ``compute_ref_log_prob`` (a local copy of identically sharded
-  FSDP parameters, no collective).
+  ``update_actor`` on every rank with rank 0's values (:func:`rank0_values`: under Ulysses
+  sequence parallelism verl returns the metrics on sequence-parallel rank 0 only);
+* when a refresh is due, copies the actor's weights into its reference engine at the next
+  batch boundary, right before ``compute_ref_log_prob``: each rank its own shards, no
+  collective, both models resharded first (:func:`rpgrl.parallel.shards.copy_shards`; FSDP1 and
+  FSDP2); :func:`check_refresh_layout` refuses at ``init_model`` a pair it could not make equal;
+* saves the anchor (schedule and reference shards) into verl's actor checkpoint and restores
+  it on resume (:func:`save_anchor_state`, :func:`load_anchor_state`).
 
 The reference model is verl's own (loaded from ``model.path``, so the fixed anchor is the
 initial policy). verl builds it and computes ``ref_log_prob`` only when
@@ -29,10 +33,9 @@ worker swapped) and v1 (``TaskRunnerV1``; the registered trainer class of
 What rpgrl's own trainer does and this does not: a refresh due after an optimizer step that
 is not the batch's last is taken at the next batch boundary (verl computes ``ref_log_prob``
 once per batch before the update: verl/trainer/ppo/ray_trainer.py:1618-1622,
-verl/trainer/ppo/v1/trainer_base.py:588-591); the refreshed reference and the schedule are not
-in verl's checkpoints, so a resumed run restarts from the initial reference; periodic /
-adaptive need the reference in the actor's own worker (verl's hybrid ``actor_rollout_ref``
-role, not a separate ``ref`` worker); FSDP / FSDP2 engines only.
+verl/trainer/ppo/v1/trainer_base.py:588-591); periodic / adaptive need the reference in the
+actor's own worker (verl's hybrid ``actor_rollout_ref`` role, not a separate ``ref`` worker);
+FSDP1 / FSDP2 engines only (docs/verl.md has the table of what is tested and what is refused).
 
 verl internals are used (worker and task-runner classes, ``engine.module``), so this module
 refuses verl versions other than :data:`VERL_TESTED`.

@@ -142,7 +142,7 @@ class Tracker:
             import wandb
         except ImportError:
             warnings.warn(
-                "wandb=True but the 'wandb' package is not installed (pip install 'rpgrl[wandb]'); "
+                "wandb=True but the 'wandb' package is not installed (pip install wandb); "
                 "W&B logging disabled, metrics still go to metrics.jsonl and TensorBoard",
                 RuntimeWarning,
             )

@@ -197,7 +197,7 @@ def dequantize_gguf(file: str | Path, cache_dir: str | None = None, log=print) -
         import gguf  # noqa: F401
     except ImportError as exc:
         raise GGUFError(f"loading {file.name} needs the 'gguf' and 'accelerate' packages: "
-                        f"pip install 'rpgrl[gguf]' ({exc})") from exc
+                        f"pip install -e '.[gguf]' in the rpgrl clone ({exc})") from exc
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -187,7 +187,7 @@ def load_policy(path: str | Path, *, device: torch.device, dtype: torch.dtype,
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise RuntimeError("model.lora.enabled=true needs peft: pip install 'rpgrl[lora]'") from exc
+            raise RuntimeError("model.lora.enabled=true needs peft: pip install peft (or pip install -e '.[lora]' in the rpgrl clone)") from exc
         target = lora.target_modules
         model = get_peft_model(model, LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

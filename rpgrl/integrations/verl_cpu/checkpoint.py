@@ -16,6 +16,10 @@ before the rollout asks for it (a receive then waited forever). Slow (two full c
 sync) and meant for tiny models and tests. ``receive_weights`` is a plain generator, which is
 what the ``rpgrl_hf`` server adapter iterates (verl declares it ``async``; its vLLM / SGLang
 adapters are not meant to pair with this engine).
+
+A receive waits at most ``fetch_timeout_s`` (default :data:`FETCH_TIMEOUT_S`; verl passes
+``rollout.checkpoint_engine.engine_kwargs.rpgrl_ray`` to the constructor), then fails with an
+error that says so: a rollout whose trainer died must not wait forever.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegist
 #: ``actor_rollout_ref.rollout.checkpoint_engine.backend`` of this engine.
 BACKEND = "rpgrl_ray"
 BOARD_NAME = "rpgrl_ray_weight_board"
+#: How long a rollout waits for the trainer's weights (a healthy sync of the tiny models this
+#: engine is for takes seconds; even a slow training step posts well within an hour).
+FETCH_TIMEOUT_S = 3600.0
 
 
 class WeightBoard:
@@ -52,8 +59,12 @@ class WeightBoard:
             self.weights.pop(old, None)
             self.events.pop(old, None)
 
-    async def fetch(self, token: str) -> dict[str, torch.Tensor]:
-        await self._event(token).wait()
+    async def fetch(self, token: str, timeout_s: Optional[float] = None) -> Optional[dict[str, torch.Tensor]]:
+        """The weights posted under ``token``, or None if none came within ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._event(token).wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
         return self.weights[token]
 
 
@@ -75,9 +86,14 @@ def _board():
 class RayCheckpointEngine(CheckpointEngine):
     """verl ``CheckpointEngine`` over Ray's object store (module docstring)."""
 
-    def __init__(self, bucket_size: int = 0, is_master: bool = False, **_: Any) -> None:
+    def __init__(self, bucket_size: int = 0, is_master: bool = False, fetch_timeout_s: float = FETCH_TIMEOUT_S,
+                 **_: Any) -> None:
+        if not fetch_timeout_s > 0:
+            raise ValueError(f"rollout.checkpoint_engine.engine_kwargs.{BACKEND}.fetch_timeout_s must be > 0 "
+                             f"(seconds), got {fetch_timeout_s!r}")
         self.bucket_size = bucket_size
         self.is_master = is_master
+        self.fetch_timeout_s = float(fetch_timeout_s)
         self.rank: Optional[int] = None
         self.token: Optional[str] = None
 
@@ -109,4 +125,10 @@ class RayCheckpointEngine(CheckpointEngine):
     def receive_weights(self, global_steps: Optional[int] = None) -> Generator[tuple[str, torch.Tensor], None, None]:
         if self.token is None:
             raise RuntimeError("rpgrl_ray checkpoint engine: receive_weights before init_process_group")
-        yield from ray.get(_board().fetch.remote(self.token)).items()
+        state = ray.get(_board().fetch.remote(self.token, self.fetch_timeout_s))
+        if state is None:
+            raise TimeoutError(
+                f"{BACKEND} checkpoint engine: no weights arrived within {self.fetch_timeout_s:g} s (token "
+                f"{self.token}): the trainer that sends them has not; if it died, its log says why; if a sync "
+                f"really takes longer, raise rollout.checkpoint_engine.engine_kwargs.{BACKEND}.fetch_timeout_s")
+        yield from state.items()
