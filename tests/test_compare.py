@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rpgrl.tools.compare import algorithm_of, format_table, main as compare_main, plot_runs, run_result
 from rpgrl.loop.tracking import read_metrics
@@ -115,14 +116,17 @@ def test_bad_algorithm_fails_before_any_training(tiny_overrides, tmp_path, capsy
 # --------------------------------------------------------------------------- seed statistics
 
 
-def test_student_t_quantiles_match_the_printed_table():
-    from rpgrl.tools.stats import student_t_cdf, student_t_quantile
+def test_t_intervals_match_the_printed_table():
+    """scipy.stats' t quantiles behind t_interval, cross-checked with the two-sided 95 % critical
+    values of any statistics textbook's t table (the hand-written CDF they replaced gave the same)."""
+    import math
 
-    # two-sided 95 % critical values of any statistics textbook's t table
+    from rpgrl.tools.stats import t_interval
+
     for df, t in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (29, 2.0452)]:
-        assert student_t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
-    assert student_t_cdf(1.0, 1) == pytest.approx(0.75, abs=1e-12)  # Cauchy: 1/2 + atan(1)/pi
-    assert student_t_quantile(0.025, 2) == pytest.approx(-4.3027, abs=1e-4)
+        vals = [float(i % 3) for i in range(df + 1)]
+        iv = t_interval(vals)
+        assert iv.half_width == pytest.approx(t * iv.std / math.sqrt(df + 1), rel=2e-5)
 
 
 def test_t_interval_and_paired_difference_by_hand():
@@ -173,14 +177,15 @@ STUDY_LAST = {"grpo": (0.40, 0.42, 0.38), "dapo": (0.50, 0.55, 0.45),
               "rpg_reinforce_ufkl": (0.60, 0.66, 0.57), "rpg_reinforce_urkl": (0.52, 0.50, 0.58)}
 
 
-def _study_run(out: Path, algo: str, seed: int, last: float, *, kl: float, iw: float) -> Path:
+def _study_run(out: Path, algo: str, seed: int, last: float, *, kl: float, iw: float, digest: int | None = None) -> Path:
     d = out / algo / f"seed{seed}"
     d.mkdir(parents=True)
     mid = 0.50 if (algo, seed) == ("grpo", 1) else last - 0.05
     evals = {0: 0.30, 2: mid, 4: last}
     rows = []
     for step in range(1, 5):
-        rows.append({"step": step, "actor/kl_anchor_k3": kl * step / 4, "actor/importance_weight_max": iw - 4 + step,
+        rows.append({"step": step, "batch/first_round_digest": (1000 + seed if digest is None else digest) * step,
+                     "actor/kl_anchor_k3": kl * step / 4, "actor/importance_weight_max": iw - 4 + step,
                      "actor/clipfrac_upper": 0.01 * step, "actor/clipfrac_lower": 0.005, "actor/clipfrac_dual": 0.0,
                      "actor/optimizer_steps": 8 if step != 3 else 6, "actor/skipped_steps_total": 0,
                      "memory/peak_rss_mb": 9999.0, "timing/step": 10.0 * step})
@@ -409,3 +414,60 @@ def test_earlier_json_reports_runs_whose_folders_are_gone(study_out, tmp_path, c
     (tmp_path / "other.json").write_text(json.dumps(other))
     assert _cli([*argv, "--earlier-json", str(tmp_path / "other.json")]) == 2
     assert "optim.lr: 0.001 there, 0.0002 here" in capsys.readouterr().err
+
+
+def test_a_broken_seed_pair_is_refused_naming_the_run(tmp_path, capsys):
+    """Runs with one seed must have drawn the same first batch (step 1's fingerprint): one that
+    did not is named, and the report is refused unless --allow-broken-pairs, which says so."""
+    out = tmp_path / "study"
+    for algo, lasts in STUDY_LAST.items():
+        for seed, last in enumerate(lasts):
+            odd = (algo, seed) == ("rpg_reinforce_ufkl", 1)
+            _study_run(out, algo, seed, last, kl=0.01, iw=5.0, digest=0xABC if odd else None)
+    argv = ["compare", "--algorithms", *STUDY_LAST, "--seeds", "3", "--out", str(out), "--report-only"]
+    assert _cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "seed 1: the runs drew different first batches" in err and "rpg_reinforce_ufkl/seed1: 000000000abc" in err
+    assert "--allow-broken-pairs" in err
+    assert _cli([*argv, "--allow-broken-pairs"]) == 0
+    md = (out / "comparison.md").read_text()
+    assert "Broken pairs" in md and "rpg_reinforce_ufkl/seed1" in md
+    study = json.loads((out / "study.json").read_text())
+    assert study["pairing"]["checked"] == 12 and len(study["pairing"]["broken"]) == 1
+
+
+@pytest.mark.medium
+def test_plan_runs_every_arm_paired_and_reports_the_declared_tests(tiny_overrides, tmp_path, capsys):
+    """``rpgrl compare --plan``: each arm (a preset plus its own keys) x its seeds, in the tiny
+    setting; runs with one seed drew the same first batch whatever the arm (the fingerprint is
+    in metrics.jsonl at every step); each run records its code version; the report holds the
+    plan's hypotheses with their declared tests."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""
+overrides: {json.dumps(tiny_overrides("trainer.eval_every=1"))}
+arms:
+  dapo: {{preset: dapo, seeds: 0-1}}
+  reinforce_std_adv: {{preset: rpg_reinforce_ufkl, set: {{algorithm.advantage: grpo}}, seeds: 0-1}}
+hypotheses:
+  - {{id: H1, test: paired_t, contrast: {{reinforce_std_adv: 1, dapo: -1}}, question: "loss, advantage fixed"}}
+  - {{id: H1eq, test: tost, margin: 0.5, contrast: {{reinforce_std_adv: 1, dapo: -1}}}}
+""")
+    out = tmp_path / "out"
+    assert _cli(["compare", "--plan", str(plan), "--out", str(out), "--shared-before"]) == 0
+    for arm in ("dapo", "reinforce_std_adv"):
+        cfg = yaml.safe_load((out / arm / "seed0" / "config.yaml").read_text())["algorithm"]
+        assert (cfg["loss"], cfg["advantage"]) == ({"dapo": "ppo", "reinforce_std_adv": "rpg_reinforce_ufkl"}[arm], "grpo")
+    study = json.loads((out / "study.json").read_text())
+    runs = {(r["algorithm"], r["seed"]): r for r in study["runs"]}
+    assert len(runs) == 4 and study["pairing"] == {"broken": [], "unverified": [], "checked": 4}
+    for seed in (0, 1):
+        assert runs[("dapo", seed)]["first_batch_digest"] == runs[("reinforce_std_adv", seed)]["first_batch_digest"]
+    assert runs[("dapo", 0)]["first_batch_digest"] != runs[("dapo", 1)]["first_batch_digest"]
+    code = runs[("dapo", 0)]["code"]
+    assert code["rpgrl"] and len(code["commit"]) == 40 and isinstance(code["dirty"], bool)
+    h1, h1eq = study["hypotheses"]["tests"]
+    assert h1["n"] == 2 and h1["test"] == "paired_t" and "p_adjusted" in h1 and h1eq["margin"] == 0.5
+    md = (out / "comparison.md").read_text()
+    assert "## Pre-registered hypotheses" in md and "| H1 | paired_t |" in md
+    assert "Every seed's runs drew the same first batch" in md
+    assert study["plan"]["arms"]["reinforce_std_adv"]["set"] == {"algorithm.advantage": "grpo"}

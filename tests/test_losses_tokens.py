@@ -236,7 +236,7 @@ def test_metrics_keys_and_hand_computed_values():
     assert set(metrics) == set(METRIC_KEYS) == {
         "clipfrac_upper", "clipfrac_lower", "clipfrac_dual", "importance_weight_mean",
         "importance_weight_max", "kl_rollout_k1", "kl_rollout_k3", "kl_anchor_k1",
-        "kl_anchor_k3", "grad_stopped_frac",
+        "kl_anchor_k3", "grad_stopped_frac", "coef_kl_abs", "coef_pg_abs",
     }
     v = {k: float(x) for k, x in metrics.items()}
     lw = w[:4].log()
@@ -292,3 +292,63 @@ def test_registry_names():
     assert {n for n, s in LOSSES.items() if s.kernel == "reinforce"} == {
         f"rpg_reinforce_{d}" for d in DIVS
     }
+
+
+def test_kl_share_coefficients_by_hand():
+    """coef_pg_abs = mean |w A|, coef_kl_abs = mean |C_KL| over valid tokens (docs/math.md §2's
+    C_KL for each row; GRPO's k3 term: beta (pi_ref/pi_theta - 1)); 0 without a KL term."""
+    from rpgrl.losses.policy import kl_share
+
+    beta = 0.1
+    w = torch.tensor([[2.0, 0.5, 1.0, 7.0]], dtype=DT)
+    lp = torch.zeros(1, 4, dtype=DT)
+    old = -w.log()  # log w = lp - old
+    adv = torch.tensor([[1.0, -2.0, 3.0, 9.0]], dtype=DT)
+    mask = torch.tensor([[True, True, True, False]])
+    anc = torch.tensor([[-0.3, 0.2, 0.0, 5.0]], dtype=DT)  # log rho = -anc, v = pi_anc/pi_old
+    wv, lrho, v = w[0, :3], -anc[0, :3], (anc - old).exp()[0, :3]
+    pg = float((wv * adv[0, :3]).abs().mean())
+    want = {
+        "rpg_reinforce_fkl": beta * v,
+        "rpg_fkl": beta * v,
+        "rpg_reinforce_rkl": beta * wv * (lrho + 1),
+        "rpg_ufkl": beta * (wv - v),
+        "rpg_reinforce_urkl": beta * wv * lrho,
+        "grpo": beta * ((-lrho).exp() - 1),
+        "grpo_corrected": beta * wv * lrho,
+    }
+    for name, c in want.items():
+        _, m = policy_loss(name, lp, old, adv, mask, anchor_logp=anc, beta=beta, clip=None, dual_clip=None)
+        assert float(m["coef_pg_abs"]) == pytest.approx(pg, rel=1e-12), name
+        assert float(m["coef_kl_abs"]) == pytest.approx(float(c.abs().mean()), rel=1e-12), name
+    _, m = policy_loss("ppo", lp, old, adv, mask, anchor_logp=anc, beta=beta)
+    assert float(m["coef_kl_abs"]) == 0.0 and float(m["coef_pg_abs"]) == pytest.approx(pg, rel=1e-12)
+    _, m = policy_loss("rpg_reinforce_ufkl", lp, old, adv, mask, beta=0.0)
+    assert float(m["coef_kl_abs"]) == 0.0
+    # rollout anchor (v = 1, rho = w): UFKL's C_KL = -beta (w - 1)
+    _, m = policy_loss("rpg_reinforce_ufkl", lp, old, adv, mask, beta=beta)
+    assert float(m["coef_kl_abs"]) == pytest.approx(float((beta * (wv - 1)).abs().mean()), rel=1e-12)
+    assert kl_share(0.5, 2.0) == 0.25 and math.isnan(kl_share(0.5, 0.0))
+
+
+def test_kl_share_is_the_exact_split_of_the_reinforce_gradient():
+    """For the REINFORCE kernel, unclipped, the token gradient is -(w A + C_KL) grad logp / n:
+    the gradient with beta minus the one with beta = 0 is the KL part, whose mean |.| * n is
+    coef_kl_abs * n, and the beta = 0 gradient's is coef_pg_abs * n."""
+    torch.manual_seed(0)
+    lp0 = torch.randn(3, 5, dtype=DT) * 0.3
+    old = lp0 + torch.randn(3, 5, dtype=DT) * 0.2
+    adv = torch.randn(3, dtype=DT)
+    mask = torch.rand(3, 5) > 0.2
+    n = int(mask.sum())
+    grads = {}
+    for beta in (0.0, 0.05):
+        lp = lp0.clone().requires_grad_(True)
+        loss, m = policy_loss("rpg_reinforce_urkl", lp, old, adv, mask, beta=beta, clip=None, dual_clip=None)
+        loss.backward()
+        grads[beta] = (lp.grad, m)
+    kl_part = (grads[0.05][0] - grads[0.0][0]) * n
+    pg_part = grads[0.0][0] * n
+    m = grads[0.05][1]
+    assert float(kl_part[mask].abs().mean()) == pytest.approx(float(m["coef_kl_abs"]), rel=1e-10)
+    assert float(pg_part[mask].abs().mean()) == pytest.approx(float(m["coef_pg_abs"]), rel=1e-10)

@@ -31,6 +31,21 @@ def test_the_loss_max_metrics_are_declared_max():
     assert {M.actor(k) for k in METRIC_KEYS if k.endswith("_max")} <= set(M.MAX_METRICS)
 
 
+def test_kl_share_is_the_ratio_of_the_global_token_sums():
+    """actor/kl_share = sum|C_KL| / sum|w A| over every token of the step on every rank: the two
+    token sums are summed over micro-batches and ranks, then divided (and dropped)."""
+    num, den = M.KL_SHARE_SUMS
+    rank0, rank1 = M.UpdateMetrics(), M.UpdateMetrics()
+    for acc, parts in ((rank0, [(0.01, 0.5, 30), (0.03, 0.1, 10)]), (rank1, [(0.02, 0.2, 20)])):
+        for kl_mean, pg_mean, tokens in parts:  # token means of one micro-batch and its tokens
+            acc.add(num, kl_mean * tokens)
+            acc.add(den, pg_mean * tokens)
+    out = M.with_kl_share(reduce_metrics([rank0.values, rank1.values], sum_prefixes=M.SUM_METRICS))
+    assert out == {M.KL_SHARE: pytest.approx((0.3 + 0.3 + 0.4) / (15 + 1 + 4))}
+    assert M.with_kl_share({num: 0.5, den: 0.0}) == {}  # no reward signal: no share
+    assert M.with_kl_share({"x": 1.0}) == {"x": 1.0}
+
+
 def test_update_metrics_weight_means_and_keep_maxima():
     """Two optimizer steps (share 1/2) of two micro-batches holding 3 and 1 of 4 tokens."""
     acc = M.UpdateMetrics()

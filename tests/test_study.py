@@ -108,6 +108,14 @@ def test_two_methods_two_steps_on_the_real_model_are_off_policy(tmp_path, capsys
         assert [x["step"] for x in records if "actor/loss" in x] == [1, 2]
         assert all(math.isfinite(x["actor/loss"]) for x in records if "actor/loss" in x)
     assert runs["rpg_reinforce_ufkl"]["clipfrac_max"] > 0.0  # the RPG-Style Clip acts
+    # the KL term's share of the update, each step: 0 for DAPO's loss (no KL term), in (0, 1) for
+    # RPG-REINFORCE-UFKL at beta = 1e-4 (off-policy, w != 1 after the first optimizer step)
+    assert [v for _, v in runs["dapo"]["curves"]["actor/kl_share"]] == [0.0, 0.0]
+    shares = [v for _, v in runs["rpg_reinforce_ufkl"]["curves"]["actor/kl_share"]]
+    assert len(shares) == 2 and all(0 < v < 1 for v in shares), shares
+    # same seed, same first batch: the pairing check found both fingerprints equal
+    assert runs["dapo"]["first_batch_digest"] == runs["rpg_reinforce_ufkl"]["first_batch_digest"] is not None
+    assert study["pairing"]["broken"] == [] and study["pairing"]["checked"] == 2
     md = (out / "comparison.md").read_text()
     for column in ("Last − DAPO", "Largest accuracy drop", "Max KL to anchor", "Max importance weight",
                    "Peak RSS (MiB)", "Wall time per run (s)", "Verdict:"):

@@ -5,6 +5,7 @@ overlong shaping. The log-probs and advantages are filled in later by the traine
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
@@ -59,6 +60,8 @@ def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, di
         with timer.phase("generation"), weights():
             rollout = sampler.generate([data.train_prompts[i] for i in indices], n=n,
                                        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        if gen_batches == 1:  # which batch this step drew: same seed, same first batch (M.FIRST_ROUND_DIGEST)
+            first_digest = _global_digest(dist, rollout)
         with timer.phase("scoring"):
             scores, stats = sampler.score([data.train[i] for i in indices], rollout, n)
         for k, v in stats.items():
@@ -80,6 +83,7 @@ def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, di
         rollout, score_t = _agree_on_kept_groups(dist, kept, n, want)
         n_groups = score_t.shape[0]
     metrics = {
+        M.FIRST_ROUND_DIGEST: first_digest,
         M.SCORE_MEAN: float(np.mean(all_scores)),
         M.GEN_BATCHES: gen_batches,
         M.KEPT_GROUPS: min(n_groups, want),
@@ -104,6 +108,16 @@ def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, di
         rewards += overlong_penalty(rollout.response_lengths, r.max_new_tokens,
                                     ov.buffer_len, ov.penalty_factor).to(rewards)
     return Batch(rollout, rewards, score_t, group_ids), metrics
+
+
+def _global_digest(dist: DistContext, rollout: RolloutBatch) -> int:
+    """The fingerprint of this round's samples on all ranks together (rank order), the same
+    number on every rank; one process: the rollout's own ``digest()``."""
+    own = rollout.digest()
+    if not dist.enabled:
+        return own
+    joined = ",".join(str(d) for d in dist.all_gather_object(own))
+    return int.from_bytes(hashlib.blake2b(joined.encode(), digest_size=6).digest(), "big")
 
 
 def _agree_on_kept_groups(dist: DistContext, kept: list, n: int, want: int) -> tuple[RolloutBatch | None, torch.Tensor]:

@@ -26,6 +26,7 @@ log-prob passes use, so the policy that samples computes like pi_old is scored
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
@@ -51,6 +52,16 @@ class RolloutBatch:
     @property
     def response_ids(self) -> Tensor:
         return self.input_ids[:, self.prompt_len:]
+
+    def digest(self) -> int:
+        """A 48-bit fingerprint of the prompts and responses (their token ids and padding):
+        two runs drew the same batch iff their digests agree (up to a 2^-48 collision). An
+        int below 2^53, so it survives metrics.jsonl's floats exactly."""
+        h = hashlib.blake2b(digest_size=6)
+        h.update(f"{tuple(self.input_ids.shape)}:{self.prompt_len}".encode())
+        h.update(self.input_ids.to(torch.int64).contiguous().numpy().tobytes())
+        h.update(self.attention_mask.to(torch.int8).contiguous().numpy().tobytes())
+        return int.from_bytes(h.digest(), "big")
 
     def select(self, indices: list[int] | Tensor) -> "RolloutBatch":
         idx = torch.as_tensor(indices, dtype=torch.long)

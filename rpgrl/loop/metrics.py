@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from rpgrl.losses.policy import MAX_METRIC_KEYS
+from rpgrl.losses.policy import MAX_METRIC_KEYS, kl_share
 
 STEP = "step"
 # per RL step (rpgrl.loop.trainer)
@@ -30,8 +30,16 @@ LENGTH_MEAN = "response_length/mean"
 LENGTH_MAX = "response_length/max"
 LENGTH_CLIP_RATIO = "response_length/clip_ratio"
 GEN_BATCHES = "batch/gen_batches"
+#: a 48-bit fingerprint of the step's first generation round (RolloutBatch.digest): runs with the
+#: same seed draw the same first batch, so their step-1 values must agree (rpgrl compare checks)
+FIRST_ROUND_DIGEST = "batch/first_round_digest"
 KEPT_GROUPS = "batch/kept_groups"
 ANCHOR_REFRESHES = "anchor/refreshes"
+#: sum|C_KL| / sum|w A| over the step's tokens: the KL term's share of the update
+#: (rpgrl.losses.policy.KL_SHARE_KEYS); computed from the two token sums, which are summed over
+#: micro-batches, optimizer steps and ranks and then dropped (:func:`with_kl_share`)
+KL_SHARE = "actor/kl_share"
+KL_SHARE_SUMS = ("actor/coef_kl_abs_sum", "actor/coef_pg_abs_sum")
 LR = "optim/lr"
 TIMING_STEP = "timing/step"
 # per evaluation
@@ -53,8 +61,19 @@ def actor(key: str) -> str:
 #: ``SUM_METRICS`` (prefixes) are summed over ranks (counts, and the loss: each rank's part
 #: shares the global denominator); ``MAX_METRICS`` are maxima everywhere (a mean of maxima
 #: would hide the one rank whose importance weights blew up); every other metric is a mean.
-SUM_METRICS = (LOSS, KEPT_GROUPS, "reward/n", "reward/scorer_", "reward/empty_")
+SUM_METRICS = (LOSS, KEPT_GROUPS, "reward/n", "reward/scorer_", "reward/empty_", *KL_SHARE_SUMS)
 MAX_METRICS = (LENGTH_MAX, *(actor(k) for k in MAX_METRIC_KEYS))
+
+
+def with_kl_share(metrics: dict[str, float]) -> dict[str, float]:
+    """Replace the two global token sums of ``KL_SHARE_SUMS`` by their ratio ``KL_SHARE`` (left
+    out when the reward part is 0 or the KL part unknown)."""
+    num, den = (metrics.pop(k, None) for k in KL_SHARE_SUMS)
+    if num is not None and den is not None:
+        share = kl_share(num, den)
+        if math.isfinite(share):
+            metrics[KL_SHARE] = share
+    return metrics
 
 
 class UpdateMetrics:

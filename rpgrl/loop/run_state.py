@@ -95,12 +95,47 @@ def machine_record(device: torch.device | str) -> dict:
     return rec
 
 
+def code_version() -> dict:
+    """The code a run ran: rpgrl's version and, when rpgrl is imported from its own git checkout,
+    the commit and whether tracked files differed from it (``dirty``). Taken when the run starts:
+    the runs of one study must come from one commit (docs/benchmarks.md, section 4)."""
+    import subprocess
+
+    from rpgrl import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    rec: dict = {"rpgrl": __version__, "commit": None, "dirty": None}
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is not None and Path(top).resolve() == root and (root / "rpgrl" / "__init__.py").is_file():
+        rec["commit"] = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+        rec["dirty"] = None if status is None else bool(status)
+    return rec
+
+
+def code_text(code: dict) -> str:
+    """``rpgrl 0.1.0, commit 1a2b3c4d5e6f (clean)`` for the start-of-run log line."""
+    if not code.get("commit"):
+        return f"rpgrl {code['rpgrl']} (not a git checkout: no commit recorded)"
+    state = {True: "with uncommitted changes", False: "clean"}.get(code.get("dirty"), "status unknown")
+    return f"rpgrl {code['rpgrl']}, commit {code['commit'][:12]} ({state})"
+
+
 def finish_run(out: Path, state: TrainState, eval_after: dict, *, model: torch.nn.Module, tokenizer,
                algorithm: str, train_started: float, final_sd: dict | None = None,
-               profile_log: Callable[[str], None] | None = None) -> dict:
+               profile_log: Callable[[str], None] | None = None, code: dict | None = None) -> dict:
     """final/ model, curves.png and summary.json (rank 0 only, after the tracker has flushed
     metrics.jsonl); ``final_sd``: the gathered full weights of a sharded policy;
-    ``profile_log``: where the step-time table goes (trainer.profile)."""
+    ``profile_log``: where the step-time table goes (trainer.profile); ``code``: the run's
+    :func:`code_version`, taken at its start."""
     from rpgrl.models.loading import save_final
     from rpgrl.tools.plots import plot_curves
 
@@ -122,6 +157,7 @@ def finish_run(out: Path, state: TrainState, eval_after: dict, *, model: torch.n
         "eval_best_last": state.best_last.to_dict(),
         "skipped_steps": state.skipped_total,
         "machine": machine_record(next(model.parameters()).device),
+        "code": code if code is not None else code_version(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

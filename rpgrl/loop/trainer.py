@@ -29,14 +29,14 @@ from rpgrl.loop.eval_metrics import flatten
 from rpgrl.loop.collect import Batch, collect
 from rpgrl.models.flops import PhaseFlops, matmul_peaks, peak_for
 from rpgrl.algorithm.kl import kl_penalty
-from rpgrl.losses import METRIC_KEYS, BoundLoss, aggregation_count
+from rpgrl.losses import KL_SHARE_KEYS, METRIC_KEYS, BoundLoss, aggregation_count
 from rpgrl.loop.metrics import StepTimer
 from rpgrl.loop.optim import build_optimizer, clip_and_check, eval_mode
 from rpgrl.parallel.strategy import make_parallel
 from rpgrl.loop.prompt_order import PromptOrder
 from rpgrl.loop.generation import RolloutBatch
 from rpgrl.loop.setup import RunData, setup_run
-from rpgrl.loop.run_state import Checkpoints, finish_run, headline_text
+from rpgrl.loop.run_state import Checkpoints, code_text, code_version, finish_run, headline_text
 from rpgrl.loop.generation import Sampler
 from rpgrl.loop.schedule import mini_batch_schedule, num_mini_batches, old_logp_from_update
 from rpgrl.loop.train_state import TrainState
@@ -58,6 +58,9 @@ class Trainer:
         self.cfg, self.log = cfg, (log if self.dist.is_main else _quiet)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.code = code_version() if self.dist.is_main else None
+        if self.code is not None:
+            self.log(f"code: {code_text(self.code)}")
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
         seed_all(cfg.seed)
@@ -186,10 +189,13 @@ class Trainer:
                 loss, m = self._micro_step(batch, micro, logprobs, max(norm, 1.0))
             # one host sync per micro-batch; its loss metrics are token means: weight by its tokens
             loss_v, *vals = torch.stack([loss.detach(), *(m[k] for k in METRIC_KEYS)]).tolist()
-            w = float(mask[micro].sum()) / tokens
+            micro_tokens = float(mask[micro].sum())
+            w = micro_tokens / tokens
             acc.add(M.LOSS, loss_v, share)
             for k, v in zip(METRIC_KEYS, vals):
                 acc.add(M.actor(k), v, w, share)
+            for k, total in zip(M.KL_SHARE_SUMS, KL_SHARE_KEYS):  # token sums, for the exact step ratio
+                acc.add(k, vals[METRIC_KEYS.index(total)] * micro_tokens)
             kl_to_anchor += vals[METRIC_KEYS.index("kl_anchor_k3")] * w
         return kl_to_anchor
 
@@ -272,7 +278,7 @@ class Trainer:
             metrics.update({f"{M.PEAK_GFLOPS}_{k}": v for k, v in self.peaks.items()})
             metrics[M.PEAK_RSS] = M.peak_rss_mb()
         metrics[M.LR] = float(self.optimizer.param_groups[0]["lr"])
-        return self.dist.reduce_metrics(metrics, sum_prefixes=M.SUM_METRICS, max_keys=M.MAX_METRICS)
+        return M.with_kl_share(self.dist.reduce_metrics(metrics, sum_prefixes=M.SUM_METRICS, max_keys=M.MAX_METRICS))
 
     def evaluate(self) -> dict:
         """Held-out mean@k with the sampler on the current weights (call inside ``_weights()``)."""
@@ -331,7 +337,7 @@ class Trainer:
         self.tracker.close()  # flushes metrics.jsonl before it is plotted
         return finish_run(self.out, self.state, eval_after, model=self.model, tokenizer=self.tokenizer,
                           algorithm=self.cfg.algorithm.preset, train_started=t0, final_sd=final_sd,
-                          profile_log=self.log if self.cfg.trainer.profile else None)
+                          profile_log=self.log if self.cfg.trainer.profile else None, code=self.code)
 
 
 def _quiet(*_a, **_k) -> None:

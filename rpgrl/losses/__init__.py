@@ -16,7 +16,7 @@ from rpgrl.losses.bound import BoundLoss
 from rpgrl.losses.divergences import DIVERGENCES, Divergence
 from rpgrl.losses.clip import TrustRegion, trust_region
 from rpgrl.losses.plugins import ENTRY_POINT_GROUP
-from rpgrl.losses.policy import MAX_METRIC_KEYS, METRIC_KEYS, policy_loss
+from rpgrl.losses.policy import KL_SHARE_KEYS, MAX_METRIC_KEYS, METRIC_KEYS, kl_share, policy_loss
 from rpgrl.losses.registry import LOSSES, UnknownLossError, resolve_loss
 from rpgrl.losses.spec import LossInputs, LossSpec
 from rpgrl.losses.surrogates import Ratios
@@ -30,6 +30,7 @@ __all__ = [
     "LOSSES",
     "LossInputs",
     "LossSpec",
+    "KL_SHARE_KEYS",
     "MAX_METRIC_KEYS",
     "METRIC_KEYS",
     "Ratios",

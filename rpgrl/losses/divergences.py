@@ -42,6 +42,15 @@ class Divergence:
     kl_weight: Optional[Callable[[float, Tensor, Tensor, Scalar], Scalar]]
     kl_loss: Callable[[float, Tensor, Tensor, Scalar, Tensor], Tensor]
     coefficient: str = ""  # C_KL in words (the KL part of g_t), printed by ``rpgrl explain``
+    #: the KL term's per-token gradient weight for rows without an RPG ``kl_weight`` (GRPO's):
+    #: the loss term's gradient is -grad_weight * grad logp. Only the ``kl_share`` metric uses it.
+    grad_weight: Optional[Callable[[float, Tensor, Tensor, Scalar], Scalar]] = None
+
+    def gradient_weight(self, beta: float, w: Tensor, log_rho: Tensor, v: Scalar) -> Scalar:
+        """The KL term's per-token gradient weight C_KL (the KL part of g_t)."""
+        fn = self.kl_weight or self.grad_weight
+        assert fn is not None, f"divergence {self.name} has no gradient weight"
+        return fn(beta, w, log_rho, v)
 
 
 # ---- C_KL(beta, w, log_rho, v): g = w*A + C_KL (docs/math.md §2 / §4.1) -------------
@@ -90,6 +99,15 @@ def _grpo_k3_corrected_loss(beta: float, w: Tensor, log_rho: Tensor, v: Scalar, 
     return (w * beta) * k3_from_log_ratio(log_rho)  # beta w k3: gradient beta w log rho = URKL's
 
 
+def _grpo_k3_grad(beta: float, w: Tensor, log_rho: Tensor, v: Scalar) -> Tensor:
+    # d/dlogp of beta k3(y), y = pi_ref/pi_theta = e^-log_rho: beta (1 - y), so C = beta (y - 1)
+    return torch.expm1(-log_rho).mul_(beta)
+
+
+def _grpo_k3_corrected_grad(beta: float, w: Tensor, log_rho: Tensor, v: Scalar) -> Tensor:
+    return _urkl_weight(beta, w, log_rho, v)  # d/dlogp of beta w k3 = beta w log rho
+
+
 DIVERGENCES: dict[str, Divergence] = {
     "fkl": Divergence("fkl", "KL(pi_anc || pi_theta)", _fkl_weight, _fkl_loss, "beta*v"),
     "rkl": Divergence("rkl", "KL(pi_theta || pi_anc)", _rkl_weight, _rkl_loss,
@@ -106,8 +124,9 @@ DIVERGENCES: dict[str, Divergence] = {
 
 #: GRPO's KL loss term beta*k3(pi_ref/pi_theta) (docs/math.md §5): biased off-policy.
 GRPO_KL = Divergence("grpo_k3", "k3(pi_ref/pi_theta), uncorrected", None, _grpo_k3_loss,
-                     "beta*(pi_ref/pi_theta - 1) (no w)")
+                     "beta*(pi_ref/pi_theta - 1) (no w)", grad_weight=_grpo_k3_grad)
 #: The paper's fix beta*w*k3(pi_ref/pi_theta): its gradient is URKL's (docs/math.md §5).
 GRPO_KL_CORRECTED = Divergence(
-    "grpo_w_k3", "w * k3(pi_ref/pi_theta)", None, _grpo_k3_corrected_loss, "-beta*w*log rho"
+    "grpo_w_k3", "w * k3(pi_ref/pi_theta)", None, _grpo_k3_corrected_loss, "-beta*w*log rho",
+    grad_weight=_grpo_k3_corrected_grad,
 )

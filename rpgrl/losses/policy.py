@@ -17,11 +17,12 @@ from torch import Tensor
 from rpgrl.algorithm.kl import k3_from_log_ratio
 from rpgrl.losses.aggregate import AGG_MODES, aggregate
 from rpgrl.losses.clip import TrustRegion
+from rpgrl.losses.divergences import DIVERGENCES
 from rpgrl.losses.registry import LOSSES
 from rpgrl.losses.spec import LossInputs, LossSpec
 from rpgrl.losses.surrogates import Ratios
 
-__all__ = ["MAX_METRIC_KEYS", "METRIC_KEYS", "apply_loss", "check_hyperparameters", "hyperparameter_problems", "policy_loss",
+__all__ = ["KL_SHARE_KEYS", "MAX_METRIC_KEYS", "METRIC_KEYS", "apply_loss", "kl_share", "check_hyperparameters", "hyperparameter_problems", "policy_loss",
            "run_token_loss"]
 
 METRIC_KEYS = (
@@ -35,10 +36,16 @@ METRIC_KEYS = (
     "kl_anchor_k1",
     "kl_anchor_k3",
     "grad_stopped_frac",
+    "coef_kl_abs",
+    "coef_pg_abs",
 )
 #: The loss metrics that are maxima, not means: combined by max over micro-batches, optimizer
 #: steps and processes wherever they are logged (rpgrl's trainer, the TRL integration).
 MAX_METRIC_KEYS = ("importance_weight_max",)
+#: The token means of |C_KL| and |w A|, the KL and the reward parts of each token's gradient
+#: weight g_t = w*A + C_KL (docs/math.md §2): their ratio, sum|C_KL| / sum|w A| over the tokens
+#: of a step, is the KL term's share of the update (``kl_share``, docs/algorithms.md).
+KL_SHARE_KEYS = ("coef_kl_abs", "coef_pg_abs")
 
 
 
@@ -103,7 +110,35 @@ def check_hyperparameters(name: str, beta: float, clip: Optional[tuple[float, fl
     return spec
 
 
-def _metrics(ratios: Ratios, region: TrustRegion, valid: Tensor, n: Tensor, has_anchor: bool) -> dict:
+def kl_share(coef_kl_abs: float, coef_pg_abs: float) -> float:
+    """sum|C_KL| / sum|w A| from the two token means over the same tokens (nan when the reward
+    part is 0, e.g. no group had a signal)."""
+    return coef_kl_abs / coef_pg_abs if coef_pg_abs > 0 else math.nan
+
+
+def _coefficients(spec: LossSpec, x: LossInputs, ratios: Ratios, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Token means of |C_KL| and |w A| (KL_SHARE_KEYS). C_KL is the divergence row's gradient
+    weight, 0 for a loss without a KL term (or beta = 0); a plugin loss's is the row of the
+    objective it claims, nan if it claims none (its KL part is unknown). Both are taken before
+    the trust region: for the
+    REINFORCE kernels, where the token gradient is -(w A + C_KL) grad logp, they split each
+    unclipped token's update exactly; for the differentiable kernels the KL term is not clipped,
+    so |C_KL| is its exact weight and |w A| the reward part before clipping."""
+    pg = (ratios.w * x.advantages).abs().sum() / n  # advantages are 0 at masked positions
+    d = spec.divergence
+    if spec.kernel == "plugin" and d is None:
+        if spec.objective not in DIVERGENCES and spec.objective != "none":
+            return torch.full_like(pg, math.nan), pg
+        d = DIVERGENCES.get(spec.objective)
+    if d is None or x.beta == 0:
+        return torch.zeros_like(pg), pg
+    c = d.gradient_weight(x.beta, ratios.w, ratios.log_rho, ratios.v)
+    c = torch.as_tensor(c, dtype=ratios.w.dtype, device=ratios.w.device).expand_as(ratios.w)
+    return torch.where(x.mask, c.abs(), 0.0).sum() / n, pg
+
+
+def _metrics(ratios: Ratios, region: TrustRegion, valid: Tensor, n: Tensor, has_anchor: bool,
+             coefficients: tuple[Tensor, Tensor]) -> dict:
     """Token-means over this call's ``n`` valid tokens (detached)."""
     with torch.no_grad():
         zero = torch.zeros((), dtype=ratios.w.dtype, device=ratios.w.device)
@@ -133,6 +168,8 @@ def _metrics(ratios: Ratios, region: TrustRegion, valid: Tensor, n: Tensor, has_
             "kl_anchor_k1": kl_anc_k1,
             "kl_anchor_k3": kl_anc_k3,
             "grad_stopped_frac": frac(region.stopped),
+            "coef_kl_abs": coefficients[0],
+            "coef_pg_abs": coefficients[1],
         }
 
 
@@ -202,7 +239,10 @@ def apply_loss(spec: LossSpec, logp: Tensor, old_logp: Tensor, advantages: Tenso
     if norm is None and agg == "token-mean":
         norm = n_valid
     loss = aggregate(token_loss, valid, agg, norm)
-    return loss, _metrics(x.detached_ratios(), region, valid, n_valid, anchor_logp is not None)
+    ratios = x.detached_ratios()
+    with torch.no_grad():
+        coefficients = _coefficients(spec, x, ratios, n_valid)
+    return loss, _metrics(ratios, region, valid, n_valid, anchor_logp is not None, coefficients)
 
 
 def run_token_loss(spec: LossSpec, x: LossInputs) -> tuple[Tensor, TrustRegion]:

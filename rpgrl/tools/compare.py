@@ -40,13 +40,14 @@ from typing import Any, Callable
 
 import yaml
 
-from rpgrl.tools.compare_report import (RUN_INFO, algorithm_of, collect_finished, curve_records, fill_shared_before,
-                                        markdown_report, rerun_check, run_info, run_result, shared_baseline,
-                                        study_summary)
+from rpgrl.tools.compare_report import (RUN_INFO, algorithm_of, code_versions, collect_finished, curve_records,
+                                        fill_shared_before, markdown_report, pairing_problems, rerun_check, run_info,
+                                        run_result, shared_baseline, study_summary)
 from rpgrl.loop.tracking import is_finite_number
+from rpgrl.tools.arms import Arm, parse_seeds
 
-__all__ = ["add_subcommands", "compare", "config_differences", "format_table", "main", "parse_algorithms",
-           "parse_seeds", "plot_runs", "run_result"]
+__all__ = ["Arm", "add_subcommands", "algorithm_arms", "compare", "config_differences", "format_table", "main",
+           "parse_algorithms", "parse_seeds", "plot_runs", "run_result"]
 
 #: keys that differ between the methods of one study by design
 PER_METHOD_KEYS = ("algorithm.preset", "algorithm.loss", "algorithm.advantage")
@@ -58,37 +59,6 @@ PER_RUN_KEYS = ("seed", "output_dir", "eval.before_training", "logging.run_name"
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-def parse_seeds(spec: str | int | list[int]) -> list[int]:
-    """``3`` -> seeds 0, 1, 2 (a count); ``0,1,2`` or ``4,`` -> those seeds; ``2-4`` -> 2, 3, 4."""
-    from rpgrl.config import ConfigError
-
-    if isinstance(spec, int):
-        spec = str(spec)
-    if isinstance(spec, list):
-        seeds = [int(s) for s in spec]
-    else:
-        text = str(spec).strip()
-        try:
-            if "," in text:
-                seeds = [int(x) for x in text.split(",") if x.strip()]
-            elif "-" in text.lstrip("-"):
-                lo, hi = (int(x) for x in text.split("-"))
-                seeds = list(range(lo, hi + 1))
-            else:
-                n = int(text)
-                if n < 1:
-                    raise ConfigError(f"compare: --seeds must be >= 1, got {n}")
-                seeds = list(range(n))
-        except ValueError:
-            raise ConfigError(f"compare: --seeds {spec!r}: expected a count (3 = seeds 0,1,2), a list (0,1,2 or 4,) "
-                              "or a range (2-4)") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise ConfigError(f"compare: --seeds {spec!r}: give at least one seed, each >= 0")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"compare: --seeds lists a seed twice: {seeds}")
-    return seeds
 
 
 def parse_algorithms(items: list[str]) -> list[str]:
@@ -173,10 +143,6 @@ def _markdown(results: dict[str, list[dict]], header: list[str], summary: dict[s
 # --------------------------------------------------------------------------- compare / plot
 
 
-def _run_dir(out_dir: Path, algo: str, seed: int) -> Path:
-    return out_dir / algo / f"seed{seed}"
-
-
 def _select(algo: str) -> str:
     """A preset, or a loss name (built-in, entry point, module:function) run with the default
     preset's hyper-parameters and the shared overrides."""
@@ -186,8 +152,14 @@ def _select(algo: str) -> str:
     return f"algorithm.preset={algo}" if algo in PRESETS or algo not in LOSSES else f"algorithm.loss={algo}"
 
 
-def _run_items(config_path: str | None, overrides: list[str], algo: str, seed: int, run_dir: Path) -> list[str]:
-    return [*([config_path] if config_path else []), *overrides, _select(algo), f"seed={seed}", f"output_dir={run_dir}"]
+def algorithm_arms(algorithms: list[str], seeds: int | list[int] | str) -> list[Arm]:
+    """``--algorithms`` x ``--seeds``: one arm per preset (or loss name), every arm all seeds."""
+    seed_list = tuple(parse_seeds(seeds))
+    return [Arm(a, (_select(a),), seed_list) for a in algorithms]
+
+
+def _run_items(config_path: str | None, overrides: list[str], arm: Arm, seed: int, run_dir: Path) -> list[str]:
+    return [*([config_path] if config_path else []), *overrides, *arm.items, f"seed={seed}", f"output_dir={run_dir}"]
 
 
 def _shown(diff: dict[str, tuple[Any, Any]]) -> str:
@@ -270,12 +242,15 @@ def compare(
     out_dir: str | Path, *, resume: bool = False, band: str = "minmax", log: Callable = print,
     isolate: bool = False, report_only: bool = False, json_path: str | Path | None = None,
     prune_checkpoints: bool = False, command: str | None = None, shared_before: bool = False,
-    earlier_json: str | Path | None = None,
+    earlier_json: str | Path | None = None, arms: list[Arm] | None = None, plan: Any = None,
+    allow_broken_pairs: bool = False,
 ) -> dict[str, Any]:
     """Train each algorithm x seed sequentially, then write the report of every finished run under ``out_dir``.
 
-    ``seeds``: a count N (seeds 0..N-1) or a list of seeds. Every config is built and
-    validated before the first run starts, so a typo fails in seconds rather than after
+    ``seeds``: a count N (seeds 0..N-1) or a list of seeds. ``arms``: instead of ``algorithms`` x
+    ``seeds``, named settings with their own overrides and seeds (a study plan,
+    ``rpgrl.tools.study_plan``; ``plan`` then adds its hypotheses to the report). Every config is
+    built and validated before the first run starts, so a typo fails in seconds rather than after
     hours. A run dir that already holds metrics would be appended to, so it is refused
     unless ``resume``: then finished runs (summary.json) are reused and unfinished ones
     continue from their latest checkpoint (or start again if they have none).
@@ -285,100 +260,125 @@ def compare(
     ``earlier_json``: a study.json written earlier with the same setting; its runs that have no
     finished folder under ``out_dir`` (run elsewhere, or their folders lost) are reported from
     the numbers recorded there (``carry_earlier``).
+    Runs with the same seed must have drawn the same first batch (``compare_report.pairing_problems``);
+    a report with a broken pair is refused, naming the runs, unless ``allow_broken_pairs``.
 
     Returns ``{"results": {algo: [run_result per seed]}, "summary": study_summary, "markdown":
     path, "png": path, "json": path}``.
     """
     from rpgrl.config import ConfigError, load_config, to_dict
 
-    if not algorithms:
-        raise ConfigError("compare: give at least one algorithm (--algorithms grpo rpg_reinforce_ufkl ...)")
-    if len(set(algorithms)) != len(algorithms):
-        raise ConfigError(f"compare: --algorithms lists a name twice: {algorithms}")
-    seed_list = parse_seeds(seeds)
+    if arms is None:
+        if not algorithms:
+            raise ConfigError("compare: give at least one algorithm (--algorithms grpo rpg_reinforce_ufkl ...)")
+        if len(set(algorithms)) != len(algorithms):
+            raise ConfigError(f"compare: --algorithms lists a name twice: {algorithms}")
+        arms = algorithm_arms(algorithms, seeds)
     out = Path(out_dir)
-    plan = []
-    for algo in algorithms:
-        for seed in seed_list:
-            run_dir = _run_dir(out, algo.replace(":", "_"), seed)
-            items = _run_items(config_path, overrides, algo, seed, run_dir)
+    todo = []
+    for arm in arms:
+        for seed in arm.seeds:
+            run_dir = out / arm.folder / f"seed{seed}"
+            items = _run_items(config_path, overrides, arm, seed, run_dir)
             cfg = load_config(config_path, items[1:] if config_path else items)
             if not (resume or report_only) and (run_dir / "metrics.jsonl").exists():
                 raise ConfigError(f"compare: {run_dir} already holds a run; pass --resume to reuse/continue "
                                   "it, or choose another --out")
             if (resume or report_only) and (run_dir / "summary.json").is_file():
                 _check_same_setting(run_dir, to_dict(cfg))
-            plan.append((algo, seed, cfg, items))
-    for i, (algo, seed, cfg, items) in enumerate(plan, 1):
+            todo.append((arm, seed, cfg, items))
+    for i, (arm, seed, cfg, items) in enumerate(todo, 1):
         run_dir = Path(cfg.output_dir)
         finished = (run_dir / "summary.json").is_file()
         if report_only or (resume and finished):
             if finished:
-                log(f"[compare {i}/{len(plan)}] {algo} seed {seed}: finished earlier, reusing {run_dir}")
+                log(f"[compare {i}/{len(todo)}] {arm.name} seed {seed}: finished earlier, reusing {run_dir}")
             else:
-                log(f"[compare {i}/{len(plan)}] {algo} seed {seed}: not finished, left out of the report")
+                log(f"[compare {i}/{len(todo)}] {arm.name} seed {seed}: not finished, left out of the report")
         else:
             cont = _prepare_unfinished(run_dir, log) if resume else False
-            log(f"[compare {i}/{len(plan)}] {algo} seed {seed} -> {run_dir}" + (" (continuing)" if cont else ""))
+            log(f"[compare {i}/{len(todo)}] {arm.name} seed {seed} -> {run_dir}" + (" (continuing)" if cont else ""))
             info = run_info(run_dir) if cont else {}
             if shared_before and shared_baseline(collect_finished(out)) is not None:
                 items = [*items, "eval.before_training=false"]
                 cfg = load_config(config_path, items[1:] if config_path else items)
             run_command = "rpgrl train " + shlex.join(items)
-            _write_info(run_dir, {"algorithm": algo, "seed": seed, "config": config_path, "overrides": overrides,
-                                  "run_command": run_command, **{k: info[k] for k in ("attempts",) if k in info}})
+            base = {"algorithm": arm.name, "arm_items": list(arm.items), "seed": seed, "config": config_path,
+                    "overrides": overrides, "run_command": run_command}
+            _write_info(run_dir, {**base, **{k: info[k] for k in ("attempts",) if k in info}})
             measured = _train_one(cfg, items, run_dir, resume=cont, isolate=isolate, log=log)
             attempts = [*info.get("attempts", []), measured]
             rss = [a["peak_rss_mb"] for a in attempts if "peak_rss_mb" in a]
             _write_info(run_dir, {
-                "algorithm": algo, "seed": seed, "config": config_path, "overrides": overrides,
-                "run_command": run_command, "attempts": attempts,
+                **base, "attempts": attempts,
                 "process_wall_s": sum(a["process_wall_s"] for a in attempts),
                 **({"peak_rss_mb": max(rss), "peak_rss_source": "os.wait4 ru_maxrss of the run's own process"}
                    if rss else {}),
             })
         if prune_checkpoints and (run_dir / "summary.json").is_file() and (run_dir / "checkpoints").is_dir():
             shutil.rmtree(run_dir / "checkpoints")
-    results = _merge_finished(out, algorithms, config_path, overrides, log)
+    results = _merge_finished(out, arms, config_path, overrides, log)
     reruns = carry_earlier(results, earlier_json, config_path, overrides, log) if earlier_json is not None else []
     if not results:
         raise ConfigError(f"compare: no finished run under {out} to report")
+    broken, unverified = pairing_problems(results)
+    if broken and not allow_broken_pairs:
+        raise ConfigError("compare: runs with the same seed must start identically, but " + "; ".join(broken)
+                          + ". Find out why (docs/benchmarks.md, section 4), rerun the odd run, or pass "
+                          "--allow-broken-pairs to report anyway (the report then says so)")
     fill_shared_before(results, shared_baseline(results))
     summary = study_summary(results)
+    summary["pairing"] = {"broken": broken, "unverified": unverified,
+                          "checked": sum(len(r) for r in results.values()) - len(unverified)}
+    summary["code"] = code_versions(results)
+    if plan is not None:
+        from rpgrl.tools.hypotheses import evaluate_plan
+
+        summary["hypotheses"] = evaluate_plan(plan, results)
     if reruns:
         summary["reruns"] = rerun_check(reruns, results)
+    seeds_text = "; ".join(f"{a.name} {','.join(map(str, a.seeds))}" for a in arms) if plan is not None else \
+        ",".join(map(str, arms[0].seeds)) if arms else ""
     header = [f"Config: `{config_path or '(CPU default)'}`; overrides: "
-              f"`{' '.join(overrides) or '(none)'}`; seeds {','.join(map(str, seed_list))} requested; "
+              f"`{' '.join(overrides) or '(none)'}`; seeds {seeds_text} requested; "
               f"this report covers every finished run under `{out}`."]
     md = out / "comparison.md"
     md.write_text(_markdown(results, header, summary))
     (out / "comparison.json").write_text(json.dumps(results, indent=2))
     study = study_json(results, summary, command=command, config_path=config_path, overrides=overrides)
+    if plan is not None:
+        study["plan"] = plan.to_dict()
     paths = [out / "study.json", *([Path(json_path)] if json_path else [])]
     for p in paths:
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(study, indent=2, default=_json_default) + "\n")
+        p.write_text(json.dumps(_finite(study), indent=2, default=_json_default) + "\n")
     png = _plot(results, out / "comparison.png", band)
     log(format_table(results))
     log(summary["verdict"]["line"])
+    for h in summary.get("hypotheses", {}).get("tests", []):
+        log(h["line"])
     log(f"comparison: {md}; curves: {png}; per-run numbers: {', '.join(map(str, paths))}")
     return {"results": results, "summary": summary, "markdown": str(md), "png": str(png), "json": str(paths[-1])}
 
 
-def _merge_finished(out: Path, algorithms: list[str], config_path: str | None, overrides: list[str],
+def _merge_finished(out: Path, arms: list[Arm], config_path: str | None, overrides: list[str],
                     log: Callable) -> dict[str, list[dict]]:
-    """Every finished run under ``out``: this call's algorithms first (in the order given), then
-    the others by name; each checked to have been made with this config and these overrides."""
+    """Every finished run under ``out``: this call's arms first (in the order given), then
+    the others by name; each checked to have been made with this config and these overrides
+    (a run of an arm not given here: with its own recorded arm items, else its name as a preset)."""
     from rpgrl.config import ConfigError, load_config, to_dict
 
     found = collect_finished(out)
-    order = [a for a in algorithms if a in found] + sorted(a for a in found if a not in algorithms)
+    by_name = {a.name: a for a in arms}
+    order = [a.name for a in arms if a.name in found] + sorted(a for a in found if a not in by_name)
     results: dict[str, list[dict]] = {}
     for algo in order:
         for r in found[algo]:
             run_dir = Path(r["run_dir"])
+            recorded = run_info(run_dir).get("arm_items")
+            arm = by_name.get(algo) or Arm(algo, tuple(recorded) if recorded else (_select(algo),), ())
             try:
-                expected = load_config(config_path, _run_items(config_path, overrides, algo, r["seed"], run_dir)[
+                expected = load_config(config_path, _run_items(config_path, overrides, arm, r["seed"], run_dir)[
                     1 if config_path else 0:])
             except ConfigError as exc:
                 raise ConfigError(f"compare: cannot rebuild the config of {run_dir} to check it: {exc}") from None
@@ -387,7 +387,8 @@ def _merge_finished(out: Path, algorithms: list[str], config_path: str | None, o
     return results
 
 
-_NOT_NUMBERS = ("eval_curve", "curves", "run_dir", "run_command", "recorded_in", "before_source", "peak_rss_source")
+_NOT_NUMBERS = ("eval_curve", "curves", "run_dir", "run_command", "recorded_in", "before_source", "peak_rss_source",
+                "first_batch_digest", "code", "machine")
 
 
 def carry_earlier(results: dict[str, list[dict]], path: str | Path, config_path: str | None,
@@ -478,7 +479,7 @@ _RUN_FIELDS = ("algorithm", "seed", "before", "before_source", "last", "best", "
                "skipped_steps", "kl_anchor_max", "importance_weight_max", "clipfrac_mean", "clipfrac_max",
                "gen_batches_mean", "kept_groups_mean", "step_seconds_mean", "peak_rss_mb", "peak_rss_source",
                "wall_s", "wall_seconds", "process_wall_s", "eval_curve", "curves", "run_dir", "run_command",
-               "machine", "recorded_in")
+               "machine", "code", "first_batch_digest", "recorded_in")
 
 
 def study_json(results: dict[str, list[dict]], summary: dict[str, Any], *, command: str | None,
@@ -526,23 +527,39 @@ def _compare_cmd(args: argparse.Namespace) -> int:
     from rpgrl.loop.trainer import TrainingError
 
     # "--algorithms A B cfg.yaml k=v": nargs="+" swallows what follows; give it back to items.
-    moved = [a for a in args.algorithms if "=" in a or a.endswith((".yaml", ".yml"))]
-    algorithms = parse_algorithms([a for a in args.algorithms if a not in moved])
+    given = args.algorithms or []
+    moved = [a for a in given if "=" in a or a.endswith((".yaml", ".yml"))]
+    algorithms = parse_algorithms([a for a in given if a not in moved])
     try:
+        if bool(args.plan) == bool(algorithms):
+            raise ConfigError("compare: give either --algorithms (with --seeds) or --plan PLAN.yaml")
         config_path, overrides = split_config_args(moved + args.items)
-        command = shlex.join(["rpgrl", "compare", "--algorithms", ",".join(algorithms), "--seeds", str(args.seeds),
-                              *([config_path] if config_path else []), *overrides, "--out", str(args.out),
+        plan = arms = None
+        if args.plan:
+            from rpgrl.tools.study_plan import load_plan
+
+            plan = load_plan(args.plan)
+            if config_path and plan.config and config_path != plan.config:
+                raise ConfigError(f"compare: the plan's config is {plan.config}; do not give another ({config_path})")
+            config_path, overrides, arms = config_path or plan.config, [*plan.overrides, *overrides], plan.arm_list()
+        which = ["--plan", str(args.plan)] if args.plan else ["--algorithms", ",".join(algorithms), "--seeds",
+                                                               str(args.seeds)]
+        command = shlex.join(["rpgrl", "compare", *which,
+                              *([config_path] if config_path and not args.plan else []),
+                              *(overrides if not args.plan else overrides[len(plan.overrides):]),
+                              "--out", str(args.out),
                               *(["--resume"] if args.resume else []), *(["--isolate"] if args.isolate else []),
                               *(["--prune-checkpoints"] if args.prune_checkpoints else []),
                               *(["--shared-before"] if args.shared_before else []),
                               *(["--report-only"] if args.report_only else []),
+                              *(["--allow-broken-pairs"] if args.allow_broken_pairs else []),
                               *(["--earlier-json", str(args.earlier_json)] if args.earlier_json else []),
                               *(["--json", str(args.json)] if args.json else [])])
         compare(algorithms, args.seeds, config_path, overrides, args.out, resume=args.resume,
                 band=args.band, isolate=args.isolate, report_only=args.report_only, json_path=args.json,
                 prune_checkpoints=args.prune_checkpoints, command=command, shared_before=args.shared_before,
-                earlier_json=args.earlier_json)
-    except (ConfigError, ValueError) as exc:
+                earlier_json=args.earlier_json, arms=arms, plan=plan, allow_broken_pairs=args.allow_broken_pairs)
+    except (ConfigError, ValueError, ImportError) as exc:
         print(f"rpgrl compare: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
@@ -582,7 +599,7 @@ def add_subcommands(subparsers) -> None:
     """Register ``compare`` and ``plot`` on an ``add_subparsers()`` object (rpgrl.cli)."""
     c = subparsers.add_parser("compare", help="train several algorithms x seeds; table + comparison.png")
     c.__class__ = _IntermixedParser  # same parser, intermixed positionals (a subclass adds no state)
-    c.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
+    c.add_argument("--algorithms", nargs="+", metavar="NAME",
                    help="algorithm presets (algorithm.preset), e.g. grpo dapo rpg_reinforce_ufkl (or grpo,dapo,...), "
                         "or loss names (algorithm.loss: an rpgrl.losses entry point or module:function)")
     c.add_argument("--seeds", default="3",
@@ -605,6 +622,11 @@ def add_subcommands(subparsers) -> None:
     c.add_argument("--earlier-json", default=None, metavar="PATH",
                    help="a study.json made earlier with the same setting: its runs without a finished folder "
                         "under --out are reported from the numbers recorded there")
+    c.add_argument("--plan", default=None, metavar="PLAN.yaml",
+                   help="a pre-registered study plan (rpgrl.tools.study_plan): its arms x seeds instead of "
+                        "--algorithms/--seeds, and its hypotheses' declared tests in the report")
+    c.add_argument("--allow-broken-pairs", action="store_true",
+                   help="report even when runs with the same seed drew different first batches (the report says so)")
     c.add_argument("--band", choices=("minmax", "std"), default="minmax", help="seed band in the figure")
     c.set_defaults(func=_compare_cmd)
     p = subparsers.add_parser("plot", help="comparison.png of existing run directories")

@@ -25,8 +25,9 @@ from rpgrl.loop import metrics as M
 from rpgrl.tools.stats import Interval, paired_difference, t_interval, verdict
 from rpgrl.loop.tracking import is_finite_number, read_metrics
 
-__all__ = ["BASELINES", "CURVE_KEYS", "LABELS", "RUN_INFO", "VERDICT_CLAIMS", "collect_finished", "curve_records",
-           "label", "markdown_report", "rerun_check", "run_result", "study_summary"]
+__all__ = ["BASELINES", "CURVE_KEYS", "LABELS", "RUN_INFO", "VERDICT_CLAIMS", "code_versions", "collect_finished",
+           "curve_records", "label", "markdown_report", "pairing_problems", "rerun_check", "run_result",
+           "study_summary"]
 
 #: written by ``rpgrl compare`` into each run folder: how the run was launched and measured
 RUN_INFO = "compare_run.json"
@@ -41,7 +42,8 @@ BASELINES = ("dapo", "grpo")
 VERDICT_CLAIMS = (("rpg_reinforce_ufkl", "dapo"), ("rpg_reinforce_urkl", "dapo"), ("dapo", "grpo"))
 _CLIPFRAC_TOTAL = "clipfrac_total"
 #: per-step metrics of the comparison figure (besides held-out accuracy), kept per run
-CURVE_KEYS = (M.REWARD, M.ENTROPY, M.LENGTH_MEAN, M.KL_ANCHOR, *M.CLIPFRACS)
+CURVE_KEYS = (M.REWARD, M.ENTROPY, M.LENGTH_MEAN, M.KL_ANCHOR, *M.CLIPFRACS, M.KL_SHARE,
+              M.actor("importance_weight_max"), "eval/strict_acc")
 
 
 def label(algo: str) -> str:
@@ -190,7 +192,53 @@ def run_result(run_dir: str | Path) -> dict[str, Any]:
         "run_command": info.get("run_command"),
         # torch, CPU, kernel level and threads: a rerun is bit-for-bit only where these match
         "machine": summary.get("machine"),
+        # the code the run ran (commit, dirty), recorded by the run itself at its start
+        "code": summary.get("code"),
+        # the fingerprint of step 1's first generation round: runs with one seed must agree
+        "first_batch_digest": _first_digest(records),
     }
+
+
+def _first_digest(records: list[dict]) -> int | None:
+    series = _series(records, M.FIRST_ROUND_DIGEST)
+    return int(series[0][1]) if series and series[0][0] == 1 else None
+
+
+def pairing_problems(results: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
+    """(broken, unverified): runs with the same seed must have drawn the same first batch (the same
+    initial policy, prompt stream and random streams; the batch is drawn before any update). Each
+    broken entry names the seed and every run's fingerprint; ``unverified`` lists runs that
+    recorded none (made before the fingerprint existed, or reported from an earlier JSON)."""
+    by_seed: dict[int, dict[int, list[str]]] = {}
+    unverified = []
+    for algo, runs in results.items():
+        for r in runs:
+            name = f"{algo}/seed{r['seed']}"
+            digest = r.get("first_batch_digest")
+            if not is_finite_number(digest):
+                unverified.append(name)
+            else:
+                by_seed.setdefault(int(r["seed"]), {}).setdefault(int(digest), []).append(name)
+    broken = []
+    for seed, groups in sorted(by_seed.items()):
+        if len(groups) > 1:
+            parts = "; ".join(f"{', '.join(names)}: {digest:012x}" for digest, names in
+                              sorted(groups.items(), key=lambda kv: -len(kv[1])))
+            broken.append(f"seed {seed}: the runs drew different first batches ({parts})")
+    return broken, unverified
+
+
+def code_versions(results: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """commit (+ "-dirty") -> the runs made with it; "unrecorded" for runs without a record."""
+    out: dict[str, list[str]] = {}
+    for algo, runs in results.items():
+        for r in runs:
+            code = r.get("code") or {}
+            key = code.get("commit") or "unrecorded"
+            if code.get("dirty"):
+                key += "-dirty"
+            out.setdefault(key, []).append(f"{algo}/seed{r['seed']}")
+    return out
 
 
 def curve_records(run: dict) -> list[dict]:
@@ -369,6 +417,57 @@ def markdown_report(results: dict[str, list[dict]], summary: dict[str, Any]) -> 
                          f"{'yes' if r['reproduced'] else 'NO'} |")
     lines += ["", summary["verdict"]["line"], "",
               "The verdict compares *last* held-out accuracy paired by seed: a claim \"A > B\" holds beyond seed "
-              "noise when the 95 % t-interval of the per-seed difference lies above 0 (with 3 seeds the interval "
-              "is mean ± 4.30 x std / sqrt(3) = mean ± 2.48 x std of the differences)."]
+              "noise when the 95 % t-interval of the per-seed difference lies above 0 (with n paired seeds the "
+              "interval is mean ± t_{0.975, n-1} x std / sqrt(n): ± 2.48 x std for n = 3, ± 1.24 x std for n = 5, "
+              "± 0.84 x std for n = 8)."]
+    lines += _pairing_lines(summary) + _code_lines(summary) + _hypothesis_lines(summary)
+    return lines
+
+
+def _pairing_lines(summary: dict[str, Any]) -> list[str]:
+    p = summary.get("pairing")
+    if not p:
+        return []
+    lines = ["", "## Pairing (the same seed draws the same first batch)", "",
+             f"Checked by the fingerprint of step 1's first generation round: {p['checked']} run(s)."]
+    if p["broken"]:
+        lines += ["", "**Broken pairs (reported only because --allow-broken-pairs was given):**", "",
+                  *[f"- {b}" for b in p["broken"]]]
+    else:
+        lines.append("Every seed's runs drew the same first batch.")
+    if p["unverified"]:
+        lines.append(f"No fingerprint recorded (older runs): {', '.join(p['unverified'])}.")
+    return lines
+
+
+def _code_lines(summary: dict[str, Any]) -> list[str]:
+    code = summary.get("code")
+    if not code:
+        return []
+    lines = ["", "## Code (recorded by each run at its start)", ""]
+    for commit, runs in code.items():
+        lines.append(f"- `{commit}`: {len(runs)} run(s)")
+    if len(code) > 1:
+        lines.append("")
+        lines.append("**The runs come from more than one code version.**")
+    return lines
+
+
+def _hypothesis_lines(summary: dict[str, Any]) -> list[str]:
+    hyp = summary.get("hypotheses")
+    if not hyp:
+        return []
+    lines = ["", f"## Pre-registered hypotheses (alpha {hyp['alpha']}, {hyp['correction']} correction over "
+                 f"{hyp['family_size']} confirmatory tests; primary metric: {hyp['primary_metric']})", "",
+             "| Id | Test | Metric | Comparison | Seeds | Estimate (pts) | Interval (pts) | p | adjusted p | "
+             "permutation p | bootstrap 95 % (pts) | Outcome |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for t in hyp["tests"]:
+        boot = (f"[{100 * t['bootstrap_lo']:+.1f}, {100 * t['bootstrap_hi']:+.1f}]" if "bootstrap_lo" in t else "n/a")
+        ci = f"{100 * t['ci_level']:.0f} %: [{100 * t['lo']:+.1f}, {100 * t['hi']:+.1f}]" if t["n"] > 1 else "n/a"
+        adj = f"{t['p_adjusted']:.3g}" if "p_adjusted" in t else "(exploratory)"
+        perm = f"{t['p_permutation']:.3g}" if "p_permutation" in t else "n/a"
+        lines.append(f"| {t['id']} | {t['test']}{' ±' + format(100 * t['margin'], '.1f') if t.get('margin') else ''} | "
+                     f"{t['metric']} | {t['comparison']} | {t['n']} | {100 * t['mean']:+.1f} | {ci} | {t['p']:.3g} | "
+                     f"{adj} | {perm} | {boot} | {t['outcome']} |")
     return lines

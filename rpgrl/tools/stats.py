@@ -4,7 +4,8 @@ With 3-5 seeds a mean ± std hides how little is known; a 95 % Student-t interva
 (with 3 seeds the half-width is 2.48 standard deviations). Methods are compared *paired
 by seed*: seed k of every method starts from the same policy with the same prompt stream
 and random streams, so the per-seed difference removes what the seeds share and its interval is the
-honest "beyond seed noise" test. Pure functions on plain numbers (no scipy).
+honest "beyond seed noise" test. The t quantiles come from ``scipy.stats.t``; the declared tests of a
+pre-registered plan are in ``rpgrl.tools.hypotheses``.
 """
 
 from __future__ import annotations
@@ -13,76 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["Interval", "paired_difference", "student_t_cdf", "student_t_quantile", "t_interval", "verdict"]
-
-
-# --------------------------------------------------------------------------- Student t
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta (modified Lentz)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b), x in [0, 1]."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
-    if df <= 0:
-        raise ValueError(f"student_t_cdf: df must be > 0, got {df}")
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def student_t_quantile(p: float, df: float) -> float:
-    """The t with P(T <= t) = p (bisection on the CDF; |error| < 1e-10)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"student_t_quantile: p must be in (0, 1), got {p}")
-    if p < 0.5:
-        return -student_t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while student_t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if student_t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-10:
-            break
-    return 0.5 * (lo + hi)
+__all__ = ["Interval", "paired_difference", "t_interval", "verdict"]
 
 
 # --------------------------------------------------------------------------- intervals
@@ -121,7 +53,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     if n == 1:
         return Interval(mean, math.nan, math.nan, 1, math.nan, level)
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = student_t_quantile(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
+    from rpgrl.tools.hypotheses import _scipy_stats
+
+    half = float(_scipy_stats().t.ppf(0.5 + level / 2.0, n - 1)) * std / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n, std, level)
 
 
