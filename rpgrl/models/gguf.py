@@ -199,10 +199,21 @@ def dequantize_gguf(file: str | Path, cache_dir: str | None = None, log=print) -
         raise GGUFError(f"loading {file.name} needs the 'gguf' and 'accelerate' packages: "
                         f"pip install -e '.[gguf]' in the rpgrl clone ({exc})") from exc
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"model: de-quantizing {file} to fp32 (once; cached in {root})")
     folder, name = str(file.parent), file.name
+    with torch.random.fork_rng():  # the conversion initialises models at random: keep the run's RNG
+        return _convert(file, st, folder, name, out, root, digest)
+
+
+def _convert(file: Path, st, folder: str, name: str, out: Path, root: Path, digest: str) -> Path:
+    """De-quantize and publish (``dequantize_gguf``). Building the models draws random initial
+    weights from torch's global RNG; the caller runs this under ``fork_rng``, so a run that
+    converts draws the same samples afterwards as one that finds the folder cached (round 1 of
+    the real-model study had one broken seed pair from exactly this: docs/benchmarks.md, section 4)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     if _stat_id(file.stat()) != _stat_id(st):
