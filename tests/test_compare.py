@@ -453,7 +453,15 @@ hypotheses:
   - {{id: H1eq, test: tost, margin: 0.5, contrast: {{reinforce_std_adv: 1, dapo: -1}}}}
 """)
     out = tmp_path / "out"
-    assert _cli(["compare", "--plan", str(plan), "--out", str(out), "--shared-before"]) == 0
+    # two processes share the study (--part): each trains every other run and reports nothing
+    base = ["compare", "--plan", str(plan), "--out", str(out), "--shared-before", "--resume"]
+    assert _cli([*base, "--part", "2/2"]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.glob("*/seed*/summary.json")) == [
+        "dapo/seed1/summary.json", "reinforce_std_adv/seed1/summary.json"]
+    assert not (out / "study.json").exists() and "--report-only instead of --part" in capsys.readouterr().out
+    assert _cli([*base, "--part", "1/2"]) == 0 and not (out / "study.json").exists()
+    assert _cli([*base, "--report-only"]) == 0
+    assert _cli([*base, "--part", "3/2"]) == 2 and "K must be in 1..N" in capsys.readouterr().err
     for arm in ("dapo", "reinforce_std_adv"):
         cfg = yaml.safe_load((out / arm / "seed0" / "config.yaml").read_text())["algorithm"]
         assert (cfg["loss"], cfg["advantage"]) == ({"dapo": "ppo", "reinforce_std_adv": "rpg_reinforce_ufkl"}[arm], "grpo")

@@ -243,7 +243,7 @@ def compare(
     isolate: bool = False, report_only: bool = False, json_path: str | Path | None = None,
     prune_checkpoints: bool = False, command: str | None = None, shared_before: bool = False,
     earlier_json: str | Path | None = None, arms: list[Arm] | None = None, plan: Any = None,
-    allow_broken_pairs: bool = False,
+    allow_broken_pairs: bool = False, part: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Train each algorithm x seed sequentially, then write the report of every finished run under ``out_dir``.
 
@@ -262,6 +262,9 @@ def compare(
     the numbers recorded there (``carry_earlier``).
     Runs with the same seed must have drawn the same first batch (``compare_report.pairing_problems``);
     a report with a broken pair is refused, naming the runs, unless ``allow_broken_pairs``.
+    ``part=(k, n)``: train only every n-th run starting at the k-th (1-based) and report nothing,
+    so that n processes share a study (two side by side on 2 cores) and nobody reads a partial
+    table; ``report_only`` afterwards writes the report.
 
     Returns ``{"results": {algo: [run_result per seed]}, "summary": study_summary, "markdown":
     path, "png": path, "json": path}``.
@@ -288,6 +291,8 @@ def compare(
                 _check_same_setting(run_dir, to_dict(cfg))
             todo.append((arm, seed, cfg, items))
     for i, (arm, seed, cfg, items) in enumerate(todo, 1):
+        if part is not None and (i - 1) % part[1] != part[0] - 1:
+            continue
         run_dir = Path(cfg.output_dir)
         finished = (run_dir / "summary.json").is_file()
         if report_only or (resume and finished):
@@ -317,6 +322,10 @@ def compare(
             })
         if prune_checkpoints and (run_dir / "summary.json").is_file() and (run_dir / "checkpoints").is_dir():
             shutil.rmtree(run_dir / "checkpoints")
+    if part is not None:
+        log(f"compare: part {part[0]}/{part[1]} done; when every part has finished, write the report "
+            "with the same command, --report-only instead of --part")
+        return {"results": None, "summary": None}
     results = _merge_finished(out, arms, config_path, overrides, log)
     reruns = carry_earlier(results, earlier_json, config_path, overrides, log) if earlier_json is not None else []
     if not results:
@@ -522,6 +531,21 @@ def plot_runs(run_dirs: list[str | Path], out_png: str | Path, *, band: str = "m
 # --------------------------------------------------------------------------- CLI
 
 
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` -> (K, N) with 1 <= K <= N, or None."""
+    from rpgrl.config import ConfigError
+
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"compare: --part {text!r}: expected K/N, e.g. 1/2") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"compare: --part {text!r}: K must be in 1..N")
+    return k, n
+
+
 def _compare_cmd(args: argparse.Namespace) -> int:
     from rpgrl.config import ConfigError, split_config_args
     from rpgrl.loop.trainer import TrainingError
@@ -558,7 +582,8 @@ def _compare_cmd(args: argparse.Namespace) -> int:
         compare(algorithms, args.seeds, config_path, overrides, args.out, resume=args.resume,
                 band=args.band, isolate=args.isolate, report_only=args.report_only, json_path=args.json,
                 prune_checkpoints=args.prune_checkpoints, command=command, shared_before=args.shared_before,
-                earlier_json=args.earlier_json, arms=arms, plan=plan, allow_broken_pairs=args.allow_broken_pairs)
+                earlier_json=args.earlier_json, arms=arms, plan=plan, allow_broken_pairs=args.allow_broken_pairs,
+                part=parse_part(args.part))
     except (ConfigError, ValueError, ImportError) as exc:
         print(f"rpgrl compare: {exc}", file=sys.stderr)
         return 2
@@ -622,6 +647,10 @@ def add_subcommands(subparsers) -> None:
     c.add_argument("--earlier-json", default=None, metavar="PATH",
                    help="a study.json made earlier with the same setting: its runs without a finished folder "
                         "under --out are reported from the numbers recorded there")
+    c.add_argument("--part", default=None, metavar="K/N",
+                   help="train only runs K, K+N, K+2N, ... of the study and write no report: N processes "
+                        "share one study (e.g. two side by side: --part 1/2 and --part 2/2); then "
+                        "--report-only writes the report")
     c.add_argument("--plan", default=None, metavar="PLAN.yaml",
                    help="a pre-registered study plan (rpgrl.tools.study_plan): its arms x seeds instead of "
                         "--algorithms/--seeds, and its hypotheses' declared tests in the report")
