@@ -20,6 +20,7 @@ from hf_tiny import ARCHS, tiny_causal_lm
 
 from rpgrl.models import prefix
 from rpgrl.models.logprobs import sequence_logprobs
+from rpgrl.models.packing import can_pack
 
 P = 5
 
@@ -64,16 +65,23 @@ def _assert_grads_close(got, want, arch) -> int:
     return checked
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "shared-cache"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_shared_prompts_equal_padded_forward_values_and_gradients(arch):
+def test_shared_prompts_equal_padded_forward_values_and_gradients(arch, pack):
+    """Both sharing paths: the packed groups (one decoder call, rpgrl.models.packing) where the
+    architecture takes a 4D mask, and the shared KV cache (prompts, then the responses)."""
     model = tiny_causal_lm(arch).double()
     ids, mask = _group_batch()
     assert prefix.can_share(model)
+    packable = pack and can_pack(model.get_decoder(), 32)
+    assert packable == (pack and arch in ("qwen2", "llama"))  # mistral_sliding: window 3 < 32
 
     calls, handle = _counting_decoder_calls(model)
-    lp, ent = sequence_logprobs(model, ids, mask, P, with_entropy=True, chunk_size=4)
+    lp, ent = sequence_logprobs(model, ids, mask, P, with_entropy=True, chunk_size=4, pack=pack)
     handle.remove()
-    assert len(calls) == 2  # distinct prompts once, then every response on the shared cache
+    # packed: one row per distinct prompt, one call; else distinct prompts once, then every
+    # response on the shared cache
+    assert len(calls) == (1 if packable else 2)
     ref, ref_ent = sequence_logprobs(model, ids, mask, P, with_entropy=True, share_prompts=False)
     torch.testing.assert_close(lp, ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-10)
@@ -81,7 +89,8 @@ def test_shared_prompts_equal_padded_forward_values_and_gradients(arch):
 
     params = list(model.parameters())
     up = torch.randn(lp.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    got = torch.autograd.grad((sequence_logprobs(model, ids, mask, P)[0] * up).sum(), params, allow_unused=True)
+    got = torch.autograd.grad((sequence_logprobs(model, ids, mask, P, pack=pack)[0] * up).sum(), params,
+                              allow_unused=True)
     want = torch.autograd.grad(
         (sequence_logprobs(model, ids, mask, P, share_prompts=False)[0] * up).sum(), params, allow_unused=True)
     assert _assert_grads_close(got, want, arch) >= len(params) // 2
@@ -203,7 +212,7 @@ def test_length_buckets_equal_the_padded_forward_values_and_gradients(arch, shar
     handle = decoder.register_forward_pre_hook(
         lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
     lp, ent = sequence_logprobs(model, ids, mask, p, with_entropy=True, chunk_size=4, share_prompts=share,
-                                bucket_overhead_tokens=0)
+                                bucket_overhead_tokens=0, pack=False)
     handle.remove()
     # buckets of response widths 2, 3, 4 and 5 (+ the shared prompt pass); never the 2 all-pad
     # response columns, the last column, nor the all-pad first prompt column
@@ -217,8 +226,8 @@ def test_length_buckets_equal_the_padded_forward_values_and_gradients(arch, shar
 
     params = list(model.parameters())
     up = torch.randn(lp.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    got = torch.autograd.grad((sequence_logprobs(model, ids, mask, p, share_prompts=share,
-                                                 bucket_overhead_tokens=0)[0] * up).sum(), params, allow_unused=True)
+    got = torch.autograd.grad((sequence_logprobs(model, ids, mask, p, share_prompts=share, bucket_overhead_tokens=0,
+                                                 pack=False)[0] * up).sum(), params, allow_unused=True)
     want = torch.autograd.grad((_untrimmed(model, ids, mask, p)[0] * up).sum(), params, allow_unused=True)
     _assert_grads_close(got, want, arch)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rpgrl.models.packing import packed_response_hidden
 from rpgrl.models.prefix import (can_share, encode_prompts, first_real_column, has_repeats, last_hidden, positions,
                                  response_hidden, unwrap)
 
@@ -92,8 +93,9 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         w = weight.to(mm_dtype)
         g_all = grad_logp.to(soft_dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
-        # Accumulate weight/bias grads in >= fp32 across chunks; cast once at the end.
-        grad_w = torch.zeros(weight.shape, dtype=soft_dtype, device=weight.device) if need_w else None
+        # Accumulate weight/bias grads in >= fp32 across chunks; cast once at the end. The first
+        # chunk's matmul writes grad_w (no [V, H] zero-fill: 113 MB per backward at V = 49k).
+        grad_w = None
         grad_b = torch.zeros(bias.shape, dtype=soft_dtype, device=bias.device) if need_b else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
@@ -110,10 +112,15 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = (gz.to(mm_dtype) @ w).to(hidden.dtype)
             if need_w:
-                grad_w.addmm_(gz.T, h.to(soft_dtype))
+                if grad_w is None:
+                    grad_w = gz.T @ h.to(soft_dtype)
+                else:
+                    grad_w.addmm_(gz.T, h.to(soft_dtype))
             if need_b:
                 grad_b += gz.sum(0)
             del gz
+        if need_w and grad_w is None:  # no token: a zero gradient
+            grad_w = torch.zeros(weight.shape, dtype=soft_dtype, device=weight.device)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None
@@ -260,6 +267,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     share_prompts: bool = True,
     bucket_overhead_tokens: float = 32.0,
+    pack: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Response-token log-probs of a HF causal LM (``lp_t`` / ``lp_old_t``, docs/math.md §1).
 
@@ -287,6 +295,11 @@ def sequence_logprobs(
     decoder once (``rpgrl.models.prefix``; same values and gradients, fewer FLOPs) and every bucket
     continues its KV cache. Used when all rows share one ``response_start`` and the model
     supports it; else each bucket runs the padded forward over its own columns.
+
+    ``pack`` (with ``share_prompts``): where the model allows it (``rpgrl.models.packing.can_pack``),
+    each prompt and its responses go into one row with a 4D attention mask, so the whole batch
+    is one decoder call (with gradients, far cheaper than the prompt call plus one call per
+    bucket; same values and gradients). Else the shared-prompt path above.
 
     Nothing to score (every response empty, or no response column): zeros of shape [B, R],
     still computed through the decoder and LM head, so ``loss.backward()`` works and gives
@@ -333,7 +346,8 @@ def sequence_logprobs(
         mask = torch.cat([attention_mask, torch.zeros_like(attention_mask[:, -1:])], 1)
         logp, entropy = sequence_logprobs(
             model, ids, mask, response_start, chunk_size=chunk_size, with_entropy=with_entropy,
-            temperature=temperature, share_prompts=share_prompts, bucket_overhead_tokens=bucket_overhead_tokens)
+            temperature=temperature, share_prompts=share_prompts, bucket_overhead_tokens=bucket_overhead_tokens,
+            pack=pack)
         return logp[:, :0], (entropy[:, :0] if entropy is not None else None)
     fsdp = _fsdp_sharded(model)
 
@@ -347,7 +361,13 @@ def sequence_logprobs(
     one_start = scalar_start if fsdp else bool((start == start[0]).all())
     # Each row needs its response columns up to its last real token, no further.
     widths = torch.where(valid, torch.arange(1, resp_len + 1, device=device), 0).amax(1)
-    if one_start:
+    packed = None
+    if one_start and share_prompts and pack and not fsdp:  # one decoder call for the whole batch (rpgrl.models.packing)
+        packed = packed_response_hidden(decoder, input_ids, attention_mask, int(start[0]), widths,
+                                        dtype=head.weight.dtype)
+    if packed is not None:
+        parts = [(torch.arange(bsz, device=device), packed.shape[1], packed)]
+    elif one_start:
         P = int(start[0])
         every_row = [torch.arange(bsz, device=device)]
         if fsdp:  # one bucket, whatever the widths
