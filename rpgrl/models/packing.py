@@ -4,9 +4,10 @@ The shared-prompt path (``rpgrl.models.prefix``) runs the distinct prompts once 
 bucket of responses against their KV cache: at least two decoder calls per micro-batch. With
 gradients a call costs far more than its tokens: every weight is read for the forward, read
 again for the input gradient, and gets its own weight-gradient matmul whose [out, in] result
-is then *added* to the other calls' (autograd sums a weight used twice). In the off-policy
-study (one prompt of ~50 tokens and 8 responses of ~13 tokens per optimizer step) that
-overhead, not the useful FLOPs, set the step time (docs/benchmarks.md, "The off-policy step").
+is then *added* to the other calls' (autograd sums a weight used twice). Measured on the
+off-policy study's step (docs/benchmarks.md, section 5) packing saved 5 % of the update and
+27 % of the pi_old pass: the update's micro-batches hold shuffled sequences of ~8 different
+prompts, so its cost is mostly the tokens themselves.
 
 Here each distinct prompt's real tokens and then its responses' tokens go into one row:
 ``[prompt | response 1 | response 2 | ...]``, positions as in the padded layout (a response
@@ -47,10 +48,9 @@ def can_pack(decoder: nn.Module, packed_len: int) -> bool:
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
     window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) and packed_len > window:
-        return False
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types) and window is not None and packed_len > window:
+    sliding = getattr(config, "use_sliding_window", True) or any(
+        t != "full_attention" for t in getattr(config, "layer_types", None) or ())
+    if window is not None and sliding and packed_len > window:  # the custom mask ignores the window
         return False
     return packed_len <= MAX_PACKED_TOKENS
 
