@@ -49,7 +49,42 @@ def test_profile_reports_mfu_per_phase(tiny_overrides, capsys):
     for r in rows:
         assert r["tokens/response"] > 0 and r["tokens/prompt_unique"] > 0
         assert r["mfu/matmul_peak_gflops"] > 0 and r["memory/peak_rss_mb"] > 50
-        for phase in ("generation", "forward_backward", "logprobs"):  # 2 mini-batches: pi_old needs a pass
-            assert 0 < r[f"mfu/{phase}"] <= 1.0, (phase, r[f"mfu/{phase}"])
+        for phase in ("generation", "forward_backward", "logprobs", "generation_sampled", "forward_backward_scheduled"):
+            assert 0 < r[f"mfu/{phase}"] <= 1.0, (phase, r[f"mfu/{phase}"])  # 2 mini-batches: pi_old needs a pass
+        # the sampler's work counts every round; the update's, each prompt once per micro-batch
+        assert r["tokens/generated"] >= r["tokens/response"]
+        assert r["tokens/generation_prompt"] >= r["tokens/prompt_unique"]
+        if r["batch/gen_batches"] == 1 and r["batch/kept_groups"] == 4:  # trainer.prompts_per_step=4: all kept
+            assert r["tokens/generated"] == r["tokens/response"]
+        assert r["tokens/update_prompt"] >= r["tokens/prompt_unique"]
+        assert r["mfu/forward_backward_scheduled"] >= r["mfu/forward_backward"]
+        assert r["mfu/generation_sampled"] >= r["mfu/generation"]
     printed = capsys.readouterr().out
     assert "model FLOP utilisation" in printed and "forward_backward" in printed and "peak RSS" in printed
+
+
+def test_scheduled_work_counts_each_prompt_once_per_micro_batch():
+    """Hand-counted: two groups (prompts of 3 and 2 real tokens) shuffled into two micro-batches
+    that each hold both prompts run 2 x (3 + 2) = 10 prompt tokens, not 5."""
+    import torch
+
+    from rpgrl.loop import metrics as M
+    from rpgrl.models.flops import PhaseFlops
+
+    prompt_mask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1]])
+    groups = torch.tensor([0, 0, 1, 1])
+    micro = [torch.tensor([0, 2]), torch.tensor([3, 1])]
+    assert M.micro_prompt_tokens(prompt_mask[micro[0]], groups[micro[0]]) == 5
+    assert sum(M.micro_prompt_tokens(prompt_mask[m], groups[m]) for m in micro) == 10
+    assert M.micro_prompt_tokens(prompt_mask[:2], groups[:2]) == 3  # one prompt, counted once
+
+    flops = PhaseFlops.__new__(PhaseFlops)
+    flops.body, flops.head = 100, 10
+    out = M.mfu_metrics(flops, 5, 7, {"generation": 1.0, "forward_backward": 2.0}, logprob_passes=0, epochs=1,
+                        peak_gflops=1e-6, generation=(15, 21), update_prompt_tokens=10)
+    # forward FLOPs 2 * (body * (prompt + scored) + head * scored); x3 with the backward
+    assert out["mfu/generation"] == 2 * (100 * 12 + 10 * 7) / 1.0 / 1e3  # the kept batch
+    assert out["mfu/generation_sampled"] == 2 * (100 * 36 + 10 * 21) / 1.0 / 1e3  # every round
+    assert out["mfu/forward_backward"] == 6 * (100 * 12 + 10 * 7) / 2.0 / 1e3
+    assert out["mfu/forward_backward_scheduled"] == 6 * (100 * 17 + 10 * 7) / 2.0 / 1e3
+    assert "mfu/logprobs" not in out and out["tokens/generated"] == 21 and out["tokens/update_prompt"] == 10

@@ -189,6 +189,45 @@ def test_sequence_logprobs_matches_full_forward(arch):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tied_embedding_gradient_is_the_dense_one(arch, monkeypatch):
+    """With a tied embedding the lookup's gradient is taken sparse (no [V, H] zero-fill per
+    backward): accumulated over two backwards, as micro-batches are, ``.grad`` is the dense
+    path's, and dense (the optimizer refuses sparse grads). Untied (llama) keeps the dense lookup."""
+    import contextlib
+
+    import rpgrl.models.logprobs as L
+
+    ids, mask = _batch()
+    up = torch.randn(2, ids.shape[1] - P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def grads(model):
+        seen = []
+        emb = model.get_input_embeddings()
+        hook = emb.register_forward_hook(lambda m, *_: seen.append(m.sparse))
+        model.zero_grad(set_to_none=True)
+        for scale in (1.0, -0.5):  # two micro-batches into the same .grad
+            lp, _ = sequence_logprobs(model, ids, mask, P, chunk_size=3)
+            (lp * up * scale).sum().backward()
+        hook.remove()
+        assert emb.sparse is False  # restored
+        return {n: p.grad for n, p in model.named_parameters()}, seen
+
+    model = _tiny(arch).double().train()
+    got, seen = grads(model)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert tied == (arch == "qwen2")
+    assert seen and all(s == tied for s in seen)  # the sparse lookup ran exactly when tied
+    monkeypatch.setattr(L, "_sparse_tied_embedding_grad", lambda *a: contextlib.nullcontext())
+    want, seen = grads(model)
+    assert not any(seen)
+    for name, g in got.items():
+        assert g is not None and g.layout == torch.strided, name
+        torch.testing.assert_close(g, want[name], rtol=0, atol=1e-12, msg=name)
+    emb_grad = got["model.embed_tokens.weight"]
+    assert (emb_grad.abs().sum(1) > 0).sum() > 10  # rows beyond the looked-up ones: the head's share
+
+
 def test_per_row_response_start():
     model = _tiny("qwen2")
     ids, mask = _batch()

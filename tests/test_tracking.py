@@ -148,3 +148,51 @@ def test_failing_wandb_init_leaves_no_sink_open(tmp_path, monkeypatch):
     # neither metrics.jsonl nor the TensorBoard event file.
     assert excinfo.tb is not None
     assert _open_files_under(tmp_path.resolve()) == []
+
+
+class _Stream:
+    """A write target that says whether it is a terminal."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None: ...
+
+
+def test_progress_without_a_terminal_writes_plain_lines_at_a_sane_rate():
+    from rpgrl.loop.tracking import LineProgress, progress_bar
+
+    out = _Stream(tty=False)
+    assert isinstance(progress_bar(10, 0, True, stream=out), LineProgress)
+    now = [0.0]
+    bar = LineProgress(10, 2, 30.0, stream=out, clock=lambda: now[0])  # resumed at step 2
+    for _ in range(8):
+        now[0] += 12.0
+        bar.update(1)
+        bar.set_postfix({"reward": "0.250"})
+    bar.close()
+    lines = out.text.splitlines()
+    assert "\r" not in out.text
+    # the first step, then at most one line per 30 s (steps take 12 s: every 3rd), then the last
+    assert [ln.split(",")[0] for ln in lines] == ["rpgrl train: step 3/10 (30%)", "rpgrl train: step 6/10 (60%)",
+                                                 "rpgrl train: step 9/10 (90%)", "rpgrl train: step 10/10 (100%)"]
+    assert lines[1] == "rpgrl train: step 6/10 (60%), 00:48 elapsed, 12.0 s/step, ~00:48 left | reward=0.250"
+
+
+def test_progress_on_a_terminal_is_tqdm():
+    from tqdm import tqdm
+
+    from rpgrl.loop.tracking import progress_bar
+
+    bar = progress_bar(3, 0, True, stream=_Stream(tty=True))
+    try:
+        assert isinstance(bar, tqdm)
+    finally:
+        bar.close()

@@ -52,7 +52,7 @@ def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, di
     kept: list[tuple[RolloutBatch, list[int], torch.Tensor]] = []
     stats_total: dict[str, float] = {}
     all_scores: list[float] = []
-    n_groups, gen_batches = 0, 0
+    n_groups, gen_batches, gen_prompt, gen_tokens = 0, 0, 0, 0
     while True:
         gen_batches += 1
         # every rank draws the same prompts and generates for its own block of them
@@ -60,6 +60,8 @@ def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, di
         with timer.phase("generation"), weights():
             rollout = sampler.generate([data.train_prompts[i] for i in indices], n=n,
                                        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        gen_prompt += int(rollout.attention_mask[::n, :rollout.prompt_len].sum())  # MFU: the sampler's work
+        gen_tokens += int(rollout.response_mask.sum())
         if gen_batches == 1:  # which batch this step drew: same seed, same first batch (M.FIRST_ROUND_DIGEST)
             first_digest = _global_digest(dist, rollout)
         with timer.phase("scoring"):
@@ -87,6 +89,8 @@ def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, di
         M.SCORE_MEAN: float(np.mean(all_scores)),
         M.GEN_BATCHES: gen_batches,
         M.KEPT_GROUPS: min(n_groups, want),
+        M.GEN_PROMPT_TOKENS: gen_prompt,
+        M.GEN_TOKENS: gen_tokens,
         **{f"reward/{k}": v for k, v in stats_total.items()},
     }
     if n_groups == 0:

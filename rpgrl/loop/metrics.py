@@ -116,9 +116,14 @@ class StepTimer:
 
 
 #: useful model FLOPs / (phase seconds x measured matmul peak), per phase (trainer.profile)
-MFU_PHASES = ("generation", "logprobs", "forward_backward")
+MFU_PHASES = ("generation", "generation_sampled", "logprobs", "forward_backward", "forward_backward_scheduled")
 PEAK_GFLOPS = "mfu/matmul_peak_gflops"
 PEAK_RSS = "memory/peak_rss_mb"
+
+
+GEN_PROMPT_TOKENS = "tokens/generation_prompt"  # distinct prompt tokens prefilled, every sampling round
+GEN_TOKENS = "tokens/generated"  # response tokens sampled, every round (groups dynamic sampling dropped too)
+UPDATE_PROMPT_TOKENS = "tokens/update_prompt"  # prompt tokens the update's micro-batches run (see mfu_metrics)
 
 
 def token_counts(input_ids_mask, prompt_len: int, response_mask, n: int) -> tuple[int, int]:
@@ -127,18 +132,44 @@ def token_counts(input_ids_mask, prompt_len: int, response_mask, n: int) -> tupl
     return int(input_ids_mask[::n, :prompt_len].sum()), int(response_mask.sum())
 
 
+def micro_prompt_tokens(prompt_mask, group_ids) -> int:
+    """Real prompt tokens of the distinct prompts among a micro-batch's rows (``prompt_mask``
+    [b, P], ``group_ids`` [b]): what its forward must run, each prompt once."""
+    first = {}
+    for i, g in enumerate(group_ids.tolist()):
+        first.setdefault(g, i)
+    return int(prompt_mask[list(first.values())].sum())
+
+
 def mfu_metrics(flops, prompt_tokens: int, response_tokens: int, seconds: dict[str, float], *,
-                logprob_passes: int, epochs: int, peak_gflops: float) -> dict[str, float]:
+                logprob_passes: int, epochs: int, peak_gflops: float,
+                generation: tuple[int, int] | None = None, update_prompt_tokens: int | None = None) -> dict[str, float]:
     """``mfu/<phase>`` = useful FLOPs (``rpgrl.models.flops.PhaseFlops``) / seconds / peak, for each
-    phase that ran; also the token counts and the peak they were divided by."""
+    phase that ran; also the token counts and the peak they were divided by.
+
+    Two phases get a second figure on the work they actually do (each only when its count is
+    given). ``generation``: (distinct prompt tokens, sampled tokens) over every sampling round of
+    the step -- ``mfu/generation_sampled`` counts the groups dynamic sampling then dropped, which
+    ``mfu/generation`` (the kept batch's tokens) does not. ``update_prompt_tokens``: the prompt tokens the update's micro-batches ran
+    (each distinct prompt once per micro-batch it appears in, over all epochs). Shuffled
+    mini-batches mix prompts, so a prompt runs in several micro-batches, each with other weights:
+    work the exact update must do that ``mfu/forward_backward`` (each prompt once per epoch) does
+    not count. ``mfu/forward_backward_scheduled`` counts it: how close the update runs to the
+    peak on the work its schedule asks for."""
     useful = {"generation": flops.generation(prompt_tokens, response_tokens),
               "logprobs": logprob_passes * flops.forward(prompt_tokens, response_tokens),
               "forward_backward": epochs * flops.train(prompt_tokens, response_tokens)}
     out = {"tokens/prompt_unique": prompt_tokens, "tokens/response": response_tokens, PEAK_GFLOPS: peak_gflops}
-    for phase in MFU_PHASES:
-        sec = seconds.get(phase, 0.0)
-        if sec > 0 and useful[phase] > 0:
-            out[f"mfu/{phase}"] = useful[phase] / sec / (peak_gflops * 1e9)
+    if generation is not None:
+        useful["generation_sampled"] = flops.generation(*generation)
+        out[GEN_PROMPT_TOKENS], out[GEN_TOKENS] = generation
+    if update_prompt_tokens is not None:
+        useful["forward_backward_scheduled"] = flops.train(update_prompt_tokens, epochs * response_tokens)
+        out[UPDATE_PROMPT_TOKENS] = update_prompt_tokens
+    for phase, work in useful.items():
+        sec = seconds.get(phase.removesuffix("_scheduled").removesuffix("_sampled"), 0.0)
+        if sec > 0 and work > 0:
+            out[f"mfu/{phase}"] = work / sec / (peak_gflops * 1e9)
     return out
 
 

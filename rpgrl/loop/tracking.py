@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 import warnings
 from numbers import Number
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["METRICS_FILE", "Tracker", "is_finite_number", "metrics_as_floats", "read_metrics"]
 
@@ -215,10 +217,59 @@ class _NoProgress:
     def close(self): ...
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
-    """A tqdm bar over RL steps, or a silent stand-in."""
+class LineProgress:
+    """The progress bar where nobody watches a terminal (CI, cluster logs, ``| tee``): a plain,
+    complete line at most every ``every_s`` seconds, and always after the last step, instead of
+    tqdm's carriage-return stream (which such logs keep as one line per refresh, or one huge line).
+    """
+
+    def __init__(self, total: int, initial: int, every_s: float, *, desc: str = "rpgrl train",
+                 stream=None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.n, self.first, self.every_s, self.desc = total, initial, initial, every_s, desc
+        self.stream, self.clock = stream, clock
+        self.start = self.last_write = clock()
+        self.written, self.postfix = initial, {}
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_postfix(self, d: dict) -> None:
+        self.postfix = dict(d)
+        # the first step (is it alive, how fast?), then every every_s seconds, and the last
+        if self.written == self.first or self.n >= self.total or self.clock() - self.last_write >= self.every_s:
+            self._write()
+
+    def close(self) -> None:
+        if self.n != self.written:
+            self._write()
+
+    def line(self) -> str:
+        from tqdm import tqdm
+
+        elapsed = self.clock() - self.start
+        done = self.n - self.first
+        text = f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"
+        text += f", {tqdm.format_interval(elapsed)} elapsed"
+        if done > 0:
+            per = elapsed / done
+            text += f", {per:.1f} s/step, ~{tqdm.format_interval(per * max(self.total - self.n, 0))} left"
+        if self.postfix:
+            text += " | " + " ".join(f"{k}={v}" for k, v in self.postfix.items())
+        return text
+
+    def _write(self) -> None:
+        stream = self.stream if self.stream is not None else sys.stderr
+        print(self.line(), file=stream, flush=True)
+        self.last_write, self.written = self.clock(), self.n
+
+
+def progress_bar(total: int, initial: int, enabled: bool, *, every_s: float = 30.0, stream=None):
+    """A tqdm bar over RL steps on a terminal, :class:`LineProgress` elsewhere, or a silent stand-in."""
     if not enabled:
         return _NoProgress()
+    stream = stream if stream is not None else sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        return LineProgress(total, initial, every_s, stream=stream)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="rpgrl train", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="rpgrl train", dynamic_ncols=True, file=stream)

@@ -36,6 +36,8 @@ from rpgrl.parallel.strategy import make_parallel
 from rpgrl.loop.prompt_order import PromptOrder
 from rpgrl.loop.generation import RolloutBatch
 from rpgrl.loop.setup import RunData, setup_run
+from rpgrl.models.loading import resolve_device
+from rpgrl.loop.host_memory import keep_freed_memory
 from rpgrl.loop.run_state import Checkpoints, code_text, code_version, finish_run, headline_text
 from rpgrl.loop.generation import Sampler
 from rpgrl.loop.schedule import mini_batch_schedule, num_mini_batches, old_logp_from_update
@@ -63,6 +65,8 @@ class Trainer:
             self.log(f"code: {code_text(self.code)}")
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
+        if cfg.trainer.keep_freed_memory and resolve_device(cfg.trainer.device).type == "cpu":
+            keep_freed_memory()
         seed_all(cfg.seed)
         self.data: RunData
         with self.dist.main_first():  # rank 0 fills the warm-start cache, the others reuse it
@@ -165,6 +169,7 @@ class Trainer:
         elif batch.old_logp is None:
             raise ValueError("update: the batch has no pi_old log-probs; call prepare(batch) first")
         acc, logprobs = M.UpdateMetrics(), self.parallel.logprobs(self.model)
+        self._update_prompt_tokens = 0  # what the micro-batches' forwards run (M.mfu_metrics)
         for i_mb, rows in enumerate(schedule):
             kl_to_anchor = self._mini_batch(batch, rows, logprobs, acc, share=1.0 / len(schedule))
             with self.timer.phase("optimizer"):
@@ -190,6 +195,8 @@ class Trainer:
             # one host sync per micro-batch; its loss metrics are token means: weight by its tokens
             loss_v, *vals = torch.stack([loss.detach(), *(m[k] for k in METRIC_KEYS)]).tolist()
             micro_tokens = float(mask[micro].sum())
+            self._update_prompt_tokens += M.micro_prompt_tokens(
+                batch.rollout.attention_mask[micro, :batch.rollout.prompt_len], batch.group_ids[micro])
             w = micro_tokens / tokens
             acc.add(M.LOSS, loss_v, share)
             for k, v in zip(METRIC_KEYS, vals):
@@ -273,8 +280,10 @@ class Trainer:
         metrics.update(self.timer.metrics(time.perf_counter() - start))
         if self.flops is not None and batch is not None:
             counts = M.token_counts(r.attention_mask, r.prompt_len, mask, self.cfg.rollout.n)
+            generation = (int(metrics[M.GEN_PROMPT_TOKENS]), int(metrics[M.GEN_TOKENS]))
             metrics.update(M.mfu_metrics(self.flops, *counts, self.timer.seconds, epochs=self.cfg.trainer.epochs,
-                                         logprob_passes=self._logprob_passes, peak_gflops=self.peak))
+                                         logprob_passes=self._logprob_passes, peak_gflops=self.peak,
+                                         generation=generation, update_prompt_tokens=self._update_prompt_tokens))
             metrics.update({f"{M.PEAK_GFLOPS}_{k}": v for k, v in self.peaks.items()})
             metrics[M.PEAK_RSS] = M.peak_rss_mb()
         metrics[M.LR] = float(self.optimizer.param_groups[0]["lr"])
@@ -308,7 +317,8 @@ class Trainer:
                 if main:
                     state.eval_before = self._evaluate_and_log(step=0)
                     self.log(f"held-out accuracy before RL: {headline_text(state.eval_before)}")
-        progress = progress_bar(cfg.trainer.total_steps, state.step, cfg.logging.progress and main)
+        progress = progress_bar(cfg.trainer.total_steps, state.step, cfg.logging.progress and main,
+                                every_s=cfg.logging.progress_every_s)
         try:
             while state.step < cfg.trainer.total_steps:
                 metrics = self.step()

@@ -8,9 +8,13 @@ token, forward + backward 6 * N_matmul, where N_matmul counts the weights a toke
 multiplied by (every linear layer, the LM head included, the embedding lookup excluded).
 Attention-score FLOPs are left out (under 2 % at these lengths). Which tokens count:
 
-- generation: each distinct prompt's tokens once (prefill) + every generated token;
+- generation: each distinct prompt's tokens once (prefill) + every generated token of the
+  batch the step trains on (``mfu/generation_sampled``: of every sampling round, the groups
+  dynamic sampling dropped included);
 - log-probs (no grad): each distinct prompt once + every scored response token;
-- forward/backward: the same tokens as a log-prob pass, at 3x the cost.
+- forward/backward: the same tokens as a log-prob pass, at 3x the cost (``mfu/forward_backward_scheduled``:
+  each prompt once per micro-batch it appears in, as shuffled mini-batches make the update run it;
+  ``rpgrl.loop.metrics.mfu_metrics``).
 
 The LM head multiplies only positions whose log-prob is needed (rpgrl.models.logprobs), so
 prompt tokens are counted without it.

@@ -18,6 +18,8 @@ uses tau = 1.0, docs/math.md §7).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -350,7 +352,42 @@ def sequence_logprobs(
             pack=pack)
         return logp[:, :0], (entropy[:, :0] if entropy is not None else None)
     fsdp = _fsdp_sharded(model)
+    with _sparse_tied_embedding_grad(model, head, fsdp):
+        return _response_logprobs(model, decoder, head, input_ids, attention_mask, start, resp_len, scalar_start,
+                                  fsdp, chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature,
+                                  share_prompts=share_prompts, bucket_overhead_tokens=bucket_overhead_tokens, pack=pack)
 
+
+@contextlib.contextmanager
+def _sparse_tied_embedding_grad(model: nn.Module, head: nn.Module, fsdp: bool):
+    """With grad, on CPU, for a tied input/output embedding: the lookup's gradient is sparse.
+
+    nn.Embedding's dense backward zero-fills a [V, H] buffer (113 MB at V = 49k, H = 576) and
+    index-adds the few looked-up rows into it, once per backward: 0.35 s per micro-step on our
+    VMs, mostly page faults. Tied to the LM head, the weight's gradient is dense anyway (the
+    head's), and autograd adds the sparse rows into it, so the result is the same gradient
+    (tests/test_logprobs.py) without the fill. Untied, a sparse ``.grad`` would reach the
+    optimizer (which refuses it), so those, FSDP's sharded weights and GPUs (a cheap fill)
+    keep the dense path."""
+    emb = unwrap(model).get_input_embeddings()
+    use = (torch.is_grad_enabled() and not fsdp and isinstance(emb, nn.Embedding) and emb.max_norm is None
+           and emb.weight is head.weight and emb.weight.requires_grad and emb.weight.device.type == "cpu")
+    if not use:
+        yield
+        return
+    before, emb.sparse = emb.sparse, True
+    try:
+        yield
+    finally:
+        emb.sparse = before
+
+
+def _response_logprobs(model, decoder, head, input_ids, attention_mask, start, resp_len, scalar_start, fsdp, *,
+                       chunk_size, with_entropy, temperature, share_prompts, bucket_overhead_tokens, pack):
+    """The body of :func:`sequence_logprobs` once the arguments are checked."""
+    bsz, length = input_ids.shape
+    device = input_ids.device
+    out_dtype = torch.promote_types(head.weight.dtype, torch.float32)
     # Token at column c = start + j is predicted by the hidden state at column c - 1.
     cols = start[:, None] + torch.arange(resp_len, device=device)[None, :]  # [B, R]
     valid = cols < length
