@@ -7,7 +7,7 @@ fresh pages again and pays one minor page fault per 4 KiB. On the VMs we measure
 is expensive and erratic (the same 113 MB zero-fill took 36 or 314 ms): one off-policy update
 of the study's step faulted 483k times. With ``M_MMAP_MAX = 0`` large blocks come from the heap
 and with a high ``M_TRIM_THRESHOLD`` the heap is not trimmed, so freed blocks are reused
-without faults (12.9k faults, update 23.70 -> 21.87 s on the same batch; docs/benchmarks.md §5).
+without faults (12.9k faults, update 23.70 -> 21.87 s on the same batch; docs/benchmarks.md, section 5).
 The same effect as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the environment, which
 PyTorch's CPU performance guide suggests, set by the trainer so that nobody has to know.
 
