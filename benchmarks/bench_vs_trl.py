@@ -38,6 +38,17 @@ Each side runs its own algorithm: rpgrl the paper's default (``rpg_reinforce_ufk
 anchor is the rollout policy, so no reference model is held even with beta > 0), TRL its
 GRPO (``loss_type="dapo"``; with beta > 0 TRL loads and runs a reference model).
 
+``--steps-per-generation K`` (off-policy, the setting RPG is about): each generated batch is
+used for K optimizer steps of prompts / K prompts' groups each, both sides shuffling the
+batch's sequences into the K mini-batches and computing pi_old's log-probs in a separate pass
+(rpgrl: ``trainer.mini_batch_prompts = prompts / K``, micro-batch = mini-batch; TRL:
+``steps_per_generation = K``, ``per_device_train_batch_size = prompts x n / K``,
+``num_iterations = 1``). ``--steps`` then counts batches, and "a step" below is one batch (K
+TRL optimizer steps summed). The study's step (docs/benchmarks.md, sections 4-5):
+
+    python benchmarks/bench_vs_trl.py --model smollm2-135m --operand-min 10 --operand-max 99 \
+        --max-new-tokens 24 --steps-per-generation 8 --betas 0 --steps 3 --threads 1
+
 Reported per beta: median seconds per optimizer step excluding each run's first step
 (rpgrl: ``timing/step`` of metrics.jsonl, generation through optimizer step; TRL: a
 TrainerCallback's on_step_begin -> on_step_end, the same span), the peak RSS of each
@@ -92,13 +103,13 @@ def _check(rc: int, what: str, log_path: Path) -> None:
 
 
 def rpgrl_command(a: argparse.Namespace, model_path: str, beta: float, out: Path) -> list[str]:
-    p, n = a.prompts, a.n
+    p, n, k = a.prompts, a.n, a.steps_per_generation
     return [
         sys.executable, "-m", "rpgrl", "train", f"model.path={model_path}", f"seed={a.seed}",
         f"output_dir={out}", f"algorithm.preset={a.rpgrl_algorithm}", f"algorithm.beta={beta}",
         f"rollout.n={n}", f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.temperature=1.0",
-        "rollout.top_p=1.0", f"trainer.prompts_per_step={p}", f"trainer.mini_batch_prompts={p}",
-        f"trainer.micro_batch_sequences={p * n}", "trainer.epochs=1", f"trainer.total_steps={a.steps}",
+        "rollout.top_p=1.0", f"trainer.prompts_per_step={p}", f"trainer.mini_batch_prompts={p // k}",
+        f"trainer.micro_batch_sequences={p * n // k}", "trainer.epochs=1", f"trainer.total_steps={a.steps}",
         "trainer.eval_every=0", f"trainer.save_every={a.steps}", "trainer.keep_last=1",
         f"trainer.device={a.device}", f"trainer.num_threads={a.threads}", f"optim.lr={a.lr}",
         "optim.warmup_optimizer_steps=0", "optim.weight_decay=0.0", "optim.grad_clip=1.0", f"model.dtype={a.dtype}",
@@ -119,7 +130,7 @@ def rpgrl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, t
     steps = sorted((r for r in read_metrics(out) if "timing/step" in r), key=lambda r: r["step"])
     timing = [{k[len("timing/"):]: v for k, v in r.items() if k.startswith("timing/")} for r in steps]
     tokens = [{k: r[k] for k in ("response_length/mean", "tokens/prompt_unique", "tokens/response",
-                                 "tokens/generated") if k in r} for r in steps]
+                                 "tokens/generated", "tokens/generation_prompt") if k in r} for r in steps]
     summary = json.loads((out / "summary.json").read_text())
     return {"step_seconds": [t["step"] for t in timing], "timing": timing, "tokens": tokens, "peak_rss_mb": rss,
             "accuracy": summary["eval_after"]["accuracy"], "wall_s": wall}
@@ -129,13 +140,19 @@ def trl_run(a: argparse.Namespace, model_path: str, beta: float, work: Path, tag
     spec = {"model_path": model_path, "beta": beta, "out": str(work / f"trl-{tag}"),
             "result": str(work / f"trl-{tag}.json"), **{k: getattr(a, k) for k in (
                 "seed", "prompts", "n", "max_new_tokens", "steps", "lr", "device", "threads", "test_size",
-                "task", "operand_min", "operand_max", "dtype")}}
+                "task", "operand_min", "operand_max", "dtype", "steps_per_generation")}}
     spec_path = work / f"trl-{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     log = work / f"trl-{tag}.log"
     rc, wall, rss = run_child([sys.executable, __file__, "--trl-worker", str(spec_path)], log)
     _check(rc, "TRL GRPOTrainer", log)
     res = json.loads(Path(spec["result"]).read_text())
+    k = a.steps_per_generation
+    if k > 1:  # TRL counts optimizer steps; rpgrl's step is one batch = k of them: compare per batch
+        for key in ("step_seconds", "loop_seconds"):
+            xs = res[key] if key == "step_seconds" else [0.0, *res[key]]  # loop_seconds start at step 2
+            res[key] = [sum(xs[i:i + k]) for i in range(0, len(xs) - k + 1, k)]
+        res["loop_seconds"] = res["loop_seconds"][1:]
     return {**res, "peak_rss_mb": rss, "wall_s": wall}
 
 
@@ -183,8 +200,9 @@ def trl_worker(spec_path: str) -> None:
         else "gradient_checkpointing"
     cfg = GRPOConfig(
         output_dir=s["out"], report_to="none", use_cpu=s["device"] == "cpu", seed=s["seed"],
-        max_steps=s["steps"], per_device_train_batch_size=s["prompts"] * s["n"], num_generations=s["n"],
-        gradient_accumulation_steps=1, num_iterations=1, steps_per_generation=1,
+        max_steps=s["steps"] * s["steps_per_generation"], num_generations=s["n"],
+        per_device_train_batch_size=s["prompts"] * s["n"] // s["steps_per_generation"],
+        gradient_accumulation_steps=1, num_iterations=1, steps_per_generation=s["steps_per_generation"],
         max_completion_length=s["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, beta=s["beta"], bf16=s.get("dtype") == "bfloat16", **{ckpt: False},
@@ -245,11 +263,12 @@ def rpgrl_mfu(runs: list[dict], flops, prompt_tokens: float, peak_gflops: float 
         for t, tok in list(zip(r["timing"], r["tokens"]))[1:]:
             prompt = tok.get("tokens/prompt_unique", prompt_tokens)
             resp = tok.get("tokens/response", tok.get("response_length/mean", float("nan")) * r["rows"])
-            generated = tok.get("tokens/generated", resp)
+            generated = tok.get("tokens/generated", resp)  # every sampling round's tokens, when logged
+            gen_prompt = tok.get("tokens/generation_prompt", prompt)
             if t.get("forward_backward"):
                 fb.append(flops.train(prompt, resp) / t["forward_backward"] / (peak_gflops * 1e9))
             if t.get("generation"):
-                gen.append(flops.generation(prompt, generated) / t["generation"] / (peak_gflops * 1e9))
+                gen.append(flops.generation(gen_prompt, generated) / t["generation"] / (peak_gflops * 1e9))
     med = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
     return {"rpgrl_mfu_forward_backward": med(fb), "rpgrl_mfu_generation": med(gen)}
 
@@ -365,6 +384,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of both sides (bfloat16 = mixed precision, fp32 weights)")
     p.add_argument("--test-size", type=int, default=None, help="held-out problems (256 / 64)")
+    p.add_argument("--steps-per-generation", type=int, default=1,
+                   help="off-policy: optimizer steps per generated batch (TRL's steps_per_generation; rpgrl: "
+                        "mini_batch_prompts = prompts / this); --steps then counts batches on both sides")
     p.add_argument("--rpgrl-algorithm", default="rpg_reinforce_ufkl")
     p.add_argument("--model-path", default=None, help="use this save_pretrained dir instead of the tiny model")
     p.add_argument("--model-overrides", nargs="*", default=[],
@@ -388,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.steps < 2:
         raise SystemExit("--steps must be >= 2 (the first step of each run is excluded)")
+    if a.steps_per_generation < 1 or a.prompts % a.steps_per_generation:
+        raise SystemExit(f"--steps-per-generation must divide --prompts ({a.prompts}): each optimizer step "
+                         "takes whole prompts' groups on the rpgrl side")
     model_path = prepare_model(a)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_vs_trl-"))
     work.mkdir(parents=True, exist_ok=True)
