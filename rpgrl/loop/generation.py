@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rpgrl.data.verl import Example
-from rpgrl.models.prefix import call_with_cache, can_share, new_cache, positions, unwrap
+from rpgrl.models.kv_cache import decoding_cache
+from rpgrl.models.prefix import call_with_cache, can_share, positions, unwrap
 from rpgrl.rewards import score_batch
 
 
@@ -181,7 +182,7 @@ def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_t
     so long-tailed lengths cost their own tokens, not max_new_tokens for everyone.
     """
     model = unwrap(model)
-    cache = new_cache(model)
+    cache = decoding_cache(model, room=max_new_tokens)
     pos = positions(prompt_mask)
     out = call_with_cache(model, cache, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
                           keep_last=True)
