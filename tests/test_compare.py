@@ -366,6 +366,24 @@ def test_shared_baseline_is_the_first_measured_run_and_drop_counts_it():
     assert shared_baseline({"x": [{"seed": 0, "before": nan}]}) is None
 
 
+def test_figure_starts_every_curve_at_the_shared_before(tmp_path, monkeypatch):
+    """A run that took the shared before-RL evaluation has no step 0 in its metrics.jsonl; the
+    figure still starts its held-out accuracy at step 0 (the shared value), like its eval_curve."""
+    from rpgrl.tools import compare, plots
+    from rpgrl.tools.compare_report import fill_shared_before, shared_baseline
+
+    results = {"a": [run_result(_fake_run(tmp_path / "a" / "seed0", "a", {0: 0.3, 2: 0.5}))],
+               "b": [run_result(_fake_run(tmp_path / "b" / "seed0", "b", {2: 0.4, 4: 0.6}))]}
+    fill_shared_before(results, shared_baseline(results))
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_comparison", lambda runs, out, band: drawn.update(runs) or out)
+    compare._plot(results, tmp_path / "c.png", "minmax")
+    for algo, first in (("a", 0.3), ("b", 0.3)):
+        steps, values = plots.metric_series(plots._as_records(drawn[algo][0]), "eval/accuracy")
+        assert steps[0] == 0 and values[0] == pytest.approx(first), algo
+    assert list(plots.metric_series(plots._as_records(drawn["b"][0]), "eval/accuracy")[0]) == [0, 2, 4]
+
+
 def test_earlier_json_reports_runs_whose_folders_are_gone(study_out, tmp_path, capsys):
     """``--earlier-json``: a study rebuilt after run folders were lost (another machine, a
     wiped disk) reports the recorded runs with the same numbers, its own folders winning."""

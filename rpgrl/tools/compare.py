@@ -501,10 +501,22 @@ def study_json(results: dict[str, list[dict]], summary: dict[str, Any], *, comma
 
 
 def _plot(results: dict[str, list[dict]], out_png: Path, band: str) -> Path:
+    from rpgrl.loop import metrics as M
+    from rpgrl.loop.tracking import read_metrics
     from rpgrl.tools.plots import plot_comparison
 
-    runs = {algo: [r["run_dir"] if (Path(str(r.get("run_dir"))) / "metrics.jsonl").is_file() else curve_records(r)
-                   for r in rs] for algo, rs in results.items()}
+    def records(r: dict) -> list[dict]:
+        run_dir = Path(str(r.get("run_dir")))
+        if not (run_dir / "metrics.jsonl").is_file():
+            return curve_records(r)
+        recs = read_metrics(run_dir)
+        # a run that took the shared before-RL evaluation (fill_shared_before) logged no step 0 of
+        # its own: its curve starts from the shared one, as its eval_curve does
+        if r.get("before_source", "own") != "own":
+            recs += [{M.STEP: 0, M.EVAL_ACCURACY: v} for s, v in r.get("eval_curve") or [] if s == 0]
+        return recs
+
+    runs = {algo: [records(r) for r in rs] for algo, rs in results.items()}
     return plot_comparison(runs, out_png, band=band)
 
 
