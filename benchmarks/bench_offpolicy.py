@@ -31,6 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("generation", "logprobs", "forward_backward", "optimizer", "scoring", "other", "step")
+#: rpgrl.loop.metrics.MFU_PHASES: the kept batch's tokens (generation), every sampling round's
+#: (generation_sampled), each prompt once per step (forward_backward) or once per micro-batch
+#: it appears in, as the shuffled mini-batches make the update run it (forward_backward_scheduled)
+MFU = ("generation", "generation_sampled", "logprobs", "forward_backward", "forward_backward_scheduled")
 
 
 def worktree(rev: str, where: Path) -> Path:
@@ -60,7 +64,8 @@ def run_side(code: Path, config: Path, out: Path, args: argparse.Namespace, extr
     steps = [r for r in rows if "timing/step" in r and r["step"] > 1]
     mean = lambda k: statistics.fmean(r.get(k, 0.0) for r in steps)  # noqa: E731
     return {"seconds": {p: mean(f"timing/{p}") for p in PHASES},
-            "mfu": {p: mean(f"mfu/{p}") for p in ("generation", "logprobs", "forward_backward")},
+            # MFU phases a side does not log (older code: *_sampled, *_scheduled) are None
+            "mfu": {p: (mean(f"mfu/{p}") if all(f"mfu/{p}" in r for r in steps) else None) for p in MFU},
             "response_tokens": mean("tokens/response"), "peak_rss_mb": usage.ru_maxrss / 1024,
             "peak_gflops": mean("mfu/matmul_peak_gflops"), "wall_s": time.perf_counter() - t0,
             "first_step_loss": next((r.get("actor/pg_loss", r.get("loss")) for r in rows if r.get("step") == 1), None)}
@@ -69,14 +74,17 @@ def run_side(code: Path, config: Path, out: Path, args: argparse.Namespace, extr
 def table(before: list[dict], after: list[dict], names: tuple[str, str]) -> str:
     avg = lambda runs, f: statistics.fmean(f(r) for r in runs)  # noqa: E731
     lines = [f"| phase | {names[0]} s | {names[1]} s | speed-up | {names[0]} MFU | {names[1]} MFU |", "|---|---|---|---|---|---|"]
+    def mfu(runs: list[dict], p: str) -> str:
+        vals = [r["mfu"].get(p) for r in runs]
+        return "n/a" if any(v is None for v in vals) else f"{100 * statistics.fmean(vals):.1f} %"
+
     for p in PHASES:
         b, a = avg(before, lambda r: r["seconds"][p]), avg(after, lambda r: r["seconds"][p])
-        mfu = ""
-        if p in before[0]["mfu"]:
-            mfu = f" {100 * avg(before, lambda r: r['mfu'][p]):.1f} % | {100 * avg(after, lambda r: r['mfu'][p]):.1f} % |"
-        else:
-            mfu = " | |"
-        lines.append(f"| {p} | {b:.2f} | {a:.2f} | {b / a if a else float('nan'):.2f}x |{mfu}")
+        cells = f" {mfu(before, p)} | {mfu(after, p)} |" if p in MFU else " | |"
+        lines.append(f"| {p} | {b:.2f} | {a:.2f} | {b / a if a else float('nan'):.2f}x |{cells}")
+    for p in MFU:
+        if p not in PHASES:
+            lines.append(f"| MFU {p} | | | | {mfu(before, p)} | {mfu(after, p)} |")
     for key, label in (("response_tokens", "response tokens / step"), ("peak_rss_mb", "peak RSS (MiB)"),
                        ("peak_gflops", "matmul peak (GFLOP/s)")):
         lines.append(f"| {label} | {avg(before, lambda r: r[key]):.0f} | {avg(after, lambda r: r[key]):.0f} | | | |")
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_side(code, config, out, args, extra)
             runs[side].append(r)
             print(f"round {i + 1} {side}: step {r['seconds']['step']:.2f} s, "
-                  f"fwd/bwd MFU {100 * r['mfu']['forward_backward']:.1f} %, peak RSS {r['peak_rss_mb']:.0f} MiB",
+                  f"fwd/bwd MFU {100 * (r['mfu']['forward_backward'] or 0):.1f} %, peak RSS {r['peak_rss_mb']:.0f} MiB",
                   flush=True)
     names = (f"before ({args.before})", f"after ({args.after or 'this checkout'})")
     print(table(runs["before"], runs["after"], names))
