@@ -95,6 +95,8 @@ class RolloutConfig:
     max_new_tokens: int = _f(8, "response length limit in tokens")
     generate_batch_sequences: int = _f(256, "sequences per generate() call (memory knob)")
     engine: str = _f("auto", "rpgrl (KV-cached loop) | hf (HF generate) | auto (rpgrl where the cache allows)")
+    sampler_logprobs: bool = _f(True, "pi_old's log-probs (and the entropy metric) from the sampler's own logits, "
+                                      "no separate pass (rpgrl engine, fp32 compute; equal to round-off)")
 
     @property
     def batch_size(self) -> int:

@@ -10,7 +10,9 @@ import torch
 from hf_tiny import ARCHS, tiny_causal_lm
 
 from rpgrl.models.logprobs import sequence_logprobs
-from rpgrl.loop.generation import _decode, generate, left_pad, sample_tokens
+import torch.nn.functional as F
+
+from rpgrl.loop.generation import RolloutBatch, _decode, generate, left_pad, sample_tokens
 from rpgrl.models.tiny import build_tiny_tokenizer
 
 TOK = build_tiny_tokenizer()
@@ -60,9 +62,9 @@ def test_dropping_finished_rows_changes_nothing(monkeypatch):
     original = DynamicCache.batch_select_indices
     monkeypatch.setattr(DynamicCache, "batch_select_indices",
                         lambda self, idx: (calls.append(len(idx)), original(self, idx))[1])
-    never = _decode(model, ids, mask, 3, compact_at=2.0, **common)
+    never, _, _ = _decode(model, ids, mask, 3, compact_at=2.0, **common)
     assert calls == []
-    always = _decode(model, ids, mask, 3, compact_at=0.0, **common)
+    always, _, _ = _decode(model, ids, mask, 3, compact_at=0.0, **common)
     assert calls and calls == sorted(calls, reverse=True)  # the live batch only shrinks
     assert torch.equal(never, always)
 
@@ -142,6 +144,37 @@ def test_sampler_logprobs_equal_the_loss_side_logprobs(arch, monkeypatch):
     lp, _ = sequence_logprobs(model, out.input_ids, out.attention_mask, out.prompt_len, temperature=tau)
     torch.testing.assert_close(lp, sampler, rtol=0, atol=1e-5)
     assert out.response_mask.sum() > 20 and lp.min() < math.log(0.5)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
+def test_generation_logprobs_are_pi_olds(arch, top_p):
+    """``with_logprobs``: each response token's log-prob and entropy, taken from the logits it was
+    drawn from, are sequence_logprobs' (the trainer's pi_old pass) -- in float64 to round-off,
+    with rows finishing at different steps (compaction) and under top-p (scored with the full
+    softmax, like the pass); greedy decoding and HF generate return none."""
+    model = _model(arch).double()
+    tau = 0.7
+    torch.manual_seed(3)
+    out = generate(model, TOK, PROMPTS, n=3, max_new_tokens=6, temperature=tau, top_p=top_p, engine="rpgrl",
+                   with_logprobs=True)
+    lp, ent = sequence_logprobs(model, out.input_ids, out.attention_mask, out.prompt_len, temperature=tau,
+                                with_entropy=True)
+    assert out.logprobs.shape == lp.shape and out.logprobs.dtype == torch.float32  # stored like the pass's
+    torch.testing.assert_close(out.logprobs.double(), lp, rtol=0, atol=1e-6)  # float32 storage
+    torch.testing.assert_close(out.entropy.double(), ent, rtol=0, atol=1e-5)
+    assert len(set(out.response_lengths.tolist())) > 1 and (out.logprobs * (1 - out.response_mask)).abs().max() == 0
+    picked = out.select([4, 0, 2])
+    torch.testing.assert_close(picked.logprobs, out.logprobs[[4, 0, 2]], rtol=0, atol=0)
+    short = generate(model, TOK, PROMPTS[:2], n=1, max_new_tokens=2, temperature=tau, with_logprobs=True)
+    both = RolloutBatch.concat([picked, short])  # dynamic sampling's rounds: right-padded with zeros
+    torch.testing.assert_close(both.logprobs, torch.cat([picked.logprobs, F.pad(short.logprobs, (0, 4))]),
+                               rtol=0, atol=0)
+    assert RolloutBatch.concat([picked, generate(model, TOK, PROMPTS[:1], max_new_tokens=2, temperature=tau)]
+                               ).logprobs is None  # a round without them: none (the pass runs)
+    assert generate(model, TOK, PROMPTS, max_new_tokens=6, temperature=0.0, with_logprobs=True).logprobs is None
+    assert generate(model, TOK, PROMPTS, max_new_tokens=6, temperature=tau, engine="hf",
+                    with_logprobs=True).logprobs is None
 
 
 def test_lora_model_samples_with_its_adapters():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from informative import PREFIX_RANK
 import torch
 
 from rpgrl.cli import main
@@ -125,3 +126,40 @@ def test_optimizer_steps_per_batch_are_the_configs_when_dynamic_sampling_keeps_f
     assert [num_mini_batches(cfg, 4 * k) for k in (8, 3, 1)] == [8, 8, 4]
     rows = mini_batch_schedule(12, 8, 1, seed=0, step=1)
     assert len(rows) == 8 and sorted(torch.cat(rows).tolist()) == list(range(12))
+
+
+def test_pi_old_from_the_sampler_skips_the_pass_and_changes_nothing_but_round_off(tiny_overrides, tmp_path,
+                                                                                   monkeypatch):
+    """rollout.sampler_logprobs (the default): off-policy, pi_old's log-probs and the entropy come
+    from the sampler's logits, no decoder pass runs for them, and the step is the one the pass
+    gives -- the same samples and, to float32 round-off, the same losses and weights. On-policy
+    (pi_old is the update's own forward) and under bf16 the sampler returns none."""
+    from rpgrl.config import load_config
+    from rpgrl.loop.collect import wants_sampler_logprobs
+    from rpgrl.loop.trainer import Trainer
+    from rpgrl.loop.tracking import read_metrics
+
+    passes = []
+    original = Trainer._logprobs
+    monkeypatch.setattr(Trainer, "_logprobs", lambda self, *a, **k: (passes.append(1), original(self, *a, **k))[1])
+    firsts = {}
+    for flag in ("true", "false"):
+        passes.clear()
+        # PREFIX_RANK: a tie-free scorer, so the groups have signal whatever is drawn (tests/informative.py)
+        cfg = load_config(overrides=tiny_overrides(f"rollout.sampler_logprobs={flag}", "trainer.total_steps=1",
+                                                   PREFIX_RANK, f"output_dir={tmp_path / flag}"))
+        Trainer(cfg, log=lambda *a: None).train()
+        assert len(passes) == (flag == "false")
+        firsts[flag] = next(r for r in read_metrics(tmp_path / flag) if "actor/loss" in r)
+    on, off = firsts["true"], firsts["false"]
+    assert on["batch/first_round_digest"] == off["batch/first_round_digest"]
+    assert on["actor/coef_pg_abs"] > 1e-3 and on["actor/importance_weight_max"] > 1.0 + 1e-4  # off-policy signal
+    for key in ("actor/loss", "actor/entropy", "actor/coef_pg_abs", "actor/importance_weight_max",
+                "actor/importance_weight_mean", "actor/grad_norm", "actor/kl_rollout_k3"):
+        assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-7), key
+
+    cfg = load_config(overrides=tiny_overrides())
+    assert wants_sampler_logprobs(cfg, mixed_precision=False)
+    assert not wants_sampler_logprobs(cfg, mixed_precision=True)
+    assert not wants_sampler_logprobs(load_config(overrides=tiny_overrides("trainer.mini_batch_prompts=4")), False)
+    assert not wants_sampler_logprobs(load_config(overrides=tiny_overrides("rollout.sampler_logprobs=false")), False)

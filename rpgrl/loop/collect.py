@@ -17,6 +17,7 @@ from rpgrl.config import Config
 from rpgrl.parallel.distributed import DistContext, gather_rounds
 from rpgrl.loop.metrics import StepTimer
 from rpgrl.loop.prompt_order import PromptOrder
+from rpgrl.loop.schedule import old_logp_from_update
 from rpgrl.rewards import overlong_penalty
 from rpgrl.loop.setup import RunData
 from rpgrl.loop.generation import RolloutBatch, Sampler
@@ -43,6 +44,16 @@ def _rows(groups: list[int], n: int) -> list[int]:
     return [g * n + j for g in groups for j in range(n)]
 
 
+def wants_sampler_logprobs(cfg: Config, mixed_precision: bool) -> bool:
+    """Whether generation should return pi_old's log-probs (``rollout.sampler_logprobs``): only
+    when the update would otherwise run a separate pi_old pass (not when pi_old is the update's
+    own first forward, ``rpgrl.loop.schedule.old_logp_from_update``, as on-policy), and in fp32
+    compute -- under bf16 the decoding and the packed pass round differently at bf16 precision,
+    so the pass still runs there."""
+    full = cfg.trainer.prompts_per_step * cfg.rollout.n
+    return cfg.rollout.sampler_logprobs and not mixed_precision and not old_logp_from_update(cfg, full)
+
+
 def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, dist: DistContext,
             timer: StepTimer, weights: Callable[[], ContextManager]) -> tuple[Batch | None, dict]:
     """Generate and score; with dynamic sampling keep only groups whose scores differ.
@@ -53,13 +64,15 @@ def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, di
     stats_total: dict[str, float] = {}
     all_scores: list[float] = []
     n_groups, gen_batches, gen_prompt, gen_tokens = 0, 0, 0, 0
+    with_logprobs = wants_sampler_logprobs(cfg, data.precision.mixed)
     while True:
         gen_batches += 1
         # every rank draws the same prompts and generates for its own block of them
         indices = dist.shard(order.take(want))
         with timer.phase("generation"), weights():
             rollout = sampler.generate([data.train_prompts[i] for i in indices], n=n,
-                                       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+                                       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                       with_logprobs=with_logprobs)
         gen_prompt += int(rollout.attention_mask[::n, :rollout.prompt_len].sum())  # MFU: the sampler's work
         gen_tokens += int(rollout.response_mask.sum())
         if gen_batches == 1:  # which batch this step drew: same seed, same first batch (M.FIRST_ROUND_DIGEST)

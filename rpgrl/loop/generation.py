@@ -49,6 +49,10 @@ class RolloutBatch:
     responses: list[str]
     response_lengths: Tensor  # [N] number of valid response tokens
     truncated: Tensor  # [N] bool: hit max_new_tokens without EOS
+    #: [N, R] log pi_old(y_t) and the entropy of the tempered distribution at each response token,
+    #: from the sampler's own logits (``generate(..., with_logprobs=True)``); 0 off the response mask
+    logprobs: Tensor | None = None
+    entropy: Tensor | None = None
 
     @property
     def response_ids(self) -> Tensor:
@@ -66,9 +70,11 @@ class RolloutBatch:
 
     def select(self, indices: list[int] | Tensor) -> "RolloutBatch":
         idx = torch.as_tensor(indices, dtype=torch.long)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return RolloutBatch(
             self.input_ids[idx], self.attention_mask[idx], self.prompt_len, self.response_mask[idx],
             [self.responses[i] for i in idx.tolist()], self.response_lengths[idx], self.truncated[idx],
+            pick(self.logprobs), pick(self.entropy),
         )
 
     @staticmethod
@@ -79,15 +85,21 @@ class RolloutBatch:
         P = max(b.prompt_len for b in batches)
         R = max(b.input_ids.shape[1] - b.prompt_len for b in batches)
         ids, att, rmask = [], [], []
+        scored = all(b.logprobs is not None for b in batches)  # the sampler's log-probs: kept only if all have them
+        lps, ents = [], []
         for b in batches:
             left, right = P - b.prompt_len, R - (b.input_ids.shape[1] - b.prompt_len)
             ids.append(F.pad(b.input_ids, (left, right), value=pad_id))
             att.append(F.pad(b.attention_mask, (left, right), value=0))
             rmask.append(F.pad(b.response_mask, (0, right), value=0.0))
+            if scored:
+                lps.append(F.pad(b.logprobs, (0, right), value=0.0))
+                ents.append(F.pad(b.entropy, (0, right), value=0.0))
         return RolloutBatch(
             torch.cat(ids), torch.cat(att), P, torch.cat(rmask),
             [t for b in batches for t in b.responses],
             torch.cat([b.response_lengths for b in batches]), torch.cat([b.truncated for b in batches]),
+            torch.cat(lps) if scored else None, torch.cat(ents) if scored else None,
         )
 
 
@@ -165,6 +177,21 @@ def _draw_softmax(z: Tensor) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=z.shape[-1] - 1).squeeze(-1)
 
 
+def token_scores(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(log p(token), entropy of p) per row, p = softmax(logits / temperature) over the full
+    vocabulary -- what ``rpgrl.models.logprobs.token_logprobs_from_hidden`` computes for pi_old
+    (also under top-p: like verl, pi_old is scored with the full softmax), here from the logits
+    the sampler already has: 5 passes over [rows, V] instead of a decoder pass per batch."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fresh: in-place below is safe
+    z -= z.amax(-1, keepdim=True)
+    p = z.exp()
+    total = p.sum(-1)
+    log_total = total.log()
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - log_total
+    entropy = log_total - torch.linalg.vecdot(p, z) / total  # -sum p_i log(p_i / total) / total
+    return logp, entropy
+
+
 def _nucleus_draw(sorted_p: Tensor, cum: Tensor, order: Tensor, top_p: float) -> Tensor:
     """A draw from the descending-sorted probabilities truncated to the nucleus."""
     drop = cum - sorted_p >= top_p  # mass before this token already covers top_p
@@ -174,8 +201,10 @@ def _nucleus_draw(sorted_p: Tensor, cum: Tensor, order: Tensor, top_p: float) ->
 
 def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_tokens: int,
             temperature: float, top_p: float, eos_ids: Tensor, pad_id: int,
-            compact_at: float = 0.25) -> Tensor:
-    """Sample ``n`` continuations of each (distinct) prompt with a KV cache; [U * n, <= max_new_tokens].
+            compact_at: float = 0.25, with_scores: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Sample ``n`` continuations of each (distinct) prompt with a KV cache: tokens [U * n, <=
+    max_new_tokens] and, ``with_scores``, each token's log-prob and the entropy at it
+    (:func:`token_scores`; else None, None).
 
     Each prompt is prefilled once and its cache repeated for its n samples (``rpgrl.models.prefix``);
     rows that have emitted EOS are dropped from the batch once they are ``compact_at`` of it,
@@ -194,12 +223,16 @@ def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_t
     last = pos[:, -1].repeat_interleave(n, 0)
     total = logits.shape[0]
     tokens = torch.full((total, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
+    scores = [torch.zeros(total, max_new_tokens, device=prompt_ids.device) for _ in range(2)] if with_scores else None
     rows = torch.arange(total, device=prompt_ids.device)  # original row of each live slot
     done = torch.zeros(total, dtype=torch.bool, device=prompt_ids.device)
     steps = 0
     for step in range(max_new_tokens):
         nxt = sample_tokens(logits, temperature, top_p).masked_fill_(done, pad_id)
         tokens[rows, step] = nxt
+        if scores is not None:
+            lp, ent = token_scores(logits, nxt, temperature)
+            scores[0][rows, step], scores[1][rows, step] = lp, ent
         steps = step + 1
         real = ~done  # this step's token is part of its response (EOS included)
         done = done | torch.isin(nxt, eos_ids)
@@ -214,7 +247,9 @@ def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_t
         last = last + 1
         logits = call_with_cache(model, cache, input_ids=nxt[:, None], attention_mask=mask,
                                  position_ids=last[:, None]).logits[:, -1]
-    return tokens[:, :steps]
+    if scores is None:
+        return tokens[:, :steps], None, None
+    return tokens[:, :steps], scores[0][:, :steps], scores[1][:, :steps]
 
 
 def _hf_generate(model, ids: Tensor, mask: Tensor, *, max_new_tokens: int, temperature: float,
@@ -246,8 +281,16 @@ def generate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     engine: str = "auto",
+    with_logprobs: bool = False,
 ) -> RolloutBatch:
     """Sample ``n`` responses per prompt (temperature 0 = greedy), grouped contiguously.
+
+    ``with_logprobs`` (temperature > 0, rpgrl's own loop): the batch also carries each response
+    token's log-prob and entropy under softmax(logits / temperature), from the logits the
+    sampler drew it from (:func:`token_scores`): pi_old's log-probs without another decoder
+    pass. Same weights and dtype as the trainer's pass, so they agree to float round-off
+    (decoding with a KV cache vs one packed forward; tests/test_rollout.py); HF ``generate``
+    returns none (then ``logprobs`` is None).
 
     ``engine``: ``rpgrl`` = the KV-cached loop above (each prompt prefilled once for its n
     samples, finished rows dropped); ``hf`` = ``model.generate``; ``auto`` = ``rpgrl`` when the
@@ -269,14 +312,18 @@ def generate(
     own = engine == "rpgrl" or (engine == "auto" and can_share(model))
     eos_t = torch.tensor(eos_ids, device=device)
     per_call = max(1, batch_size // n)  # whole groups per call
-    chunks = []
+    scored = with_logprobs and own and temperature > 0
+    chunks, lp_chunks, ent_chunks = [], [], []
     for start in range(0, len(prompts), per_call):
         rows = slice(start * n, min(len(prompts), start + per_call) * n)
         if own:  # one row per prompt: the loop repeats each prompt's cache n times
             ids = prompt_ids[rows][::n].to(device)
             mask = prompt_mask[rows][::n].to(device)
-            out = _decode(model, ids, mask, n, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, eos_ids=eos_t, pad_id=pad_id)
+            out, lp, ent = _decode(model, ids, mask, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, eos_ids=eos_t, pad_id=pad_id, with_scores=scored)
+            if scored:
+                lp_chunks.append(lp.cpu())
+                ent_chunks.append(ent.cpu())
         else:
             out = _hf_generate(model, prompt_ids[rows].to(device), prompt_mask[rows].to(device),
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -303,7 +350,15 @@ def generate(
     ]
     input_ids = torch.cat([prompt_ids, resp], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
-    return RolloutBatch(input_ids, attention_mask, P, response_mask, texts, lengths, truncated)
+    logprobs = entropy = None
+    if scored:
+        logprobs, entropy = (_stack_rows(parts, R) * response_mask for parts in (lp_chunks, ent_chunks))
+    return RolloutBatch(input_ids, attention_mask, P, response_mask, texts, lengths, truncated, logprobs, entropy)
+
+
+def _stack_rows(chunks: list[Tensor], width: int) -> Tensor:
+    """The generate calls' [rows, steps] blocks, one under the other, right-padded with 0 to ``width``."""
+    return torch.cat([F.pad(c, (0, width - c.shape[1])) for c in chunks])
 
 
 class Sampler:
@@ -321,12 +376,13 @@ class Sampler:
         self.model = model
 
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int,
-                 temperature: float, top_p: float = 1.0) -> RolloutBatch:
-        """``n`` responses per prompt, grouped contiguously (temperature 0 = greedy)."""
+                 temperature: float, top_p: float = 1.0, with_logprobs: bool = False) -> RolloutBatch:
+        """``n`` responses per prompt, grouped contiguously (temperature 0 = greedy); with their
+        log-probs where the engine has them (``generate``'s ``with_logprobs``)."""
         with self.compute():
             return generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, batch_size=self.batch_size,
-                            device=self.device, engine=self.engine)
+                            device=self.device, engine=self.engine, with_logprobs=with_logprobs)
 
     def score(self, examples: Sequence[Example], rollout: RolloutBatch, n: int,
               details: list | None = None) -> tuple[list[float], dict]:

@@ -140,9 +140,13 @@ class Trainer:
         once per batch), anchor log-probs per anchor mode, advantages."""
         a = self.cfg.algorithm
         batch.old_logp_in_update = old_logp_from_update(self.cfg, batch.rollout.input_ids.shape[0])
+        r = batch.rollout
+        from_sampler = not batch.old_logp_in_update and r.logprobs is not None  # rpgrl.loop.collect.wants_sampler_logprobs
         with self.timer.phase("logprobs"):
-            self._logprob_passes = int(not batch.old_logp_in_update) + int(not self.anchor.uses_rollout)
-            if not batch.old_logp_in_update:
+            self._logprob_passes = int(not batch.old_logp_in_update and not from_sampler) + int(not self.anchor.uses_rollout)
+            if from_sampler:  # pi_old's log-probs from the logits the sampler drew from: no pass
+                batch.old_logp, batch.entropy = r.logprobs, r.entropy
+            elif not batch.old_logp_in_update:
                 batch.old_logp, batch.entropy = self._logprobs(self.model, batch.rollout, with_entropy=True)
             self.anchor.maybe_refresh(self.parallel.full_weights(self.model))
             if not self.anchor.uses_rollout:
