@@ -177,6 +177,24 @@ def test_generation_logprobs_are_pi_olds(arch, top_p):
                     with_logprobs=True).logprobs is None
 
 
+def test_sampling_with_scores_draws_what_sample_tokens_draws():
+    """The fused path (sampling + pi_old's scores from one exp) takes the same tokens from the
+    same random numbers as sample_tokens, and its scores are token_scores'."""
+    from rpgrl.loop.generation import sample_with_scores, token_scores
+
+    logits = torch.randn(16, 500, generator=torch.Generator().manual_seed(0)) * 4
+    for tau in (1.0, 0.6):
+        torch.manual_seed(7)
+        want = sample_tokens(logits, tau)
+        torch.manual_seed(7)
+        got, lp, ent = sample_with_scores(logits, tau)
+        assert torch.equal(got, want)
+        lp_ref, ent_ref = token_scores(logits.double(), got, tau)
+        torch.testing.assert_close(lp, lp_ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ent, ent_ref, rtol=0, atol=1e-5)
+        assert ent.min() > 0 and lp.max() <= 0
+
+
 def test_lora_model_samples_with_its_adapters():
     peft = pytest.importorskip("peft")
     base = _model("qwen2")

@@ -172,9 +172,30 @@ def _draw_softmax(z: Tensor) -> Tensor:
     ~1e-16), so the cost is one exp and one cumsum over the vocabulary -- no per-token random
     numbers (torch.multinomial draws an Exp(1) per token) and no normalisation pass.
     Zero-probability tokens have empty intervals and are never drawn."""
-    cdf = (z - z.amax(-1, keepdim=True)).exp_().to(torch.float64).cumsum_(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=z.device) * cdf[..., -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=z.shape[-1] - 1).squeeze(-1)
+    return _invert_cdf((z - z.amax(-1, keepdim=True)).exp_())[0]
+
+
+def _invert_cdf(p: Tensor) -> tuple[Tensor, Tensor]:
+    """(one draw per row from the unnormalised ``p``, each row's float64 total)."""
+    cdf = p.to(torch.float64).cumsum_(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=p.device) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=p.shape[-1] - 1).squeeze(-1), cdf[..., -1]
+
+
+def sample_with_scores(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``sample_tokens(logits, temperature)`` (top-p 1: the same numbers, the same draw) and the
+    drawn tokens' :func:`token_scores`, sharing the exp over the vocabulary: the scores cost a
+    gather and one dot product per row on top of sampling."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    zm = z - z.amax(-1, keepdim=True)
+    p = zm.exp()
+    tokens, total = _invert_cdf(p)
+    log_total = total.log()
+    logp = zm.gather(-1, tokens[:, None]).squeeze(-1) - log_total
+    entropy = log_total - torch.linalg.vecdot(p, zm) / total
+    return tokens, logp, entropy
 
 
 def token_scores(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -228,11 +249,16 @@ def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_t
     done = torch.zeros(total, dtype=torch.bool, device=prompt_ids.device)
     steps = 0
     for step in range(max_new_tokens):
-        nxt = sample_tokens(logits, temperature, top_p).masked_fill_(done, pad_id)
+        if scores is not None and top_p >= 1.0:
+            nxt, lp, ent = sample_with_scores(logits, temperature)
+        else:
+            nxt = sample_tokens(logits, temperature, top_p)
+            if scores is not None:  # top-p: pi_old is still scored with the full softmax
+                lp, ent = token_scores(logits, nxt, temperature)
+        nxt.masked_fill_(done, pad_id)
         tokens[rows, step] = nxt
         if scores is not None:
-            lp, ent = token_scores(logits, nxt, temperature)
-            scores[0][rows, step], scores[1][rows, step] = lp, ent
+            scores[0][rows, step], scores[1][rows, step] = lp.float(), ent.float()
         steps = step + 1
         real = ~done  # this step's token is part of its response (EOS included)
         done = done | torch.isin(nxt, eos_ids)
