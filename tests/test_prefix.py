@@ -96,6 +96,53 @@ def test_shared_prompts_equal_padded_forward_values_and_gradients(arch, pack):
     assert _assert_grads_close(got, want, arch) >= len(params) // 2
 
 
+@pytest.mark.parametrize("max_row", [2048, 20], ids=["one-row", "several-rows"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_packed_rows_share_the_prompts_common_prefix(arch, max_row, monkeypatch):
+    """Prompts that start alike (a system prompt / chat template) keep that prefix once per packed
+    row; a prompt that is all prefix, shuffled groups (as in the update's micro-batches) and rows
+    split at MAX_PACKED_TOKENS: values and gradients are still the padded forward's (float64)."""
+    from rpgrl.models import packing
+
+    monkeypatch.setattr(packing, "MAX_PACKED_TOKENS", max_row)
+    model = tiny_causal_lm(arch).double()
+    prompts = [([0, 5, 6, 7, 8, 9], [0, 1, 1, 1, 1, 1]), ([5, 6, 7, 20, 21, 22], [1, 1, 1, 1, 1, 1]),
+               ([0, 0, 0, 0, 5, 6], [0, 0, 0, 0, 1, 1]), ([0, 0, 5, 6, 7, 30], [0, 0, 1, 1, 1, 1])]
+    responses = [[10, 11, 12, 1, 0], [13, 1, 0, 0, 0], [20, 21, 22, 23, 24], [25, 26, 1, 0, 0]]
+    ids, mask = [], []
+    for i, (g, j) in enumerate([(0, 0), (1, 1), (2, 2), (0, 3), (3, 0), (1, 2), (2, 1), (3, 3)]):
+        ids.append(prompts[g][0] + responses[j])
+        mask.append(prompts[g][1] + [int(t != 0) for t in responses[j]])
+    ids, mask = torch.tensor(ids), torch.tensor(mask)
+    P6 = 6
+    assert packing._common_prefix([[5, 6, 7, 8, 9], [5, 6, 7, 20, 21, 22], [5, 6], [5, 6, 7, 30]]) == 2
+    calls, handle = _counting_decoder_calls(model)
+    seen = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape),
+                                                         with_kwargs=True)
+    lp, ent = sequence_logprobs(model, ids, mask, P6, with_entropy=True, chunk_size=4)
+    handle.remove()
+    hook.remove()
+    assert len(calls) == 1
+    rows, width = seen[0]
+    # one row: the prefix [5, 6] once, the prompts' other 3 + 4 + 0 + 2 tokens, and each response
+    # up to its last token but one (3 + 1 + 4 + 2 + 3 + 4 + 1 + 2; the prompt predicts the first)
+    if max_row == 2048:
+        assert (rows, width) == (1, 2 + 9 + 20)
+    else:
+        assert rows > 1 and width <= 20
+    ref, ref_ent = sequence_logprobs(model, ids, mask, P6, with_entropy=True, share_prompts=False)
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-10)
+    assert lp.std() > 0.3
+    params = list(model.parameters())
+    up = torch.randn(lp.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad((sequence_logprobs(model, ids, mask, P6)[0] * up).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((sequence_logprobs(model, ids, mask, P6, share_prompts=False)[0] * up).sum(),
+                               params, allow_unused=True)
+    assert _assert_grads_close(got, want, arch) >= len(params) // 2
+
+
 def test_no_repeated_prompt_runs_the_padded_forward_once():
     model = tiny_causal_lm("qwen2")
     ids, mask = _group_batch()
