@@ -96,15 +96,17 @@ def test_shared_prompts_equal_padded_forward_values_and_gradients(arch, pack):
     assert _assert_grads_close(got, want, arch) >= len(params) // 2
 
 
-@pytest.mark.parametrize("max_row", [2048, 20], ids=["one-row", "several-rows"])
+@pytest.mark.parametrize("plan", [[[0, 1, 2, 3]], [[0, 1], [2], [3]]], ids=["one-row", "several-rows"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_packed_rows_share_the_prompts_common_prefix(arch, max_row, monkeypatch):
+def test_packed_rows_share_the_prompts_common_prefix(arch, plan, monkeypatch):
     """Prompts that start alike (a system prompt / chat template) keep that prefix once per packed
-    row; a prompt that is all prefix, shuffled groups (as in the update's micro-batches) and rows
-    split at MAX_PACKED_TOKENS: values and gradients are still the padded forward's (float64)."""
+    row; a prompt that is all prefix, shuffled groups (as in the update's micro-batches), one row
+    or several (the plan is forced here; test_row_plan_weighs_the_prefix_against_attention checks
+    the choice): values and gradients are still the padded forward's (float64)."""
     from rpgrl.models import packing
 
-    monkeypatch.setattr(packing, "MAX_PACKED_TOKENS", max_row)
+    monkeypatch.setattr(packing, "_plan_rows", lambda decoder, prompts, spans: plan)
+    max_row = 2048 if len(plan) == 1 else 20
     model = tiny_causal_lm(arch).double()
     prompts = [([0, 5, 6, 7, 8, 9], [0, 1, 1, 1, 1, 1]), ([5, 6, 7, 20, 21, 22], [1, 1, 1, 1, 1, 1]),
                ([0, 0, 0, 0, 5, 6], [0, 0, 0, 0, 1, 1]), ([0, 0, 5, 6, 7, 30], [0, 0, 1, 1, 1, 1])]
@@ -130,7 +132,7 @@ def test_packed_rows_share_the_prompts_common_prefix(arch, max_row, monkeypatch)
     if max_row == 2048:
         assert (rows, width) == (1, 2 + 9 + 20)
     else:
-        assert rows > 1 and width <= 20
+        assert rows == 3
     ref, ref_ent = sequence_logprobs(model, ids, mask, P6, with_entropy=True, share_prompts=False)
     torch.testing.assert_close(lp, ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-10)
@@ -141,6 +143,26 @@ def test_packed_rows_share_the_prompts_common_prefix(arch, max_row, monkeypatch)
     want = torch.autograd.grad((sequence_logprobs(model, ids, mask, P6, share_prompts=False)[0] * up).sum(),
                                params, allow_unused=True)
     assert _assert_grads_close(got, want, arch) >= len(params) // 2
+
+
+def test_row_plan_weighs_the_prefix_against_attention():
+    """SmolLM2-135M's shapes (on the meta device): the study's micro-batch (8 prompts of 49 tokens
+    sharing 27, ~1 response of ~12 tokens each) goes into one row; the on-policy recipe's (8
+    responses of ~40 tokens per prompt) keeps a row per prompt, as a longer row's attention
+    would cost more than the prefix saves; MAX_PACKED_TOKENS caps a row."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rpgrl.models import packing
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        decoder = LlamaForCausalLM(config).get_decoder()
+    system = list(range(100, 127))
+    prompts = [system + [200 + g] * 22 for g in range(8)]
+    assert packing._plan_rows(decoder, prompts, [11] * 8) == [list(range(8))]
+    assert packing._plan_rows(decoder, prompts, [8 * 39] * 8) == [[g] for g in range(8)]
+    assert len(packing._plan_rows(decoder, prompts, [200] * 8)) > 1  # over 2048 tokens in one row
 
 
 def test_no_repeated_prompt_runs_the_padded_forward_once():

@@ -9,8 +9,8 @@ off-policy study's step (docs/benchmarks.md, section 5) packing saved 5 % of the
 27 % of the pi_old pass: the update's micro-batches hold shuffled sequences of ~8 different
 prompts, so its cost is mostly the tokens themselves.
 
-Here the distinct prompts and their responses go into one row (more rows only past
-``MAX_PACKED_TOKENS``): the prompts' common token prefix once -- a chat template's system
+Here the distinct prompts and their responses go into one row where that is cheaper than a
+row each (:func:`_plan_rows`; never past ``MAX_PACKED_TOKENS``): the prompts' common token prefix once -- a chat template's system
 prompt is most of a short prompt: 27 of the study's 49 tokens --, then for each prompt the rest
 of it and its responses, ``[prefix | rest of prompt 1 | response 1a | 1b | rest of prompt 2 |
 response 2a | ...]``, positions as in the padded layout (a response continues at its prompt's
@@ -74,6 +74,35 @@ def _row_length(prompts: list[list[int]], spans: list[int]) -> int:
     return c + sum(len(p) - c + k for p, k in zip(prompts, spans))
 
 
+def _plan_rows(decoder: nn.Module, prompts: list[list[int]], spans: list[int]) -> list[list[int]]:
+    """Which groups share a row. A group joins the current row when that is cheaper than a row
+    of its own: joining saves the common prefix's tokens (each costs a pass through every
+    weight) but the row's attention grows with its length squared (every query against every
+    key, masked or not). Cost of a row of T tokens in multiply-adds: T x (weights per token) +
+    2 x layers x hidden x T^2. The study's micro-batches (short prompts, ~1 response each) end up
+    in one row; the on-policy recipe's (8 long responses per prompt) keep one row per prompt."""
+    config = decoder.config
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    emb = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    skip = {id(p) for p in emb.parameters()} if emb is not None else set()
+    per_token = sum(p.numel() for p in decoder.parameters() if p.dim() >= 2 and id(p) not in skip)
+
+    def cost(groups: list[int]) -> float:
+        t = _row_length([prompts[x] for x in groups], [spans[x] for x in groups])
+        return t * per_token + 2.0 * layers * hidden * t * t
+
+    rows: list[list[int]] = []
+    for g in range(len(prompts)):
+        if rows:
+            joined = rows[-1] + [g]
+            if _row_length([prompts[x] for x in joined], [spans[x] for x in joined]) <= MAX_PACKED_TOKENS \
+                    and cost(joined) < cost(rows[-1]) + cost([g]):
+                rows[-1].append(g)
+                continue
+        rows.append([g])
+    return rows
+
+
 def packed_response_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
                            widths: Tensor, *, dtype: torch.dtype) -> Tensor | None:
     """[B, W, H] hidden states predicting response columns 0..W-1 (W = max ``widths``) of every
@@ -98,15 +127,7 @@ def packed_response_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask
     for r, g in enumerate(inverse.tolist()):
         members[g].append(r)
     spans = [sum(max(w[r] - 1, 0) for r in members[g]) for g in range(len(prompts))]
-    # groups go into rows in order while a row stays within MAX_PACKED_TOKENS; each row holds
-    # its groups' common prompt prefix once (a shared system prompt / chat template)
-    rows: list[list[int]] = []
-    for g in range(len(prompts)):
-        if rows and _row_length([prompts[x] for x in rows[-1] + [g]],
-                                [spans[x] for x in rows[-1] + [g]]) <= MAX_PACKED_TOKENS:
-            rows[-1].append(g)
-        else:
-            rows.append([g])
+    rows = _plan_rows(decoder, prompts, spans)
     lengths = [_row_length([prompts[x] for x in row], [spans[x] for x in row]) for row in rows]
     T = max(lengths)
     if not can_pack(decoder, T):
