@@ -212,7 +212,8 @@ def profile_table(metrics_path: Path) -> str:
         if peaks:
             lines.append(peaks_text(peaks, rows[-1][PEAK_GFLOPS]))
         lines.append(f"model FLOP utilisation (useful FLOPs on real tokens / matmul peak {peak:.0f} GFLOP/s):")
-        lines += [f"  {p:<18}{100 * v:7.1f} %  ({v * peak:.0f} GFLOP/s)" for p, v in mfu.items()]
+        width = max(18, *(len(p) + 1 for p in mfu))
+        lines += [f"  {p:<{width}}{100 * v:7.1f} %  ({v * peak:.0f} GFLOP/s)" for p, v in mfu.items()]
     if any(PEAK_RSS in r for r in rows):
         lines.append(f"peak RSS: {max(r.get(PEAK_RSS, 0.0) for r in rows):.0f} MiB")
     return "\n".join(lines)
