@@ -41,7 +41,9 @@ def test_profile_reports_mfu_per_phase(tiny_overrides, capsys):
 
     from rpgrl.cli import main
 
-    over = tiny_overrides("trainer.profile=true", "trainer.total_steps=3", "trainer.save_every=3")
+    # the pi_old pass on (else the off-policy tiny run takes pi_old from the sampler: no logprobs phase)
+    over = tiny_overrides("trainer.profile=true", "trainer.total_steps=3", "trainer.save_every=3",
+                          "rollout.sampler_logprobs=false")
     out = next(o.split("=", 1)[1] for o in over if o.startswith("output_dir="))
     assert main(["train", *over]) == 0
     rows = [json.loads(x) for x in open(f"{out}/metrics.jsonl") if '"mfu/' in x]
