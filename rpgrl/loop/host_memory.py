@@ -21,7 +21,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["keep_freed_memory", "M_TRIM_THRESHOLD", "M_MMAP_MAX"]
+__all__ = ["configure_host", "keep_freed_memory", "M_TRIM_THRESHOLD", "M_MMAP_MAX"]
 
 #: glibc's mallopt parameter numbers (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -45,3 +45,16 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; the trim threshold first so the heap is never cut back
     return mallopt(M_TRIM_THRESHOLD, _NO_TRIM) == 1 and mallopt(M_MMAP_MAX, 0) == 1
+
+
+def configure_host(trainer) -> None:
+    """The process settings a run asks for (``trainer.num_threads``, ``trainer.keep_freed_memory``
+    on a CPU device), applied once before the model is built."""
+    import torch
+
+    from rpgrl.models.loading import resolve_device
+
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    if trainer.keep_freed_memory and resolve_device(trainer.device).type == "cpu":
+        keep_freed_memory()

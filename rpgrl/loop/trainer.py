@@ -34,12 +34,10 @@ from rpgrl.loop.metrics import StepTimer
 from rpgrl.loop.optim import build_optimizer, clip_and_check, eval_mode
 from rpgrl.parallel.strategy import make_parallel
 from rpgrl.loop.prompt_order import PromptOrder
-from rpgrl.loop.generation import RolloutBatch
+from rpgrl.loop.generation import RolloutBatch, Sampler
 from rpgrl.loop.setup import RunData, setup_run
-from rpgrl.models.loading import resolve_device
-from rpgrl.loop.host_memory import keep_freed_memory
+from rpgrl.loop.host_memory import configure_host
 from rpgrl.loop.run_state import Checkpoints, code_text, code_version, finish_run, headline_text
-from rpgrl.loop.generation import Sampler
 from rpgrl.loop.schedule import mini_batch_schedule, num_mini_batches, old_logp_from_update
 from rpgrl.loop.train_state import TrainState
 from rpgrl.loop.tracking import NoTracker, Tracker, progress_bar
@@ -57,16 +55,13 @@ class Trainer:
         # under torchrun: one data-parallel process per rank (rpgrl.parallel.strategy: replicas or shards)
         self.dist = init_distributed(cfg.trainer.device)
         check_world_size(cfg, self.dist.world_size)
-        self.cfg, self.log = cfg, (log if self.dist.is_main else _quiet)
+        self.cfg, self.log = cfg, (log if self.dist.is_main else lambda *_a, **_k: None)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.code = code_version() if self.dist.is_main else None
         if self.code is not None:
             self.log(f"code: {code_text(self.code)}")
-        if cfg.trainer.num_threads:
-            torch.set_num_threads(cfg.trainer.num_threads)
-        if cfg.trainer.keep_freed_memory and resolve_device(cfg.trainer.device).type == "cpu":
-            keep_freed_memory()
+        configure_host(cfg.trainer)  # threads; on CPU, glibc keeps freed memory
         seed_all(cfg.seed)
         self.data: RunData
         with self.dist.main_first():  # rank 0 fills the warm-start cache, the others reuse it
@@ -352,7 +347,3 @@ class Trainer:
         return finish_run(self.out, self.state, eval_after, model=self.model, tokenizer=self.tokenizer,
                           algorithm=self.cfg.algorithm.preset, train_started=t0, final_sd=final_sd,
                           profile_log=self.log if self.cfg.trainer.profile else None, code=self.code)
-
-
-def _quiet(*_a, **_k) -> None:
-    pass
