@@ -66,19 +66,25 @@ def test_profile_reports_mfu_per_phase(tiny_overrides, capsys):
 
 
 def test_scheduled_work_counts_each_prompt_once_per_micro_batch():
-    """Hand-counted: two groups (prompts of 3 and 2 real tokens) shuffled into two micro-batches
-    that each hold both prompts run 2 x (3 + 2) = 10 prompt tokens, not 5."""
+    """Hand-counted: two groups (prompts of 3 and 2 real tokens, left-padded) shuffled into two
+    micro-batches that each hold both prompts run 2 x (3 + 2) = 10 prompt tokens, not 5; prompts
+    that start alike run their common prefix once."""
     import torch
 
     from rpgrl.loop import metrics as M
     from rpgrl.models.flops import PhaseFlops
 
+    prompt_ids = torch.tensor([[7, 8, 9], [7, 8, 9], [0, 5, 6], [0, 5, 6]])
     prompt_mask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1]])
     groups = torch.tensor([0, 0, 1, 1])
     micro = [torch.tensor([0, 2]), torch.tensor([3, 1])]
-    assert M.micro_prompt_tokens(prompt_mask[micro[0]], groups[micro[0]]) == 5
-    assert sum(M.micro_prompt_tokens(prompt_mask[m], groups[m]) for m in micro) == 10
-    assert M.micro_prompt_tokens(prompt_mask[:2], groups[:2]) == 3  # one prompt, counted once
+    assert M.micro_prompt_tokens(prompt_ids[micro[0]], prompt_mask[micro[0]], groups[micro[0]]) == 5
+    assert sum(M.micro_prompt_tokens(prompt_ids[m], prompt_mask[m], groups[m]) for m in micro) == 10
+    assert M.micro_prompt_tokens(prompt_ids[:2], prompt_mask[:2], groups[:2]) == 3  # one prompt, counted once
+    # [7, 8, 9] and [7, 8, 4, 4]: the prefix [7, 8] once, then 1 + 2 tokens
+    shared_ids = torch.tensor([[0, 7, 8, 9], [7, 8, 4, 4]])
+    shared_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert M.micro_prompt_tokens(shared_ids, shared_mask, torch.tensor([0, 1])) == 5
 
     flops = PhaseFlops.__new__(PhaseFlops)
     flops.body, flops.head = 100, 10

@@ -117,7 +117,7 @@ def test_packed_rows_share_the_prompts_common_prefix(arch, plan, monkeypatch):
         mask.append(prompts[g][1] + [int(t != 0) for t in responses[j]])
     ids, mask = torch.tensor(ids), torch.tensor(mask)
     P6 = 6
-    assert packing._common_prefix([[5, 6, 7, 8, 9], [5, 6, 7, 20, 21, 22], [5, 6], [5, 6, 7, 30]]) == 2
+    assert packing.common_prefix([[5, 6, 7, 8, 9], [5, 6, 7, 20, 21, 22], [5, 6], [5, 6, 7, 30]]) == 2
     calls, handle = _counting_decoder_calls(model)
     seen = []
     hook = model.get_decoder().register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape),

@@ -132,13 +132,19 @@ def token_counts(input_ids_mask, prompt_len: int, response_mask, n: int) -> tupl
     return int(input_ids_mask[::n, :prompt_len].sum()), int(response_mask.sum())
 
 
-def micro_prompt_tokens(prompt_mask, group_ids) -> int:
-    """Real prompt tokens of the distinct prompts among a micro-batch's rows (``prompt_mask``
-    [b, P], ``group_ids`` [b]): what its forward must run, each prompt once."""
+def micro_prompt_tokens(prompt_ids, prompt_mask, group_ids) -> int:
+    """Real prompt tokens a micro-batch's forward must run (``prompt_ids`` / ``prompt_mask``
+    [b, P], ``group_ids`` [b]): each distinct prompt once, and the token prefix all of them
+    share (a chat template's system prompt) once, as the packed path runs them
+    (rpgrl.models.packing)."""
+    from rpgrl.models.packing import common_prefix
+
     first = {}
     for i, g in enumerate(group_ids.tolist()):
         first.setdefault(g, i)
-    return int(prompt_mask[list(first.values())].sum())
+    prompts = [prompt_ids[i][prompt_mask[i].bool()].tolist() for i in first.values()]
+    c = common_prefix(prompts) if prompts else 0
+    return sum(len(p) for p in prompts) - c * max(len(prompts) - 1, 0)
 
 
 def mfu_metrics(flops, prompt_tokens: int, response_tokens: int, seconds: dict[str, float], *,
@@ -151,7 +157,8 @@ def mfu_metrics(flops, prompt_tokens: int, response_tokens: int, seconds: dict[s
     given). ``generation``: (distinct prompt tokens, sampled tokens) over every sampling round of
     the step -- ``mfu/generation_sampled`` counts the groups dynamic sampling then dropped, which
     ``mfu/generation`` (the kept batch's tokens) does not. ``update_prompt_tokens``: the prompt tokens the update's micro-batches ran
-    (each distinct prompt once per micro-batch it appears in, over all epochs). Shuffled
+    (each distinct prompt once per micro-batch it appears in, their common prefix once, over all
+    epochs: ``micro_prompt_tokens``). Shuffled
     mini-batches mix prompts, so a prompt runs in several micro-batches, each with other weights:
     work the exact update must do that ``mfu/forward_backward`` (each prompt once per epoch) does
     not count. ``mfu/forward_backward_scheduled`` counts it: how close the update runs to the

@@ -194,8 +194,9 @@ class Trainer:
             # one host sync per micro-batch; its loss metrics are token means: weight by its tokens
             loss_v, *vals = torch.stack([loss.detach(), *(m[k] for k in METRIC_KEYS)]).tolist()
             micro_tokens = float(mask[micro].sum())
+            P = batch.rollout.prompt_len
             self._update_prompt_tokens += M.micro_prompt_tokens(
-                batch.rollout.attention_mask[micro, :batch.rollout.prompt_len], batch.group_ids[micro])
+                batch.rollout.input_ids[micro, :P], batch.rollout.attention_mask[micro, :P], batch.group_ids[micro])
             w = micro_tokens / tokens
             acc.add(M.LOSS, loss_v, share)
             for k, v in zip(METRIC_KEYS, vals):

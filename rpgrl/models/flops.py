@@ -13,7 +13,8 @@ Attention-score FLOPs are left out (under 2 % at these lengths). Which tokens co
   dynamic sampling dropped included);
 - log-probs (no grad): each distinct prompt once + every scored response token;
 - forward/backward: the same tokens as a log-prob pass, at 3x the cost (``mfu/forward_backward_scheduled``:
-  each prompt once per micro-batch it appears in, as shuffled mini-batches make the update run it;
+  each prompt once per micro-batch it appears in, as shuffled mini-batches make the update run it,
+  the prompts' common prefix once per micro-batch;
   ``rpgrl.loop.metrics.mfu_metrics``).
 
 The LM head multiplies only positions whose log-prob is needed (rpgrl.models.logprobs), so

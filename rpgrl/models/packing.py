@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from rpgrl.models.prefix import dedupe_rows, last_hidden
 
-__all__ = ["PACKABLE_MODEL_TYPES", "MAX_PACKED_TOKENS", "can_pack", "packed_response_hidden"]
+__all__ = ["PACKABLE_MODEL_TYPES", "MAX_PACKED_TOKENS", "can_pack", "common_prefix", "packed_response_hidden"]
 
 #: architectures whose decoder takes a custom 4D mask as is (transformers' masking utilities)
 PACKABLE_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
@@ -59,7 +59,7 @@ def can_pack(decoder: nn.Module, packed_len: int) -> bool:
     return packed_len <= MAX_PACKED_TOKENS
 
 
-def _common_prefix(prompts: list[list[int]]) -> int:
+def common_prefix(prompts: list[list[int]]) -> int:
     """Length of the longest token prefix every prompt in ``prompts`` starts with."""
     first, c = prompts[0], 0
     while c < len(first) and all(len(p) > c and p[c] == first[c] for p in prompts[1:]):
@@ -70,7 +70,7 @@ def _common_prefix(prompts: list[list[int]]) -> int:
 def _row_length(prompts: list[list[int]], spans: list[int]) -> int:
     """Tokens of one packed row holding these groups: the common prefix once, then each group's
     rest of the prompt and its responses' tokens (``spans``)."""
-    c = _common_prefix(prompts)
+    c = common_prefix(prompts)
     return c + sum(len(p) - c + k for p, k in zip(prompts, spans))
 
 
@@ -140,7 +140,7 @@ def packed_response_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask
     rsp = torch.full((R, T), -1, dtype=torch.long, device=dev)
     where = torch.zeros(B, W, dtype=torch.long, device=dev)  # flat index (row * T + t) of each output
     for i, row in enumerate(rows):
-        c = _common_prefix([prompts[g] for g in row])
+        c = common_prefix([prompts[g] for g in row])
         ids[i, :c] = torch.tensor(prompts[row[0]][:c], dtype=ids.dtype)
         pos[i, :c] = torch.arange(c, device=dev)
         grp[i, :c] = -1
