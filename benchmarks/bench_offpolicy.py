@@ -12,7 +12,8 @@ slow drift of the machine hits both alike. Reported per side: the mean over roun
 per-step means over steps 2..N (step 1 carries warm-up) of each phase's seconds, its model FLOP
 utilisation (useful FLOPs on real tokens / the fp32 or bf16 matmul peak measured at start-up,
 ``rpgrl.models.flops``), the response tokens per step (the two sides sample alike only to
-round-off, so their batches may differ after step 1) and the peak RSS of the process.
+round-off, so their batches may differ after step 1) and the peak RSS of the process; and per
+round, whether step 1 drew the same first batch and how close its loss and grad norm are.
 
 The default config is the study's (configs/real/study.yaml: SmolLM2-135M-Instruct, 8 prompts x
 8, one prompt per optimizer step, 8 optimizer steps per batch), no held-out evaluation.
@@ -68,7 +69,15 @@ def run_side(code: Path, config: Path, out: Path, args: argparse.Namespace, extr
             "mfu": {p: (mean(f"mfu/{p}") if all(f"mfu/{p}" in r for r in steps) else None) for p in MFU},
             "response_tokens": mean("tokens/response"), "peak_rss_mb": usage.ru_maxrss / 1024,
             "peak_gflops": mean("mfu/matmul_peak_gflops"), "wall_s": time.perf_counter() - t0,
-            "first_step_loss": next((r.get("actor/pg_loss", r.get("loss")) for r in rows if r.get("step") == 1), None)}
+            "first_step": first_step(rows)}
+
+
+def first_step(rows: list[dict]) -> dict:
+    """Step 1 of a run: its first batch's digest, loss and grad norm -- both sides start from the
+    same weights and draw from the same random numbers, so these must agree to round-off."""
+    r = next((r for r in rows if r.get("step") == 1), {})
+    return {k: r.get(m) for k, m in (("digest", "batch/first_round_digest"), ("loss", "actor/loss"),
+                                      ("grad_norm", "actor/grad_norm"))}
 
 
 def table(before: list[dict], after: list[dict], names: tuple[str, str]) -> str:
@@ -121,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {i + 1} {side}: step {r['seconds']['step']:.2f} s, "
                   f"fwd/bwd MFU {100 * (r['mfu']['forward_backward'] or 0):.1f} %, peak RSS {r['peak_rss_mb']:.0f} MiB",
                   flush=True)
+    for i, (b, a) in enumerate(zip(runs["before"], runs["after"]), 1):
+        fb, fa = b["first_step"], a["first_step"]
+        same = "same" if fb["digest"] == fa["digest"] else "DIFFERENT"
+        print(f"round {i} step 1: {same} first batch; loss {fb['loss']:.8f} vs {fa['loss']:.8f}, "
+              f"grad norm {fb['grad_norm']:.7f} vs {fa['grad_norm']:.7f}")
     names = (f"before ({args.before})", f"after ({args.after or 'this checkout'})")
     print(table(runs["before"], runs["after"], names))
     if args.json:

@@ -5,9 +5,9 @@ bucket of responses against their KV cache: at least two decoder calls per micro
 gradients a call costs far more than its tokens: every weight is read for the forward, read
 again for the input gradient, and gets its own weight-gradient matmul whose [out, in] result
 is then *added* to the other calls' (autograd sums a weight used twice). Measured on the
-off-policy study's step (docs/benchmarks.md, section 5) packing saved 5 % of the update and
-27 % of the pi_old pass: the update's micro-batches hold shuffled sequences of ~8 different
-prompts, so its cost is mostly the tokens themselves.
+off-policy study's step (docs/benchmarks.md, section 5) one row per prompt saved 5 % of the
+update: its micro-batches hold shuffled sequences of ~8 different prompts, so its cost is
+mostly the tokens themselves -- hence the shared prefix below.
 
 Here the distinct prompts and their responses go into one row where that is cheaper than a
 row each (:func:`_plan_rows`; never past ``MAX_PACKED_TOKENS``): the prompts' common token prefix once -- a chat template's system
