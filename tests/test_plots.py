@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+
 import pytest
 
 import rpgrl.tools.plots as plots
@@ -44,9 +46,30 @@ def assert_png(path):
 
 def test_panels_cover_the_paper_metrics():
     keys = [k for p in CURVE_PANELS for k in p.keys]
-    assert len(CURVE_PANELS) == 6
-    assert {"reward/mean", "eval/accuracy", "actor/entropy", "response_length/mean", "actor/kl_anchor_k3"} <= set(keys)
+    assert len(CURVE_PANELS) == 9 and len(keys) == len(set(keys))
+    assert {"reward/mean", "eval/accuracy", "actor/entropy", "response_length/mean", "actor/kl_anchor_k3",
+            "actor/importance_weight_max", "actor/kl_share", "eval/strict_acc"} <= set(keys)
     assert set(CLIPFRAC_KEYS) <= set(keys)
+
+
+def test_study2_figures_take_each_family_from_the_json(tmp_path):
+    """benchmarks/study2_figures.py: each hypothesis family's arms, in order, on its declared seeds
+    (H5 pairs DAPO's seeds 0-4 only, though the arm has 8), each run's curve rebuilt from the JSON."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("study2_figures", Path(__file__).parents[1] / "benchmarks" / "study2_figures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = [{"algorithm": arm, "seed": s, "eval_curve": [[0, 0.25], [2, 0.5 + s / 100]],
+             "curves": {"actor/kl_share": [[1, 0.1 * (s + 1)]]}} for arm in ("grpo_paper", "dapo") for s in range(8)]
+    drawn = mod.family_runs(runs, mod.FAMILIES["study2_h5"][1], mod.FAMILIES["study2_h5"][2])
+    assert list(drawn) == ["dapo", "grpo_paper"] and [len(v) for v in drawn.values()] == [5, 5]
+    assert drawn["dapo"][4] == [{"step": 0, "eval/accuracy": 0.25}, {"step": 1, "actor/kl_share": 0.5},
+                                {"step": 2, "eval/accuracy": 0.54}]
+    (tmp_path / "s.json").write_text(json.dumps({"runs": runs}))
+    mod.main([str(tmp_path / "s.json"), "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["study2_h1_h2.png", "study2_h5.png"]
 
 
 def test_metric_series_by_hand():
@@ -83,7 +106,7 @@ def test_missing_keys_give_no_data_panels(tmp_path, monkeypatch):
     assert sorted(calls) == sorted(p.title for p in CURVE_PANELS[1:])
     calls.clear()
     assert_png(plot_curves([], tmp_path / "empty.png"))
-    assert len(calls) == 6
+    assert len(calls) == len(CURVE_PANELS) == 9
 
 
 def test_plot_comparison(tmp_path, monkeypatch):

@@ -44,6 +44,9 @@ LR = "optim/lr"
 TIMING_STEP = "timing/step"
 # per evaluation
 EVAL_ACCURACY = "eval/accuracy"
+#: a task's secondary held-out score, logged as eval/<name> (the chat arithmetic task's
+#: strict "Answer: N" form)
+EVAL_STRICT_ACCURACY = "eval/strict_acc"
 
 #: ``reward/accuracy`` counts a response as correct when its raw score is above this: the
 #: scorers give 1 for a correct response and 0 (DAPO's convention: -1) otherwise, so 0.5

@@ -43,7 +43,7 @@ VERDICT_CLAIMS = (("rpg_reinforce_ufkl", "dapo"), ("rpg_reinforce_urkl", "dapo")
 _CLIPFRAC_TOTAL = "clipfrac_total"
 #: per-step metrics of the comparison figure (besides held-out accuracy), kept per run
 CURVE_KEYS = (M.REWARD, M.ENTROPY, M.LENGTH_MEAN, M.KL_ANCHOR, *M.CLIPFRACS, M.KL_SHARE,
-              M.actor("importance_weight_max"), "eval/strict_acc")
+              M.actor("importance_weight_max"), M.EVAL_STRICT_ACCURACY)
 
 
 def label(algo: str) -> str:

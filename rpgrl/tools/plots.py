@@ -1,7 +1,9 @@
 """Training-curve figures: ``curves.png`` for one run, ``comparison.png`` across algorithms.
 
 The panels are the metrics the paper reports (docs/math.md §7: reward, entropy, response
-length, clip fractions, KL to the anchor) plus held-out accuracy. The metric names are
+length, clip fractions, KL to the anchor) plus held-out accuracy (answer and strict format), the
+largest importance weight (how far off-policy a step went) and the KL term's share of the update
+(whether beta does anything at all, docs/metrics.md). The metric names are
 module constants so the trainer logs under exactly the names plotted here.
 """
 
@@ -27,11 +29,15 @@ __all__ = [
     "ENTROPY_KEY",
     "EVAL_ACCURACY_KEY",
     "KL_ANCHOR_KEY",
+    "KL_SHARE_KEY",
+    "LOG_PANEL_KEYS",
+    "MAX_WEIGHT_KEY",
     "Panel",
     "RESPONSE_LENGTH_KEY",
     "REWARD_KEY",
     "spans_decades",
     "STEP_KEY",
+    "STRICT_ACCURACY_KEY",
     "metric_series",
     "plot_comparison",
     "plot_curves",
@@ -44,6 +50,9 @@ ENTROPY_KEY = M.ENTROPY
 RESPONSE_LENGTH_KEY = M.LENGTH_MEAN
 KL_ANCHOR_KEY = M.KL_ANCHOR
 CLIPFRAC_KEYS = M.CLIPFRACS
+KL_SHARE_KEY = M.KL_SHARE
+MAX_WEIGHT_KEY = M.actor("importance_weight_max")
+STRICT_ACCURACY_KEY = M.EVAL_STRICT_ACCURACY
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,12 @@ CURVE_PANELS: tuple[Panel, ...] = (
     Panel("Response length (tokens)", (RESPONSE_LENGTH_KEY,)),
     Panel("KL to anchor (k3)", (KL_ANCHOR_KEY,)),
     Panel("Clip fraction", CLIPFRAC_KEYS),
+    Panel("Max importance weight", (MAX_WEIGHT_KEY,)),
+    Panel("KL share of the update", (KL_SHARE_KEY,)),
+    Panel("Held-out strict-format accuracy", (STRICT_ACCURACY_KEY,)),
 )
+#: panels whose values may span decades (one spike would flatten every other curve to 0)
+LOG_PANEL_KEYS = ((KL_ANCHOR_KEY,), (MAX_WEIGHT_KEY,), (KL_SHARE_KEY,))
 
 Records = Sequence[dict]
 
@@ -102,7 +116,7 @@ def _style(n_points: int) -> dict:
 
 
 def _grid(title: str | None):
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), squeeze=False)
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12.5), squeeze=False)
     if title:
         fig.suptitle(title)
     return fig, axes.ravel()
@@ -118,7 +132,7 @@ def _save(fig, out_png: str | os.PathLike) -> Path:
 
 
 def plot_curves(metrics: Records | str | os.PathLike, out_png: str | os.PathLike, *, title: str | None = None) -> Path:
-    """2x3 grid of one run's curves vs step (``metrics``: records, a metrics.jsonl or a run dir).
+    """3x3 grid of one run's curves vs step (``metrics``: records, a metrics.jsonl or a run dir).
 
     Missing metrics leave a panel reading "no data" instead of failing.
     """
@@ -194,8 +208,8 @@ def plot_comparison(
             _no_data(ax)
         else:
             ax.legend(fontsize=8)
-            if panel.keys == (KL_ANCHOR_KEY,) and spans_decades(drawn_values):
-                ax.set_yscale("log")  # one run's KL spike would flatten every other curve to 0
+            if panel.keys in LOG_PANEL_KEYS and spans_decades(drawn_values):
+                ax.set_yscale("log")
         ax.grid(alpha=0.3)
     return _save(fig, out_png)
 
