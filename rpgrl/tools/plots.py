@@ -3,7 +3,7 @@
 The panels are the metrics the paper reports (docs/math.md §7: reward, entropy, response
 length, clip fractions, KL to the anchor) plus held-out accuracy (answer and strict format), the
 largest importance weight (how far off-policy a step went) and the KL term's share of the update
-(whether beta does anything at all, docs/metrics.md). The metric names are
+(whether beta does anything at all, docs/algorithms.md). The metric names are
 module constants so the trainer logs under exactly the names plotted here.
 """
 
