@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     hyp = study.get("hypotheses") or {}
     print(f"\nhypotheses ({hyp.get('correction')}, family {hyp.get('family_size')}):")
     for t in hyp.get("tests", []):
+        t = {k: (math.nan if v is None else v) for k, v in t.items()}
         print(f"  {t['id']:14s} {t['test']:8s} {t['metric']:11s} n={t['n']} mean {100 * t['mean']:+.2f} "
               f"[{100 * t['lo']:+.2f}, {100 * t['hi']:+.2f}] ({100 * t['ci_level']:.0f} %) p={t['p']:.3g} "
               f"adj={t.get('p_adjusted', float('nan')):.3g} perm={t.get('p_permutation', float('nan')):.3g} "
