@@ -93,6 +93,8 @@ hypotheses:
                                                                                     if h1["p"] < h2["p"] else
                                                                                     max(2 * h2["p"], h1["p"]))
     assert "p_adjusted" not in e1 and e1["note"] == "zero variance over seeds"
+    # a constant contrast (every seed +0.0, as strict accuracy 0 everywhere gives) is named as such
+    assert e1["outcome"] == "not testable (the contrast is +0.0 pts on every seed: zero variance)"
     for bad, msg in [("arms: {a: {preset: nope, seeds: 2}}", "unknown preset"),
                      ("arms: {a: {preset: dapo, seeds: 2}}\nhypotheses: [{id: H, test: paired_t, contrast: {a: 1, z: -1}}]",
                       "unknown arm 'z'"),

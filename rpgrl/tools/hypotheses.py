@@ -117,6 +117,8 @@ def _label(results: dict[str, list[dict]], contrast: dict[str, float]) -> str:
 def _outcome(h: dict, alpha: float) -> str:
     p = h.get("p_adjusted", h.get("p"))
     if not isinstance(p, float) or math.isnan(p):
+        if h.get("n", 0) >= 2:  # every seed gave the same contrast: no t statistic
+            return f"not testable (the contrast is {100 * h['mean']:+.1f} pts on every seed: zero variance)"
         return "not testable (fewer than 2 paired seeds)"
     if h["test"] == "tost":
         return (f"equivalent within +-{100 * h['margin']:.1f} pts" if p < alpha
