@@ -16,6 +16,7 @@ import numpy as np
 
 from rpgrl.loop import metrics as M
 from rpgrl.tools.hypotheses import auc
+from rpgrl.tools.stats import t_interval
 
 #: per-step curves summarised per arm (mean over seeds at each step)
 CURVES = {"entropy": M.ENTROPY, "length": M.LENGTH_MEAN, "kl_share": M.KL_SHARE,
@@ -23,13 +24,11 @@ CURVES = {"entropy": M.ENTROPY, "length": M.LENGTH_MEAN, "kl_share": M.KL_SHARE,
 
 
 def mean_ci(values: list[float]) -> str:
-    from scipy import stats
-
-    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
-    if v.size < 2:
-        return f"{100 * v.mean():.1f}" if v.size else "n/a"
-    half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
-    return f"{100 * v.mean():.1f} [{100 * (v.mean() - half):.1f}, {100 * (v.mean() + half):.1f}]"
+    """Mean [95 % t-interval] in percent, the interval rpgrl compare's tables use."""
+    ci = t_interval(values)
+    if ci.n < 2:
+        return f"{100 * ci.mean:.1f}" if ci.n else "n/a"
+    return f"{100 * ci.mean:.1f} [{100 * ci.lo:.1f}, {100 * ci.hi:.1f}]"
 
 
 def machine(run: dict) -> str:

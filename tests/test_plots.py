@@ -7,7 +7,6 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
-
 import pytest
 
 import rpgrl.tools.plots as plots
