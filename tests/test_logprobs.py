@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_tiny import tiny_causal_lm
 
@@ -189,11 +190,30 @@ def test_sequence_logprobs_matches_full_forward(arch):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
+class _BigOps(TorchDispatchMode):
+    """Records the ops that write a fresh [V, H] tensor or fill one (the costs tied_grad removes)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.seen = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == self.vocab and out.layout == torch.strided \
+                and name in ("add", "zeros", "zero_", "fill_", "new_zeros", "clone", "copy_"):
+            self.seen.append(name)
+        return out
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_tied_embedding_gradient_is_the_dense_one(arch, monkeypatch):
-    """With a tied embedding the lookup's gradient is taken sparse (no [V, H] zero-fill per
-    backward): accumulated over two backwards, as micro-batches are, ``.grad`` is the dense
-    path's, and dense (the optimizer refuses sparse grads). Untied (llama) keeps the dense lookup."""
+@pytest.mark.parametrize("pack", [True, False])
+def test_tied_embedding_gradient_is_the_dense_one(arch, pack, monkeypatch):
+    """With a tied embedding the head's dense gradient goes to the lookup's backward, which adds
+    its rows in place (rpgrl.models.tied_grad): accumulated over two backwards, as micro-batches
+    are, ``.grad`` is the plain autograd path's to the last bit, and dense (the optimizer refuses
+    sparse grads); and the backward neither fills nor copies a [V, H] tensor -- with one decoder
+    call (packed) or several (the shared-prompt path: the later lookups' rows added by autograd)."""
     import contextlib
 
     import rpgrl.models.logprobs as L
@@ -202,30 +222,34 @@ def test_tied_embedding_gradient_is_the_dense_one(arch, monkeypatch):
     up = torch.randn(2, ids.shape[1] - P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def grads(model):
-        seen = []
-        emb = model.get_input_embeddings()
-        hook = emb.register_forward_hook(lambda m, *_: seen.append(m.sparse))
         model.zero_grad(set_to_none=True)
+        watch = _BigOps(model.config.vocab_size)
         for scale in (1.0, -0.5):  # two micro-batches into the same .grad
-            lp, _ = sequence_logprobs(model, ids, mask, P, chunk_size=3)
-            (lp * up * scale).sum().backward()
-        hook.remove()
-        assert emb.sparse is False  # restored
-        return {n: p.grad for n, p in model.named_parameters()}, seen
+            lp, _ = sequence_logprobs(model, ids, mask, P, chunk_size=3, pack=pack)
+            with watch:
+                (lp * up * scale).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters()}, watch.seen
 
     model = _tiny(arch).double().train()
-    got, seen = grads(model)
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     assert tied == (arch == "qwen2")
-    assert seen and all(s == tied for s in seen)  # the sparse lookup ran exactly when tied
-    monkeypatch.setattr(L, "_sparse_tied_embedding_grad", lambda *a: contextlib.nullcontext())
-    want, seen = grads(model)
-    assert not any(seen)
+    got, big = grads(model)
+    monkeypatch.setattr(L, "tied_embedding_grad", lambda *a, **k: contextlib.nullcontext())
+    want, big_plain = grads(model)  # autograd's own: the lookup's dense backward
+    model.get_input_embeddings().sparse = tied
+    want_sparse, _ = grads(model)  # tied: autograd's own dense head + sparse lookup, out of place
+    model.get_input_embeddings().sparse = False
     for name, g in got.items():
         assert g is not None and g.layout == torch.strided, name
         torch.testing.assert_close(g, want[name], rtol=0, atol=1e-12, msg=name)
+        assert torch.equal(g, want_sparse[name]), name  # the same kernel, in place: to the bit
     emb_grad = got["model.embed_tokens.weight"]
     assert (emb_grad.abs().sum(1) > 0).sum() > 10  # rows beyond the looked-up ones: the head's share
+    if tied:
+        assert big == [] if pack else big.count("add") <= 2, big  # packed: one call, no [V, H] copy
+        assert big_plain.count("add") == 2, big_plain  # what it avoids: a fresh [V, H] sum per backward
+    else:
+        assert big == big_plain
 
 
 def test_per_row_response_start():

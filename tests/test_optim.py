@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rpgrl.loop.optim import LinearWarmup, build_optimizer, clip_and_check, eval_mode, set_eval_mode, set_train_mode
+from rpgrl.loop.optim import (LinearWarmup, build_optimizer, clip_and_check, clip_and_step, eval_mode, set_eval_mode,
+                              set_train_mode)
 
 
 def quad_step(p: torch.nn.Parameter, opt, sched=None) -> None:
@@ -124,6 +125,39 @@ def test_clip_edge_cases():
     assert clip_and_check([p], 1.0) == (0.0, True)  # no grads yet
     with pytest.raises(ValueError, match="max_norm"):
         clip_and_check([p], 0.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "schedulefree_adamw"])
+def test_clip_and_step_is_clip_then_step(name):
+    """The fused AdamW step takes the clip coefficient as its grad_scale (rpgrl.loop.optim.clip_and_step):
+    the same weights, moments and (clipped) gradients as clip_grad_norm_ then step, to float
+    round-off, over steps that clip and steps that do not; other optimizers clip as before."""
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(30))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    (opt_a, _), (opt_b, _) = build_optimizer(a, name, lr=1e-2), build_optimizer(b, name, lr=1e-2)
+    assert (opt_a.defaults.get("fused") is True) == (name == "adamw")
+    for scale in (3.0, 0.01, 5.0):  # clipped (norm ~ 100), not clipped, clipped
+        grads = [torch.randn_like(p) * scale for p in a]
+        for x, y, g in zip(a, b, grads):
+            x.grad, y.grad = g.clone(), g.clone()
+        norm_a, ok_a = clip_and_step(opt_a, a, max_norm=1.0)
+        norm_b, ok_b = clip_and_check(b, max_norm=1.0)
+        opt_b.step()
+        assert ok_a and ok_b and norm_a == norm_b
+        assert not hasattr(opt_a, "grad_scale")  # never left behind for a later step
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=0)
+        for sa, sb in zip(opt_a.state.values(), opt_b.state.values()):
+            for k in sa:
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-9)
+    a[0].grad = torch.full_like(a[0], math.nan)
+    before = [p.detach().clone() for p in a]
+    norm, ok = clip_and_step(opt_a, a, max_norm=1.0)
+    assert not ok and math.isnan(norm)
+    assert all(torch.equal(p, q) for p, q in zip(a, before))  # skipped: weights unchanged
+    assert all(not p.grad.any() for p in a)  # and the grads zeroed, as clip_and_check does
 
 
 def test_eval_mode_blocks_nest_for_schedule_free():

@@ -69,6 +69,32 @@ def test_dropping_finished_rows_changes_nothing(monkeypatch):
     assert torch.equal(never, always)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefix_prefill_draws_the_same(arch):
+    """Prompts with a common prefix (a chat template's system prompt) prefill it once
+    (generation._shared_columns): in float64 the same tokens, log-probs and entropies as
+    prefilling every prompt whole; a left-padded block shares nothing."""
+    from rpgrl.loop.generation import _shared_columns
+
+    model = _model(arch).double()
+    system = [5, 6, 7, 8, 9, 10]
+    ids, mask = left_pad([system + [11, 12], system + [13, 14], system + [12, 11]], TOK.pad_token_id)
+    assert _shared_columns(ids, mask) == len(system)
+    padded, pmask = left_pad([system + [11], system + [13, 14]], TOK.pad_token_id)
+    assert _shared_columns(padded, pmask) == 0 and _shared_columns(ids[:1], mask[:1]) == 0
+    eos = torch.tensor(model.generation_config.eos_token_id)
+    common = dict(max_new_tokens=6, temperature=0.7, top_p=1.0, eos_ids=eos, pad_id=TOK.pad_token_id,
+                  with_scores=True)
+    runs = []
+    for share in (True, False):
+        torch.manual_seed(3)
+        runs.append(_decode(model, ids, mask, 4, share_prefix=share, **common))
+    (tok_a, lp_a, ent_a), (tok_b, lp_b, ent_b) = runs
+    assert torch.equal(tok_a, tok_b)
+    torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ent_a, ent_b, rtol=0, atol=1e-10)
+
+
 def _expected(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """By hand: softmax(l / T), keep the smallest top set with mass >= top_p, renormalise."""
     p = torch.softmax(logits.double() / temperature, -1)

@@ -222,20 +222,28 @@ def _nucleus_draw(sorted_p: Tensor, cum: Tensor, order: Tensor, top_p: float) ->
 
 def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_tokens: int,
             temperature: float, top_p: float, eos_ids: Tensor, pad_id: int,
-            compact_at: float = 0.25, with_scores: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+            compact_at: float = 0.25, with_scores: bool = False,
+            share_prefix: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Sample ``n`` continuations of each (distinct) prompt with a KV cache: tokens [U * n, <=
     max_new_tokens] and, ``with_scores``, each token's log-prob and the entropy at it
     (:func:`token_scores`; else None, None).
 
     Each prompt is prefilled once and its cache repeated for its n samples (``rpgrl.models.prefix``);
-    rows that have emitted EOS are dropped from the batch once they are ``compact_at`` of it,
-    so long-tailed lengths cost their own tokens, not max_new_tokens for everyone.
+    with ``share_prefix``, the prompts' common leading tokens (a chat template's system prompt:
+    27 of the study's 49) are prefilled once for all of them (:func:`_shared_columns`). Rows
+    that have emitted EOS are dropped from the batch once they are ``compact_at`` of it, so
+    long-tailed lengths cost their own tokens, not max_new_tokens for everyone.
     """
     model = unwrap(model)
-    cache = decoding_cache(model, room=max_new_tokens)
     pos = positions(prompt_mask)
-    out = call_with_cache(model, cache, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                          keep_last=True)
+    c = _shared_columns(prompt_ids, prompt_mask) if share_prefix else 0
+    cache = decoding_cache(model, room=max_new_tokens + prompt_ids.shape[1] - c)
+    if c:  # the common prefix once, its keys/values repeated for every prompt, then the rest
+        call_with_cache(model, cache, input_ids=prompt_ids[:1, :c], attention_mask=prompt_mask[:1, :c],
+                        position_ids=pos[:1, :c], keep_last=True)
+        cache.batch_repeat_interleave(prompt_ids.shape[0])
+    out = call_with_cache(model, cache, input_ids=prompt_ids[:, c:], attention_mask=prompt_mask,
+                          position_ids=pos[:, c:], keep_last=True)
     logits = out.logits[:, -1]
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -276,6 +284,18 @@ def _decode(model, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, max_new_t
     if scores is None:
         return tokens[:, :steps], None, None
     return tokens[:, :steps], scores[0][:, :steps], scores[1][:, :steps]
+
+
+def _shared_columns(ids: Tensor, mask: Tensor) -> int:
+    """Leading columns that are the same real token in every row of a left-padded prompt block
+    (0 for one row, or when some row is padded there), at most all but the last: prefilled once,
+    they hold the same keys and values for every row (up to float round-off of a smaller
+    matmul)."""
+    if ids.shape[0] < 2:
+        return 0
+    same = (ids == ids[:1]).all(0) & mask.bool().all(0)
+    c = int(same.int().cumprod(0).sum())
+    return min(c, ids.shape[1] - 1)
 
 
 def _hf_generate(model, ids: Tensor, mask: Tensor, *, max_new_tokens: int, temperature: float,

@@ -31,7 +31,7 @@ from rpgrl.models.flops import PhaseFlops, matmul_peaks, peak_for
 from rpgrl.algorithm.kl import kl_penalty
 from rpgrl.losses import KL_SHARE_KEYS, METRIC_KEYS, BoundLoss, aggregation_count
 from rpgrl.loop.metrics import StepTimer
-from rpgrl.loop.optim import build_optimizer, clip_and_check, eval_mode
+from rpgrl.loop.optim import build_optimizer, clip_and_step, eval_mode
 from rpgrl.parallel.strategy import make_parallel
 from rpgrl.loop.prompt_order import PromptOrder
 from rpgrl.loop.generation import RolloutBatch, Sampler
@@ -237,10 +237,9 @@ class Trainer:
         """Global grad -> clip -> optimizer step, or skip a non-finite step (docs/math.md §7)."""
         t = self.cfg.trainer
         self.parallel.reduce_grads(self.model)  # clip sees the global grad
-        grad_norm, finite = clip_and_check(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm, finite = clip_and_step(self.optimizer, self.model.parameters(), self.cfg.optim.grad_clip)
         self.state.record_optimizer_step(finite)
         if finite:
-            self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
             return grad_norm

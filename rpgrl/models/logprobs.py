@@ -5,8 +5,9 @@ Every RPG loss (docs/math.md §1: ``lp_t``, ``lp_old_t``, ``lp_anc_t``) needs
 ``[B, T, V]`` float32 logits — 2.1 GB for B=8, T=2048, V=32k, ~10 GB at V=150k — and
 autograd keeps that tensor (plus its softmax) alive for backward. Here the LM head is
 applied to chunks of flattened tokens: the forward keeps only a per-token logsumexp, the
-backward recomputes each chunk's logits. Peak extra memory is O(chunk_size * V)
-in both passes, independent of B * T.
+backward recomputes each chunk's logits (when all tokens fit one chunk, the forward keeps
+that chunk's softmax for the backward instead: the same numbers without a second LM-head
+matmul). Peak extra memory is O(chunk_size * V) in both passes, independent of B * T.
 
 Temperature: a rollout sampled at temperature tau draws from ``softmax(logits / tau)``,
 so the behaviour policy ``pi_old`` of the importance weight ``w_t`` (docs/math.md §1) is the
@@ -18,12 +19,11 @@ uses tau = 1.0, docs/math.md §7).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
 
 from rpgrl.models.packing import packed_response_hidden
+from rpgrl.models.tied_grad import HeadGrad, tied_embedding_grad
 from rpgrl.models.prefix import (can_share, encode_prompts, first_real_column, has_repeats, last_hidden, positions,
                                  response_hidden, unwrap)
 
@@ -52,7 +52,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     """log softmax((h W^T + b)/tau)[y] with O(chunk * V) memory in forward and backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature, with_entropy):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature, with_entropy, keep_probs, head_grad):  # type: ignore[override]
         n = hidden.shape[0]
         mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
         soft_dtype = torch.promote_types(mm_dtype, torch.float32)
@@ -60,21 +60,29 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         logp = hidden.new_empty(n, dtype=soft_dtype)
         lse = hidden.new_empty(n, dtype=soft_dtype)
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=soft_dtype)
+        # One chunk under autograd: keep its softmax for backward instead of recomputing the
+        # logits there (the [n, H] x [H, V] matmul again); memory stays O(chunk * V), and the
+        # backward gets the very numbers it would have recomputed (the same matmul and exp).
+        keep = keep_probs and n <= chunk_size
+        probs = None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = _chunk_logits(hidden[s:e].to(mm_dtype), w, bias, temperature, soft_dtype)
             lse_c = torch.logsumexp(z, dim=-1)
             lse[s:e] = lse_c
             logp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse_c
-            if with_entropy:
+            if with_entropy or keep:
                 z -= lse_c[:, None]  # z is now log p, in place: at most 2 chunk buffers live
                 p = z.exp()
-                p *= z
-                entropy[s:e] = -p.sum(-1)
+                if keep:
+                    probs = p.clone() if with_entropy else p
+                if with_entropy:
+                    p *= z
+                    entropy[s:e] = -p.sum(-1)
                 del p
             del z
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
+        ctx.chunk_size, ctx.temperature, ctx.head_grad = chunk_size, temperature, head_grad
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -86,7 +94,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_logp):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, probs = ctx.saved_tensors
         chunk_size, temperature = ctx.chunk_size, ctx.temperature
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
@@ -104,10 +112,13 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             h = hidden[s:e].to(mm_dtype)
             g = g_all[s:e]
             # d logp / d z = onehot(y) - softmax(z); built in place in the logits buffer.
-            gz = _chunk_logits(h, w, bias, temperature, soft_dtype)
-            gz -= lse[s:e, None]
-            gz.exp_()
-            gz *= -g[:, None]
+            if probs is not None:  # the forward's single chunk, kept (not written: retain_graph)
+                gz = probs * -g[:, None]
+            else:
+                gz = _chunk_logits(h, w, bias, temperature, soft_dtype)
+                gz -= lse[s:e, None]
+                gz.exp_()
+                gz *= -g[:, None]
             gz.scatter_add_(1, targets[s:e, None], g[:, None])
             if temperature != 1.0:
                 gz /= temperature  # chain rule through z = logits / tau
@@ -125,7 +136,9 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=soft_dtype, device=weight.device)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        if grad_w is not None and ctx.head_grad is not None:  # the tied lookup returns it (tied_grad)
+            ctx.head_grad.grad, grad_w = grad_w, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def token_logprobs_from_hidden(
@@ -137,6 +150,7 @@ def token_logprobs_from_hidden(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    head_grad: HeadGrad | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``log softmax((hidden @ W^T + b) / temperature)[targets]`` without [B, T, V] logits.
 
@@ -150,6 +164,9 @@ def token_logprobs_from_hidden(
             "actor entropy" metric, docs/math.md §7); it is detached (logging only).
         temperature: the sampling temperature of the rollout; must match generation so
             that the loss sees the behaviour policy softmax(logits / tau) (module doc).
+        head_grad: for a weight tied to an input embedding opened with
+            ``rpgrl.models.tied_grad.tied_embedding_grad``: the weight's gradient goes there,
+            to reach the weight through the lookup's backward (one dense gradient, no copy).
 
     Returns:
         (logp [B, T], entropy [B, T] or None), in float32 (float64 if the inputs are).
@@ -182,6 +199,9 @@ def token_logprobs_from_hidden(
         logp, entropy = _ChunkedTokenLogprob.apply(
             hidden.reshape(b * t, h), lm_head_weight, lm_head_bias, flat_targets,
             int(chunk_size), float(temperature), bool(with_entropy),
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (hidden, lm_head_weight, lm_head_bias)),
+            head_grad,
         )
     return logp.view(b, t), (entropy.view(b, t) if with_entropy else None)
 
@@ -352,38 +372,16 @@ def sequence_logprobs(
             pack=pack)
         return logp[:, :0], (entropy[:, :0] if entropy is not None else None)
     fsdp = _fsdp_sharded(model)
-    with _sparse_tied_embedding_grad(model, head, fsdp):
+    # FSDP's sharded weights keep autograd's own accumulation
+    with tied_embedding_grad(unwrap(model), head, enabled=not fsdp) as head_grad:
         return _response_logprobs(model, decoder, head, input_ids, attention_mask, start, resp_len, scalar_start,
                                   fsdp, chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature,
-                                  share_prompts=share_prompts, bucket_overhead_tokens=bucket_overhead_tokens, pack=pack)
-
-
-@contextlib.contextmanager
-def _sparse_tied_embedding_grad(model: nn.Module, head: nn.Module, fsdp: bool):
-    """With grad, on CPU, for a tied input/output embedding: the lookup's gradient is sparse.
-
-    nn.Embedding's dense backward zero-fills a [V, H] buffer (113 MB at V = 49k, H = 576) and
-    index-adds the few looked-up rows into it, once per backward: 0.35 s per micro-step on our
-    VMs, mostly page faults. Tied to the LM head, the weight's gradient is dense anyway (the
-    head's), and autograd adds the sparse rows into it, so the result is the same gradient
-    (tests/test_logprobs.py) without the fill. Untied, a sparse ``.grad`` would reach the
-    optimizer (which refuses it), so those, FSDP's sharded weights and GPUs (a cheap fill)
-    keep the dense path."""
-    emb = unwrap(model).get_input_embeddings()
-    use = (torch.is_grad_enabled() and not fsdp and isinstance(emb, nn.Embedding) and emb.max_norm is None
-           and emb.weight is head.weight and emb.weight.requires_grad and emb.weight.device.type == "cpu")
-    if not use:
-        yield
-        return
-    before, emb.sparse = emb.sparse, True
-    try:
-        yield
-    finally:
-        emb.sparse = before
+                                  share_prompts=share_prompts, bucket_overhead_tokens=bucket_overhead_tokens, pack=pack,
+                                  head_grad=head_grad)
 
 
 def _response_logprobs(model, decoder, head, input_ids, attention_mask, start, resp_len, scalar_start, fsdp, *,
-                       chunk_size, with_entropy, temperature, share_prompts, bucket_overhead_tokens, pack):
+                       chunk_size, with_entropy, temperature, share_prompts, bucket_overhead_tokens, pack, head_grad):
     """The body of :func:`sequence_logprobs` once the arguments are checked."""
     bsz, length = input_ids.shape
     device = input_ids.device
@@ -448,7 +446,7 @@ def _response_logprobs(model, decoder, head, input_ids, attention_mask, start, r
     logp, entropy = token_logprobs_from_hidden(
         flat_h[None], head.weight, targets.reshape(-1).index_select(0, dest)[None],
         lm_head_bias=getattr(head, "bias", None), chunk_size=chunk_size, with_entropy=with_entropy,
-        temperature=temperature,
+        temperature=temperature, head_grad=head_grad,
     )
     logp = zeros.index_copy(0, dest, logp[0].to(out_dtype)).view(bsz, resp_len)
     if entropy is not None:
