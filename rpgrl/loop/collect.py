@@ -58,6 +58,19 @@ def collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, di
             timer: StepTimer, weights: Callable[[], ContextManager]) -> tuple[Batch | None, dict]:
     """Generate and score; with dynamic sampling keep only groups whose scores differ.
     ``weights()``: the context in which the sampler's model holds the weights to sample with."""
+    with timer.phase("generation"):
+        layout = sampler.decoding()
+        layout.__enter__()  # one layout change for all rounds (rpgrl.models.layout)
+    try:
+        return _collect(cfg, sampler, data, order, dist, timer, weights)
+    finally:
+        with timer.phase("generation"):
+            layout.__exit__(None, None, None)
+
+
+def _collect(cfg: Config, sampler: Sampler, data: RunData, order: PromptOrder, dist: DistContext,
+             timer: StepTimer, weights: Callable[[], ContextManager]) -> tuple[Batch | None, dict]:
+    """:func:`collect` inside the sampler's decoding phase."""
     n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
     r, ds = cfg.rollout, cfg.algorithm.dynamic_sampling
     kept: list[tuple[RolloutBatch, list[int], torch.Tensor]] = []

@@ -61,7 +61,8 @@ def evaluate_with(sampler: Sampler, examples: list[Example], prompts: list[list[
     if not examples:
         return {"accuracy": float("nan"), "by_source": {}, "overall": {}}
     examples, prompts = distinct_problems(examples, prompts, max_problems)
-    rollout = sampler.generate(prompts, n=k, max_new_tokens=max_new_tokens, temperature=temperature)
+    with sampler.decoding():
+        rollout = sampler.generate(prompts, n=k, max_new_tokens=max_new_tokens, temperature=temperature)
     details: list = []
     scores, stats = sampler.score(examples, rollout, k, details=details)
     records = [

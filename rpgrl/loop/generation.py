@@ -36,6 +36,7 @@ from torch import Tensor
 
 from rpgrl.data.verl import Example
 from rpgrl.models.kv_cache import decoding_cache
+from rpgrl.models.layout import decoding_layout
 from rpgrl.models.prefix import call_with_cache, can_share, positions, unwrap
 from rpgrl.rewards import score_batch
 
@@ -420,6 +421,12 @@ class Sampler:
     def sync(self, model: torch.nn.Module) -> None:
         """Sample from ``model``'s current weights from now on."""
         self.model = model
+
+    def decoding(self) -> ContextManager:
+        """A phase of sampling calls on unchanged weights (every dynamic-sampling round of a
+        step, an evaluation): the model's linear weights held column-major meanwhile, the
+        faster layout for decoding's small matmuls on CPU (``rpgrl.models.layout``)."""
+        return decoding_layout(self.model)
 
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int,
                  temperature: float, top_p: float = 1.0, with_logprobs: bool = False) -> RolloutBatch:
