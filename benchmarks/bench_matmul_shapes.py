@@ -11,6 +11,12 @@ the same M tokens, and prints GFLOP/s and the share of the measured square-matmu
 (``rpgrl.models.flops.matmul_peak_gflops``, what MFU divides by). ``forward`` rows are what
 generation and the pi_old pass can reach at that M, ``train`` rows what forward + backward can.
 Median of ``--repeats`` timings per matmul (each after a warm-up call).
+
+    python benchmarks/bench_matmul_shapes.py --threads 1 --decode-layouts --tokens 64 32 16
+
+``--decode-layouts``: instead, each forward ``x @ W.T`` as ``F.linear`` runs it on a row-major
+``W`` against the same product on a column-major ``W`` (``rpgrl.models.layout``, the sampler's
+layout), and whether the two results are bitwise equal.
 """
 
 from __future__ import annotations
@@ -61,6 +67,21 @@ def measure(shapes: list[tuple[str, int, int]], m: int, dtype: torch.dtype, repe
     return {"forward_s": fwd_s, "train_s": fwd_s + bwd_s, "forward_flops": flops, "train_flops": 3 * flops}
 
 
+def decode_layouts(shapes: list[tuple[str, int, int]], m: int, repeats: int) -> list[dict]:
+    """Per linear: milliseconds of ``F.linear(x, W)`` with ``W`` row-major and column-major."""
+    out = []
+    for name, k, n in shapes:
+        x = torch.randn(m, k)
+        w = torch.randn(n, k) * k ** -0.5
+        w_col = w.t().contiguous().t()  # the same matrix, column-major
+        row_s = time_one(lambda: torch.nn.functional.linear(x, w), repeats)
+        col_s = time_one(lambda: torch.nn.functional.linear(x, w_col), repeats)
+        same = torch.equal(torch.nn.functional.linear(x, w), torch.nn.functional.linear(x, w_col))
+        out.append({"tokens": m, "linear": name, "in": k, "out": n, "row_major_ms": 1e3 * row_s,
+                    "column_major_ms": 1e3 * col_s, "bitwise_equal": same})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=SMOLLM2, help="a model path (config only is read) or pkg: GGUF")
@@ -70,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", default=None)
+    p.add_argument("--decode-layouts", action="store_true", help="row- vs column-major weights (fp32 forward)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    from rpgrl.loop.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as the trainer does on CPU: fresh outputs without page faults
     from transformers import AutoConfig
 
     from rpgrl.models.flops import matmul_peak_gflops
@@ -83,6 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, a.dtype)
     peak = matmul_peak_gflops(dtype=dtype)
     block, head = linear_shapes(config)
+    if a.decode_layouts:
+        print(f"float32, {a.threads} thread(s); F.linear(x, W), x [M, in], W [out, in] row-major vs column-major")
+        print("| M (tokens) | linear | in x out | row-major ms | column-major ms | speed-up | bitwise equal |")
+        print("|---:|---|---|---:|---:|---:|---|")
+        rows = []
+        for m in a.tokens:
+            for r in decode_layouts(block + [head], m, a.repeats):
+                rows.append(r)
+                print(f"| {m} | {r['linear']} | {r['in']}x{r['out']} | {r['row_major_ms']:.3f} | "
+                      f"{r['column_major_ms']:.3f} | {r['row_major_ms'] / r['column_major_ms']:.2f}x | "
+                      f"{'yes' if r['bitwise_equal'] else 'no'} |", flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"argv": sys.argv[1:], "threads": a.threads, "rows": rows}, indent=1))
+        return 0
     print(f"{a.dtype}, {a.threads} thread(s), square-matmul peak {peak:.0f} GFLOP/s; one block: "
           + ", ".join(f"{n} {k}x{o}" for n, k, o in block) + f"; {head[0]} {head[1]}x{head[2]}")
     print("| M (tokens) | part | forward GFLOP/s | forward % of peak | fwd+bwd GFLOP/s | fwd+bwd % of peak |")

@@ -37,6 +37,19 @@ def test_layout_changes_strides_only_and_is_restored(arch):
     assert [id(w) for w in _linears(model)] == [id(w) for w in weights]  # the same Parameters
 
 
+def test_a_weight_written_while_laid_out_keeps_the_write():
+    """Leaving puts the row-major original back only for untouched weights: one written in place
+    (as schedule-free's eval/train swap does) keeps the written values."""
+    model = tiny_causal_lm("llama", seed=0, vocab_size=len(TOK))
+    w = model.get_output_embeddings().weight
+    other = model.model.layers[0].mlp.up_proj.weight
+    want, other_before, ptr = 2 * w.detach().clone(), other.detach().clone(), other.data_ptr()
+    with decoding_layout(model), torch.no_grad():
+        w.mul_(2)
+    assert w.is_contiguous() and torch.equal(w, want)
+    assert other.is_contiguous() and torch.equal(other, other_before) and other.data_ptr() == ptr  # its original
+
+
 def test_layout_is_restored_after_an_error_and_skips_other_dtypes():
     model = tiny_causal_lm("llama", seed=0, vocab_size=len(TOK))
     with pytest.raises(RuntimeError, match="boom"):

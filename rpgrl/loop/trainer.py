@@ -111,7 +111,8 @@ class Trainer:
     # ------------------------------------------------------------------ experience
 
     def collect(self) -> tuple[Batch | None, dict]:
-        """Generate and score (``rpgrl.loop.collect.collect``)."""
+        """Generate and score (``rpgrl.loop.collect.collect``); the last update's gradients go first (memory)."""
+        self.optimizer.zero_grad(set_to_none=True)
         self.sampler.sync(self.model)
         return collect(self.cfg, self.sampler, self.data, self.state.prompt_order, self.dist, self.timer,
                        self._weights)

@@ -9,8 +9,11 @@ equal results (docs/benchmarks.md, section 5). Holding each weight column-major 
 contiguous, ``W`` a transposed view of it) while sampling makes every linear that plain
 product. The values are untouched; only the order of float sums inside a product may change.
 
-The copy costs ~0.3 s each way for 135M parameters, so the trainer changes the layout once per
-collect phase (every dynamic-sampling round of a step) and once per evaluation, not per call.
+The row-major tensors are kept aside meanwhile and put back on exit, so leaving costs nothing
+unless a weight was written in its column-major form (then it is copied back). Entering copies
+every weight (~0.3 s for 135M parameters on one thread) and holds a second copy while open, so
+the trainer does it once per collect phase (every dynamic-sampling round of a step, with the
+last update's gradients already freed) and once per evaluation, not per call.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ def _eligible(p: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def decoding_layout(model: nn.Module, *, enabled: bool = True) -> Iterator[int]:
     """While open, every ``nn.Linear`` weight of ``model`` eligible for it is held column-major
-    (the module docstring); yields how many. Restored row-major on exit, exceptions included.
+    (the module docstring); yields how many. Row-major again on exit, exceptions included; a
+    weight written in place through the parameter (an optimizer's eval/train swap) or given
+    new data meanwhile keeps what it holds then (writes through ``.data`` are not seen).
     A weight tied to an input embedding is laid out too: its lookups become strided row
     gathers, ~0.3 ms for 64 rows of a [49152, 576] table."""
-    swapped: list[nn.Parameter] = []
+    swapped: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, int]] = []
     seen: set[int] = set()
     try:
         if enabled:
@@ -45,9 +50,13 @@ def decoding_layout(model: nn.Module, *, enabled: bool = True) -> Iterator[int]:
                 w = getattr(module, "weight", None)
                 if isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and id(w) not in seen and _eligible(w):
                     seen.add(id(w))
-                    w.data = w.data.t().contiguous().t()
-                    swapped.append(w)
+                    row = w.data
+                    w.data = row.t().contiguous().t()
+                    swapped.append((w, row, w.data_ptr(), w._version))
         yield len(swapped)
     finally:
-        for w in swapped:
-            w.data = w.data.contiguous()
+        for w, row, ptr, version in swapped:
+            if w.data_ptr() == ptr and w._version == version:  # untouched: the row-major original holds it
+                w.data = row
+            else:  # written in place or replaced meanwhile: keep what it holds now, row-major
+                w.data = w.data.contiguous()
