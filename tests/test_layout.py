@@ -78,3 +78,18 @@ def test_sampling_in_the_layout_draws_the_same(arch):
     assert torch.equal(tok_a, tok_b)
     torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-5)
     torch.testing.assert_close(ent_a, ent_b, rtol=0, atol=1e-5)
+
+
+def test_the_sampler_lays_out_fp32_only():
+    """Under bf16 autocast (mixed precision) autocast casts every weight per call: no layout."""
+    import contextlib
+    import functools
+
+    from rpgrl.loop.generation import Sampler
+
+    model = tiny_causal_lm("llama", seed=0, vocab_size=len(TOK))
+    with Sampler(model, TOK, compute=contextlib.nullcontext).decoding() as n:
+        assert n == len(_linears(model))
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    with Sampler(model, TOK, compute=bf16).decoding() as n:
+        assert n == 0

@@ -425,8 +425,12 @@ class Sampler:
     def decoding(self) -> ContextManager:
         """A phase of sampling calls on unchanged weights (every dynamic-sampling round of a
         step, an evaluation): the model's linear weights held column-major meanwhile, the
-        faster layout for decoding's small matmuls on CPU (``rpgrl.models.layout``)."""
-        return decoding_layout(self.model)
+        faster layout for decoding's fp32 matmuls on CPU (``rpgrl.models.layout``). Not under
+        bf16 mixed precision: autocast casts each weight per call there, and on the on-policy
+        recipe the layout gained nothing and cost 0.7 GB (docs/benchmarks.md, section 5)."""
+        with self.compute():
+            mixed = torch.is_autocast_enabled(torch.device(self.device).type)
+        return decoding_layout(self.model, enabled=not mixed)
 
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int,
                  temperature: float, top_p: float = 1.0, with_logprobs: bool = False) -> RolloutBatch:
