@@ -2,12 +2,12 @@
 
 ``F.linear(x, W)`` multiplies ``x`` by ``W^T``. Stored row-major ([out, in], as torch allocates
 it and as the update's matmuls want it), ``W^T`` is a transposed view, and at decoding's few
-rows per call (M <= 64 live sequences) the CPU BLAS runs that product 20-40 % slower than with
-``W^T`` contiguous: at M = 64 on one thread, the SmolLM2 LM head [576 -> 49152] in 37.7 ms
-against 29.3 ms, an MLP projection [576 -> 1536] in 1.04 ms against 0.71 ms, with bitwise
-equal results (docs/benchmarks.md, section 5). Holding each weight column-major (``W^T``
-contiguous, ``W`` a transposed view of it) while sampling makes every linear that plain
-product. The values are untouched; only the order of float sums inside a product may change.
+rows per call (M <= 64 live sequences) the CPU BLAS runs SmolLM2's block products mostly
+1.1-2.5x faster with ``W^T`` contiguous, bitwise equal at M = 64 and 32; a whole sampling round
+of the study's step runs 1.13x faster (docs/benchmarks.md, section 5). Holding each weight
+column-major (``W^T`` contiguous, ``W`` a transposed view of it) while sampling makes every
+linear that plain product. The values are untouched; only the order of float sums inside a
+product may change.
 
 The row-major tensors are kept aside meanwhile and put back on exit, so leaving costs nothing
 unless a weight was written in its column-major form (then it is copied back). Entering copies
