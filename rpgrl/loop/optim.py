@@ -150,8 +150,8 @@ def clip_and_step(optimizer: Optimizer, model_params: Iterable[torch.Tensor], ma
     is_finite)``.
 
     The clipped step, cheaper: clipping multiplies every gradient by ``max_norm / (norm + 1e-6)``
-    (one read and one write of all of them: 0.1 s per step at 135M parameters on one CPU
-    thread, a third of the fused AdamW step itself, docs/benchmarks.md section 5). The fused
+    (one read and one write of all of them: 0.06 s per optimizer step at 135M parameters on one
+    CPU thread, a quarter of the fused AdamW step itself, docs/benchmarks.md section 5). The fused
     Adam/AdamW kernel reads the gradients anyway and divides them by ``grad_scale`` as it goes
     (the hook ``torch.amp.GradScaler`` uses), so the clip coefficient rides along as its
     inverse: the same update up to float rounding of ``g * c`` against ``g / (1 / c)``

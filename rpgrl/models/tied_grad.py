@@ -4,7 +4,7 @@ A tied weight gets two gradients per backward: the LM head's, dense [V, H], and 
 lookup's, non-zero only on the rows of the tokens seen. nn.Embedding's dense backward
 zero-fills a [V, H] buffer for those few rows (113 MB at V = 49k, H = 576); its sparse
 backward avoids the fill, but autograd then sums the two with an out-of-place ``dense +
-sparse``: a fresh [V, H] copy of the head's gradient, ~50 ms per micro-step on one CPU
+sparse``: a fresh [V, H] copy of the head's gradient, ~60 ms per micro-step on one CPU
 thread (docs/benchmarks.md, section 5).
 
 Here the head's backward hands its dense gradient to the lookup (:class:`HeadGrad`), and
